@@ -1,0 +1,171 @@
+"""Build random-weight Qwen2-VL checkpoints in Hugging Face layout, for tests and benchmarks.
+
+No weights can be downloaded on the machines this project is built on, so tests and the GPU
+benchmark make their own checkpoint: Qwen2-VL's real configuration (or a tiny one), random
+weights, Qwen2's real tokenizer (the vocabulary ships with the `dashscope` package) and the
+Qwen2-VL chat template. Everything is then loaded through the same `from_pretrained` path users hit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Qwen2's special tokens, in the order that gives them Qwen2's ids (151643 onwards).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+BOS_ID, EOS_ID = 151643, 151645
+MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # the released preprocessor_config.json
+
+# Qwen2-VL-Instruct's chat template (tokenizer_config.json / chat_template.json of the released models).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Shapes from the released configs (../shared/FACTS.md); "tiny" keeps the real vocabulary and ids.
+SIZES = {
+    "tiny": dict(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                  mrope_section=[1, 1, 2]),
+        vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2),
+    ),
+    "2b": dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                  mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+    ),
+    "7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                  mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+    ),
+}
+
+
+def build_tokenizer():
+    """Qwen2's byte-level BPE tokenizer from the vocabulary file shipped in `dashscope`."""
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("building a checkpoint needs the 'dashscope' package (pip install -e '.[test]')")
+    vocab = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    backend = TikTokenConverter(vocab_file=str(vocab), pattern=pattern,
+                                extra_special_tokens=SPECIAL_TOKENS).converted()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+
+
+def build_config(size: str = "tiny"):
+    """A Qwen2VLConfig with the shapes of `size` ("tiny", "2b" or "7b")."""
+    from transformers import Qwen2VLConfig
+
+    shape = SIZES[size]
+    text = dict(shape["text"])
+    mrope = text.pop("mrope_section")
+    tie = text.pop("tie_word_embeddings")
+    text.update(
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, max_position_embeddings=32768, rms_norm_eps=1e-6,
+    )
+    vision = dict(shape["vision"], hidden_size=text["hidden_size"], patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie,
+        image_token_id=151655, video_token_id=151656,
+        vision_start_token_id=151652, vision_end_token_id=151653,
+    )
+
+
+def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, seed: int = 0,
+                     dtype: str = "float32") -> Path:
+    """Write a random-weight Qwen2-VL checkpoint (config, safetensors, tokenizer, processor) to `path`.
+
+    `std` scales the random weights: the default 0.02 initialisation makes a tiny model answer with
+    one repeated token, while wider weights give greedy answers that differ per image and prompt.
+    """
+    import torch
+    from transformers import (GenerationConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = build_config(size)
+    config.text_config.initializer_range = std
+    config.vision_config.initializer_range = std
+    with torch.device("cpu"):
+        model = Qwen2VLForConditionalGeneration(config).to(getattr(torch, dtype))
+    if size == "tiny":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, std)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, BOS_ID], pad_token_id=BOS_ID, do_sample=False,
+    )
+    model.save_pretrained(path)
+
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=build_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    (path / "qwen2vl_random_checkpoint.json").write_text(
+        json.dumps({"size": size, "std": std, "seed": seed}) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # python -m qwen2vl_cli.checkpoint DIR [tiny|2b|7b]
+    import sys
+
+    print(build_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "tiny"))

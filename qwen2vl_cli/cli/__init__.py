@@ -1,0 +1,77 @@
+"""The Typer app: registers the commands and turns every failure into one line and an exit code."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.26 vendors click
+    from typer._click.exceptions import ClickException as CliUsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException as CliUsageError
+
+from .. import __version__
+from ..errors import ExitStatus, debug_enabled, describe_exception
+from ..render import error
+from . import chat
+
+
+class Qwen2VLGroup(TyperGroup):
+    """Catches what a command raises, once: one line on stderr, the documented exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.BadParameter, CliUsageError):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - this is the one error boundary
+            if debug_enabled():
+                traceback.print_exc()
+            message, status = describe_exception(exc)
+            error(message)
+            raise typer.Exit(int(status)) from None
+
+
+app = typer.Typer(
+    name="qwen2vl",
+    cls=Qwen2VLGroup,
+    help="Qwen2-VL in the shell: describe images, ask about them, caption folders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qwen2vl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Qwen2-VL in the shell: describe images, ask about them, caption folders.
+
+    Exit codes: 0 success, 1 other error, 2 usage error, 3 an input could not be read or decoded,
+    4 the model could not be loaded, 130 interrupted.
+    """
+
+
+app.command("describe")(chat.describe)
+app.command("ask")(chat.ask)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(prog_name="qwen2vl")
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(ExitStatus.INTERRUPTED)

@@ -1,0 +1,125 @@
+"""Options shared by several commands, each defined once as an `Annotated` alias, and their parsers."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated
+
+import typer
+
+from ..session import ATTN_IMPLEMENTATIONS, DEFAULT_MAX_NEW_TOKENS, DEVICES, DTYPES
+from ..sources import DEFAULT_MAX_DOWNLOAD, DEFAULT_TIMEOUT_S
+
+_PRODUCT_RE = re.compile(r"^\s*\d+(\s*[*x]\s*\d+)*\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+MODEL_PANEL = "Model"
+VISION_PANEL = "Resolution"
+GEN_PANEL = "Generation"
+OUTPUT_PANEL = "Output"
+FETCH_PANEL = "Fetching"
+
+
+def parse_pixels(value: str | int | None) -> int | None:
+    """'1280*28*28' or '1003520' -> 1003520."""
+    if value is None or isinstance(value, int):
+        return value
+    if not _PRODUCT_RE.match(value):
+        raise typer.BadParameter(f"{value!r} is not a pixel count (an integer or a product like 1280*28*28)")
+    result = 1
+    for factor in re.split(r"[*x]", value.replace(" ", "")):
+        result *= int(factor)
+    if result <= 0:
+        raise typer.BadParameter(f"{value!r} must be positive")
+    return result
+
+
+def parse_bytes(value: str | int | None) -> int | None:
+    """'100MB', '1.5GiB', '500k' or '1048576' -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise typer.BadParameter(f"{value!r} is not a size (e.g. 100MB, 2GiB, 500000)")
+    unit = (match.group(2) or "b").lower()[:1]
+    scale = {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def default_model_for_help() -> str:
+    return os.environ.get("QWEN2VL_MODEL") or "Qwen/Qwen2-VL-2B-Instruct"
+
+
+# ---- model ---------------------------------------------------------------------------------------
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", metavar="ID|DIR", rich_help_panel=MODEL_PANEL, show_default=False,
+    help="Hugging Face model id or local checkpoint directory "
+         "(default: $QWEN2VL_MODEL, else Qwen/Qwen2-VL-2B-Instruct).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="|".join(DEVICES) + "|cuda:N", rich_help_panel=MODEL_PANEL,
+    help="Where the model runs; auto picks CUDA, then MPS, then the CPU.")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", metavar="|".join(DTYPES), rich_help_panel=MODEL_PANEL,
+    help="Weight precision; auto is bfloat16 on CUDA, float16 on MPS, float32 on the CPU.")]
+AttnOpt = Annotated[str, typer.Option(
+    "--attn", metavar="|".join(ATTN_IMPLEMENTATIONS), rich_help_panel=MODEL_PANEL,
+    help="Attention kernel; auto uses flash_attention_2 when installed on CUDA, else sdpa.")]
+
+# ---- resolution ----------------------------------------------------------------------------------
+MinPixelsOpt = Annotated[int | None, typer.Option(
+    "--min-pixels", parser=parse_pixels, metavar="N", rich_help_panel=VISION_PANEL, show_default=False,
+    help="Smallest image area in pixels, e.g. 256*28*28 (default: 4*28*28).")]
+MaxPixelsOpt = Annotated[int | None, typer.Option(
+    "--max-pixels", parser=parse_pixels, metavar="N", rich_help_panel=VISION_PANEL, show_default=False,
+    help="Largest image area in pixels, e.g. 1280*28*28; one token per 28x28 pixels "
+         "(default: 16384*28*28).")]
+ResizedHeightOpt = Annotated[int | None, typer.Option(
+    "--resized-height", min=1, metavar="PX", rich_help_panel=VISION_PANEL,
+    help="Exact height (rounded to a multiple of 28); needs --resized-width.")]
+ResizedWidthOpt = Annotated[int | None, typer.Option(
+    "--resized-width", min=1, metavar="PX", rich_help_panel=VISION_PANEL,
+    help="Exact width (rounded to a multiple of 28); needs --resized-height.")]
+
+# ---- generation ----------------------------------------------------------------------------------
+MaxNewTokensOpt = Annotated[int, typer.Option(
+    "--max-new-tokens", "-n", min=1, rich_help_panel=GEN_PANEL, help="Longest answer, in tokens.")]
+TemperatureOpt = Annotated[float | None, typer.Option(
+    "--temperature", "-t", min=0.0, rich_help_panel=GEN_PANEL,
+    help="Sample with this temperature; 0 or unset decodes greedily (deterministic).")]
+TopPOpt = Annotated[float | None, typer.Option(
+    "--top-p", min=0.0, max=1.0, rich_help_panel=GEN_PANEL, help="Nucleus sampling; turns sampling on.")]
+TopKOpt = Annotated[int | None, typer.Option(
+    "--top-k", min=1, rich_help_panel=GEN_PANEL, help="Top-k sampling; turns sampling on.")]
+RepetitionPenaltyOpt = Annotated[float | None, typer.Option(
+    "--repetition-penalty", min=0.0, rich_help_panel=GEN_PANEL, help="Penalty above 1.0 discourages repeats.")]
+SeedOpt = Annotated[int | None, typer.Option(
+    "--seed", rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
+
+# ---- prompt --------------------------------------------------------------------------------------
+SystemOpt = Annotated[str | None, typer.Option(
+    "--system", "-s", help="System message (default: the model's, \"You are a helpful assistant.\").")]
+VisionIdsOpt = Annotated[bool, typer.Option(
+    "--vision-ids", help="Label inputs 'Picture 1:', 'Picture 2:' (and 'Video 1:') in the prompt.")]
+
+# ---- output --------------------------------------------------------------------------------------
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", rich_help_panel=OUTPUT_PANEL,
+    help="Print one JSON object: text, sources, prompt, model, usage, timings.")]
+NoStreamOpt = Annotated[bool, typer.Option(
+    "--no-stream", rich_help_panel=OUTPUT_PANEL, help="Print the answer once it is complete.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", rich_help_panel=OUTPUT_PANEL, help="No spinner or notes on stderr; errors still show.")]
+
+# ---- fetching ------------------------------------------------------------------------------------
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.1, metavar="SECONDS", rich_help_panel=FETCH_PANEL,
+    help="Connect and read timeout for http(s) inputs.")]
+MaxDownloadOpt = Annotated[int, typer.Option(
+    "--max-download", parser=parse_bytes, metavar="SIZE", rich_help_panel=FETCH_PANEL,
+    help="Largest http(s) download or stdin input, e.g. 100MB.")]
+
+DEFAULTS = dict(
+    device="auto", dtype="auto", attn="auto", max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+    timeout=DEFAULT_TIMEOUT_S, max_download=DEFAULT_MAX_DOWNLOAD,
+)

@@ -1,0 +1,76 @@
+"""Exit codes and the one table that turns known exceptions into one-line messages."""
+
+from __future__ import annotations
+
+import enum
+import os
+
+
+class ExitStatus(enum.IntEnum):
+    """The process exit codes qwen2vl documents (README, man page)."""
+
+    SUCCESS = 0
+    ERROR = 1
+    USAGE = 2
+    INPUT = 3
+    MODEL = 4
+    PARTIAL = 5
+    SERVER = 6
+    INTERRUPTED = 130
+
+
+class Qwen2VLError(Exception):
+    """Base of the errors qwen2vl raises on purpose; each carries its exit status."""
+
+    status = ExitStatus.ERROR
+
+    def __init__(self, subject: str, reason: str) -> None:
+        super().__init__(f"{subject}: {reason}")
+        self.subject = subject
+        self.reason = reason
+
+
+class InputError(Qwen2VLError):
+    """An input (image, video, URL, stdin) could not be read or decoded."""
+
+    status = ExitStatus.INPUT
+
+
+class ModelLoadError(Qwen2VLError):
+    """The model or its processor could not be loaded."""
+
+    status = ExitStatus.MODEL
+
+
+class UsageError(Qwen2VLError):
+    """Options that parse but do not make sense together."""
+
+    status = ExitStatus.USAGE
+
+
+class ServerError(Qwen2VLError):
+    """A qwen2vl or OpenAI-compatible server failed to answer."""
+
+    status = ExitStatus.SERVER
+
+
+def debug_enabled() -> bool:
+    """True when QWEN2VL_DEBUG asks for tracebacks."""
+    return os.environ.get("QWEN2VL_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def describe_exception(exc: BaseException) -> tuple[str, ExitStatus]:
+    """Map any exception to (one-line message, exit status): the single error table."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", ExitStatus.INTERRUPTED
+    if isinstance(exc, Qwen2VLError):
+        return str(exc), exc.status
+    if isinstance(exc, MemoryError):
+        return "out of memory: lower --max-pixels or --max-new-tokens", ExitStatus.ERROR
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return "GPU out of memory: lower --max-pixels, --batch-size or --max-new-tokens", ExitStatus.ERROR
+    if isinstance(exc, BrokenPipeError):
+        return "output closed early (broken pipe)", ExitStatus.ERROR
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"unexpected {name}: {first_line} (QWEN2VL_DEBUG=1 shows the traceback)", ExitStatus.ERROR

@@ -1,0 +1,372 @@
+"""ModelSession: loads Qwen2-VL and its processor once per process, builds prompts the seed recipe's
+way, and generates: `stream()` for one conversation, `generate_batch()` for many.
+
+The chat request types live here too; they are plain data that the CLI, the batch runner and the
+server all build. torch and transformers are imported only when a session loads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+DEFAULT_MAX_NEW_TOKENS = 512
+DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def default_model() -> str:
+    """The model used when --model is not given: $QWEN2VL_MODEL, else Qwen2-VL-2B-Instruct."""
+    return os.environ.get("QWEN2VL_MODEL") or DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load, and where and how."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings; greedy unless a sampling option is given."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    @property
+    def sampling(self) -> bool:
+        if self.temperature is not None:
+            return self.temperature > 0
+        return self.top_p is not None or self.top_k is not None
+
+
+@dataclass
+class Media:
+    """One image or video of a conversation, decoded and sized for the processor."""
+
+    kind: Literal["image", "video"]
+    source: str
+    data: Any
+    metadata: Any = None  # video: the sampling metadata the processor needs
+    facts: dict = field(default_factory=dict)  # what the model sees: sizes, frames, tokens
+
+
+@dataclass
+class ChatRequest:
+    """One conversation turn: media and a prompt, optionally a system message."""
+
+    prompt: str
+    media: list[Media] = field(default_factory=list)
+    system: str | None = None
+    vision_ids: bool = False
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+
+    def messages(self) -> list[dict]:
+        """The conversation in the form qwen-vl-utils and the chat template take."""
+        content: list[dict] = [{"type": m.kind, m.kind: m.data} for m in self.media]
+        content.append({"type": "text", "text": self.prompt})
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": content})
+        return messages
+
+
+@dataclass
+class TextDelta:
+    """A piece of the answer, as it is generated."""
+
+    text: str
+
+
+@dataclass
+class Completion:
+    """The whole answer with its usage and timings (seconds)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    first_token_s: float | None
+    total_s: float
+
+
+class _Stop:
+    """A stopping criterion that ends generation when the caller goes away (Ctrl-C, closed stream)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ModelSession:
+    """Qwen2-VL and its processor, loaded once, reused for every request of the process."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model = None
+        self.processor = None
+        self.device: str | None = None
+        self.load_s: float = 0.0
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self) -> "ModelSession":
+        """Load model and processor (once); raise ModelLoadError with a fix when it cannot."""
+        if self.model is not None:
+            return self
+        start = time.perf_counter()
+        import torch
+        import transformers
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        transformers.utils.logging.set_verbosity_error()  # the spinner and our errors say what matters
+        transformers.utils.logging.disable_progress_bar()
+        device = resolve_device(self.spec.device)
+        dtype = resolve_dtype(self.spec.dtype, device)
+        attn = resolve_attn(self.spec.attn, device, dtype)
+
+        def load_both(**kw):
+            processor = AutoProcessor.from_pretrained(self.spec.model, **kw)
+            model = Qwen2VLForConditionalGeneration.from_pretrained(
+                self.spec.model, dtype=getattr(torch, dtype), attn_implementation=attn, device_map=device, **kw)
+            return processor, model
+
+        check_model_path(self.spec.model)
+        try:
+            try:  # the cache first: no network round-trip when the model is already here
+                self.processor, self.model = load_both(local_files_only=True)
+            except OSError:
+                if Path(self.spec.model).is_dir() or hub_offline():
+                    raise
+                self.processor, self.model = load_both()
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(self.spec.model, explain_load_failure(self.spec.model, exc)) from exc
+        self.model.eval()
+        self.processor.tokenizer.padding_side = "left"
+        self.device = device
+        self.load_s = time.perf_counter() - start
+        return self
+
+    # ---- prompts and tensors -------------------------------------------------------------------
+    def prompt_text(self, request: ChatRequest) -> str:
+        """The chat-template prompt, exactly as the seed recipe builds it."""
+        return self.processor.apply_chat_template(
+            request.messages(), tokenize=False, add_generation_prompt=True, add_vision_id=request.vision_ids)
+
+    def encode(self, requests: list[ChatRequest]):
+        """Tokenize and patchify a batch of requests (left padding), on the model's device."""
+        images = [m.data for r in requests for m in r.media if m.kind == "image"]
+        videos = [m.data for r in requests for m in r.media if m.kind == "video"]
+        kwargs: dict[str, Any] = {}
+        if videos:
+            kwargs["video_metadata"] = [m.metadata for r in requests for m in r.media if m.kind == "video"]
+            kwargs["do_sample_frames"] = False
+        inputs = self.processor(
+            text=[self.prompt_text(r) for r in requests], images=images or None, videos=videos or None,
+            padding=True, return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
+        return inputs.to(self.model.device)
+
+    def generate_kwargs(self, options: GenerationOptions) -> dict:
+        """generate() arguments: greedy unless sampling was asked for."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_dict(self.model.generation_config.to_dict())
+        config.max_new_tokens = options.max_new_tokens
+        config.do_sample = options.sampling
+        config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
+        if options.sampling:
+            if options.temperature is not None:
+                config.temperature = options.temperature
+            config.top_p = options.top_p if options.top_p is not None else 1.0
+            config.top_k = options.top_k if options.top_k is not None else 0
+        config.repetition_penalty = options.repetition_penalty or 1.0
+        if options.seed is not None:
+            from transformers import set_seed
+
+            set_seed(options.seed)
+        return {"generation_config": config}
+
+    # ---- generation ----------------------------------------------------------------------------
+    def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
+        """Generate one answer: TextDelta pieces as they come, then one Completion."""
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        self.load()
+        start = time.perf_counter()
+        inputs = self.encode([request])
+        prompt_len = inputs["input_ids"].shape[1]
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = _Stop()
+        outcome: dict[str, Any] = {}
+        first_token: list[float] = []
+        original_put = streamer.put
+
+        def put(value):  # the first call carries the prompt; the second, the first new token
+            if streamer.next_tokens_are_prompt is False and not first_token:
+                first_token.append(time.perf_counter() - start)
+            original_put(value)
+
+        streamer.put = put
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    outcome["ids"] = self.model.generate(
+                        **inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]),
+                        **self.generate_kwargs(request.generation))
+            except BaseException as exc:  # surfaced in the caller's thread below
+                outcome["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="qwen2vl-generate", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield TextDelta(piece)
+        finally:
+            stop.event.set()
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        new_ids = outcome["ids"][0, prompt_len:].tolist()
+        yield self._completion(new_ids, prompt_len, request.generation,
+                               first_token[0] if first_token else None, time.perf_counter() - start)
+
+    def generate_batch(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Answer several requests in one batched generate (same generation options for all)."""
+        import torch
+
+        self.load()
+        start = time.perf_counter()
+        inputs = self.encode(requests)
+        prompt_len = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **self.generate_kwargs(requests[0].generation))
+        total = time.perf_counter() - start
+        mask = inputs["attention_mask"]
+        results = []
+        for row, request in enumerate(requests):
+            ids = output[row, prompt_len:].tolist()
+            results.append(self._completion(ids, int(mask[row].sum()), request.generation, None, total))
+        return results
+
+    def _completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
+                    first_token_s: float | None, total_s: float) -> Completion:
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        for index, token in enumerate(ids):
+            if token in eos_ids:
+                ids, reason = ids[: index + 1], "stop"
+                break
+        else:
+            reason = "length" if len(ids) >= options.max_new_tokens else "stop"
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(text, prompt_tokens, len(ids), reason, first_token_s, total_s)
+
+
+_SESSIONS: dict[ModelSpec, ModelSession] = {}
+
+
+def get_session(spec: ModelSpec) -> ModelSession:
+    """The process-wide session for `spec`: each model loads once per process."""
+    if spec not in _SESSIONS:
+        _SESSIONS[spec] = ModelSession(spec)
+    return _SESSIONS[spec]
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda, else mps, else cpu; check an explicit choice is available."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(device, "CUDA is not available on this machine (try --device cpu)")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(device, f"no such GPU (this machine has {torch.cuda.device_count()})")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(device, "MPS is not available on this machine (try --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto -> bfloat16 on CUDA (float16 where bf16 is missing), float16 on MPS, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float16" if device == "mps" else "float32"
+
+
+def resolve_attn(attn: str, device: str, dtype: str) -> str:
+    """auto -> flash_attention_2 when installed on CUDA in half precision, else sdpa."""
+    if attn != "auto":
+        if attn == "flash_attention_2" and not flash_attn_installed():
+            raise ModelLoadError("--attn flash_attention_2", "flash-attn is not installed "
+                                 "(pip install 'qwen2vl-cli[flash]')")
+        return attn
+    if device.startswith("cuda") and dtype in ("bfloat16", "float16") and flash_attn_installed():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_path(model: str) -> None:
+    """A --model that is written as a path must exist; a hub id is 'org/name'."""
+    looks_like_path = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or os.sep == "\\"
+    expanded = Path(os.path.expanduser(model))
+    if expanded.is_file():
+        raise ModelLoadError(model, "is a file; --model takes a model directory or a hub id")
+    if looks_like_path and not expanded.exists():
+        raise ModelLoadError(model, "no such model directory")
+
+
+def explain_load_failure(model: str, exc: BaseException) -> str:
+    """One line that says why a model did not load and how to fix it."""
+    text = str(exc)
+    if Path(os.path.expanduser(model)).is_dir():
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return f"not a loadable Qwen2-VL checkpoint ({first})"
+    if hub_offline() or "offline" in text.lower() or "local_files_only" in text or "connect" in text.lower():
+        return ("not in the Hugging Face cache and the hub cannot be reached; download it once on a "
+                f"connected machine with `hf download {model}` (HF_HOME selects the cache), "
+                "or pass --model DIR")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first
