@@ -19,6 +19,16 @@ class ExitStatus(enum.IntEnum):
     INTERRUPTED = 130
 
 
+EXIT_STATUS_MEANINGS = {
+    ExitStatus.SUCCESS: "success",
+    ExitStatus.ERROR: "any other error (out of memory, a bug; QWEN2VL_DEBUG=1 shows the traceback)",
+    ExitStatus.USAGE: "usage error: unknown option, bad value, options that do not go together",
+    ExitStatus.INPUT: "an input could not be read or decoded (missing, empty, corrupt, unreachable, too large)",
+    ExitStatus.MODEL: "the model could not be loaded (no such directory, not cached while offline, no GPU)",
+    ExitStatus.INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
 class Qwen2VLError(Exception):
     """Base of the errors qwen2vl raises on purpose; each carries its exit status."""
 

@@ -1,0 +1,128 @@
+"""Shared fixtures: one tiny random-weight Qwen2-VL checkpoint per test session, test images, a local
+HTTP server, and a CliRunner wrapper that keeps stdout and stderr apart."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_and_isolated(tmp_path_factory):
+    """No test touches the network hub or the user's cache."""
+    home = tmp_path_factory.mktemp("hf_home")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "QWEN2VL_MODEL", "QWEN2VL_DEBUG")}
+    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    os.environ.pop("QWEN2VL_MODEL", None)
+    os.environ.pop("QWEN2VL_DEBUG", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2-VL in Hugging Face layout, loaded through from_pretrained by the tests."""
+    from qwen2vl_cli.checkpoint import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen2vl"), "tiny")
+
+
+def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = len(mode)
+    array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(array if channels > 1 else array[..., 0], mode)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Small test images of different sizes (each a handful of vision tokens)."""
+    folder = tmp_path_factory.mktemp("images")
+    paths = {}
+    for name, (w, h, seed) in {"a": (84, 56, 1), "b": (60, 100, 2), "c": (112, 112, 3)}.items():
+        paths[name] = folder / f"{name}.png"
+        noise_image(w, h, seed).save(paths[name])
+    paths["jpg"] = folder / "photo.jpg"
+    noise_image(90, 70, 4).save(paths["jpg"], quality=90)
+    return paths
+
+
+@dataclass
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(tiny_model):
+    """Run `qwen2vl ARGS` in-process on the tiny checkpoint (the model stays loaded between calls)."""
+    from typer.testing import CliRunner
+
+    from qwen2vl_cli.cli import app
+
+    def run(*args: str, input: bytes | str | None = None, model: bool = True, env: dict | None = None) -> Run:
+        argv = [str(a) for a in args]
+        if model and argv and argv[0] in ("describe", "ask", "video", "batch"):
+            argv += ["--model", str(tiny_model)]
+        result = CliRunner().invoke(app, argv, input=input, env=env)
+        return Run(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+def run_process(*args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 120):
+    """Run `python -m qwen2vl_cli ARGS` in a real process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "qwen2vl_cli", *map(str, args)], input=input,
+                          capture_output=True, env=full_env, timeout=timeout, cwd=ROOT)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, bytes, dict]] = {}
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        status, body, headers = self.routes.get(self.path.split("?")[0], (404, b"not found", {}))
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    """A loopback HTTP server; tests register routes in `server.routes[path] = (status, body, headers)`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.routes = _Handler.routes
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()

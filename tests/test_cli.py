@@ -1,0 +1,168 @@
+"""The command as a user meets it: help without torch, output modes, model errors, exit codes, man pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, run_process
+from .test_sources import one_error_line
+
+HEAVY = ("torch", "transformers", "qwen_vl_utils", "PIL", "numpy")
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["describe", "--help"], ["ask", "--help"], ["--version"]])
+def test_help_does_not_import_heavy_modules(argv):
+    code = (
+        "import sys\nsys.argv = ['qwen2vl', *%r]\nfrom qwen2vl_cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "LOADED []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_help_lists_every_command():
+    for command in ("describe", "ask"):
+        out = run_process(command, "--help")
+        assert out.returncode == 0 and b"--max-pixels" in out.stdout
+
+
+def test_piped_output_is_plain_text_ending_in_newline(cli, images):
+    result = cli("describe", images["a"], "-n", "12")
+    assert result.exit_code == 0
+    assert "\x1b[" not in result.stdout and result.stdout.endswith("\n")
+    assert result.stderr == ""  # no spinner, no notes when piped
+
+
+def test_json_output_fields(cli, images, tiny_model):
+    result = cli("describe", images["a"], images["b"], "-p", "Compare them.", "-n", "8", "--json")
+    record = json.loads(result.stdout)
+    assert set(record) >= {"text", "sources", "prompt", "model", "usage", "timings"}
+    assert record["sources"] == [str(images["a"]), str(images["b"])]
+    assert record["prompt"] == "Compare them." and record["model"] == str(tiny_model)
+    assert record["usage"]["completion_tokens"] == 8 and record["usage"]["prompt_tokens"] > 20
+    assert set(record["timings"]) == {"load_s", "first_token_s", "total_s"}
+    assert 0 < record["timings"]["first_token_s"] <= record["timings"]["total_s"]
+
+
+def test_text_only_chat_and_system_message(cli):
+    plain = cli("ask", "-q", "Who are you?", "-n", "8", "--json")
+    system = cli("ask", "-q", "Who are you?", "-n", "8", "--json", "--system", "You are a pirate.")
+    assert plain.exit_code == 0 and system.exit_code == 0
+    assert json.loads(plain.stdout)["usage"]["prompt_tokens"] != json.loads(system.stdout)["usage"]["prompt_tokens"]
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded(cli, images):
+    runs = [cli("describe", images["a"], "-n", "12").stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+    sampled = [cli("describe", images["a"], "-n", "12", "-t", "1.5", "--seed", str(s)).stdout for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_model_loads_once_per_process(cli, images, monkeypatch):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from qwen2vl_cli import session as session_module
+
+    monkeypatch.setattr(session_module, "_SESSIONS", {})
+    calls = []
+    original = Qwen2VLForConditionalGeneration.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2VLForConditionalGeneration, "from_pretrained", classmethod(counting))
+    for source in ("a", "b", "c"):
+        assert cli("describe", images[source], "-n", "2").exit_code == 0
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("args, status, reason", [
+    (["describe"], 2, None),
+    (["describe", "x.png", "--min-pixels", "lots"], 2, None),
+    (["ask", "x.png"], 2, None),
+    (["describe", "{a}", "--resized-height", "100"], 2, "give both or neither"),
+    (["describe", "{a}", "--min-pixels", "2000", "--max-pixels", "1000"], 2, "larger than --max-pixels"),
+    (["describe", "{a}", "--bogus"], 2, None),
+])
+def test_usage_errors_exit_2(cli, images, args, status, reason):
+    result = cli(*[a.format(a=images["a"]) for a in args])
+    assert result.exit_code == status, result.stderr
+    assert "Traceback" not in result.stderr
+    if reason:
+        one_error_line(result, reason)
+
+
+def test_model_errors_exit_4(cli, images, tmp_path):
+    missing = cli("describe", images["a"], "--model", str(tmp_path / "nope"), model=False)
+    assert missing.exit_code == 4
+    one_error_line(missing, "nope", "no such model directory")
+
+    (tmp_path / "empty").mkdir()
+    empty = cli("describe", images["a"], "--model", str(tmp_path / "empty"), model=False)
+    assert empty.exit_code == 4
+    one_error_line(empty, "not a loadable Qwen2-VL checkpoint")
+
+    offline = cli("describe", images["a"], "--model", "Qwen/Qwen2-VL-2B-Instruct", model=False)
+    assert offline.exit_code == 4
+    one_error_line(offline, "not in the Hugging Face cache", "hf download Qwen/Qwen2-VL-2B-Instruct")
+
+    no_gpu = cli("describe", images["a"], "--device", "cuda:3")
+    assert no_gpu.exit_code == 4
+    one_error_line(no_gpu)
+
+
+def test_qwen2vl_model_environment_variable(images, tiny_model):
+    out = run_process("describe", images["a"], "-n", "4", env={"QWEN2VL_MODEL": str(tiny_model)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith(b"\n") and len(out.stdout) > 1
+
+
+def test_debug_shows_the_traceback(images):
+    quiet = run_process("describe", "/no/such/file.png")
+    debug = run_process("describe", "/no/such/file.png", env={"QWEN2VL_DEBUG": "1"})
+    assert quiet.returncode == debug.returncode == 3
+    assert b"Traceback" not in quiet.stderr and b"Traceback" in debug.stderr
+
+
+def test_ctrl_c_exits_130_without_traceback(images, tiny_model):
+    env = {**os.environ, "QWEN2VL_MODEL": str(tiny_model), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qwen2vl_cli", "describe", str(images["a"]), "-n", "100000",
+         "--repetition-penalty", "1.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    first = process.stdout.read(1)  # generation has started
+    assert first
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert b"Traceback" not in stderr and stderr.strip().endswith(b"interrupted")
+
+
+def test_man_pages_are_current():
+    from qwen2vl_cli.cli.manpage import render_pages
+
+    pages = render_pages()
+    for name, text in pages.items():
+        on_disk = ROOT / "man" / name
+        assert on_disk.exists(), f"{name} missing: run python -m qwen2vl_cli.cli.manpage man"
+        assert on_disk.read_text() == text, f"{name} is stale: run python -m qwen2vl_cli.cli.manpage man"
+    assert sorted(p.name for p in (ROOT / "man").glob("*.1")) == sorted(pages)
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="man is not installed")
+def test_man_pages_render_without_warnings():
+    for page in sorted((ROOT / "man").glob("*.1")):
+        out = subprocess.run(["man", "--warnings", "-l", str(page)], capture_output=True, text=True,
+                             env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat"})
+        assert out.returncode == 0 and out.stderr == "", f"{page.name}: {out.stderr}"
+        assert "EXIT STATUS" in out.stdout

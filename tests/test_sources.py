@@ -1,0 +1,210 @@
+"""Every source kind gives the plain path's answer; every bad input gives exit 3 and one line."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from qwen2vl_cli.sources import ImageOptions, resolve_image
+
+from .conftest import noise_image
+
+
+def one_error_line(result, *needles: str) -> None:
+    """The error is one line, names the input and the reason, and carries no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("qwen2vl: error: ")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, images):
+    """The answer for images['a'] given as a plain path."""
+    from typer.testing import CliRunner
+
+    from qwen2vl_cli.cli import app
+
+    result = CliRunner().invoke(app, ["describe", str(images["a"]), "-n", "12", "--model", str(tiny_model)])
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+def b64(path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("form", [
+    "file_url", "data_uri", "data_uri_params", "data_uri_image_only", "bare_base64", "urlsafe_base64",
+])
+def test_source_forms_equal_the_path(cli, images, reference, form):
+    path = images["a"]
+    source = {
+        "file_url": path.as_uri(),
+        "data_uri": f"data:image/png;base64,{b64(path)}",
+        "data_uri_params": f"data:image/png;charset=utf-8;name=a.png;base64,{b64(path)}",
+        "data_uri_image_only": f"data:image;base64,{b64(path)}",  # the model card's form
+        "bare_base64": b64(path),
+        "urlsafe_base64": base64.urlsafe_b64encode(path.read_bytes()).decode().rstrip("="),
+    }[form]
+    result = cli("describe", source, "-n", "12")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == reference
+
+
+def test_stdin_equals_the_path(cli, images, reference):
+    result = cli("describe", "-", "-n", "12", input=images["a"].read_bytes())
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == reference
+
+
+def test_http_url_equals_the_path(cli, images, reference, http_server):
+    http_server.routes["/a.png"] = (200, images["a"].read_bytes(), {"Content-Type": "image/png"})
+    result = cli("describe", f"{http_server.url}/a.png", "-n", "12")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == reference
+
+
+def test_file_url_with_spaces_and_unicode(cli, images, reference, tmp_path):
+    target = tmp_path / "my photo é.png"
+    target.write_bytes(images["a"].read_bytes())
+    result = cli("describe", target.as_uri(), "-n", "12")
+    assert result.stdout == reference
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header declaring a huge image: Pillow refuses it at open, before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("missing", "no such file"),
+    ("directory", "is a directory"),
+    ("empty", "empty file (0 bytes)"),
+    ("text", "not an image"),
+    ("truncated", "truncated image"),
+    ("bomb", "too large to decode safely"),
+    ("aspect", "aspect ratio"),
+    ("bad_base64", "invalid base64"),
+    ("no_comma", "no ','"),
+])
+def test_bad_local_inputs_exit_3(cli, tmp_path, images, case, reason):
+    path = tmp_path / f"{case}.png"
+    if case == "directory":
+        path.mkdir()
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("hello, I am not an image\n")
+    elif case == "truncated":
+        buffer = io.BytesIO()
+        noise_image(200, 150, 9).save(buffer, format="JPEG")
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    elif case == "bomb":
+        path.write_bytes(bomb_png(40000, 40000))
+    elif case == "aspect":
+        noise_image(402, 2, 1).save(path)
+    source = {"bad_base64": "data:image/png;base64,@@@not*base64@@@",
+              "no_comma": "data:image/png;base64"}.get(case, str(path))
+    result = cli("describe", source)
+    assert result.exit_code == 3, result.stderr
+    one_error_line(result, reason)
+    if case not in ("bad_base64", "no_comma"):
+        assert str(path) in result.stderr
+
+
+def test_permission_denied(cli, tmp_path, monkeypatch):
+    # root reads anything, so the OS refusal is simulated where the resolver opens files
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("qwen2vl_cli.sources.open", refuse, raising=False)
+    target = tmp_path / "secret.png"
+    target.write_bytes(b"x")
+    result = cli("describe", target)
+    assert result.exit_code == 3
+    one_error_line(result, "secret.png", "permission denied")
+
+
+def test_empty_stdin(cli):
+    result = cli("describe", "-", input=b"")
+    assert result.exit_code == 3
+    one_error_line(result, "stdin", "empty")
+
+
+@pytest.mark.parametrize("route, extra, reason", [
+    ("/missing.png", [], "HTTP 404"),
+    ("/notimage.png", [], "not an image"),
+    ("/big.png", ["--max-download", "1KB"], "too large"),
+    ("/slow.png", ["--timeout", "0.5"], "timed out after 0.5s"),
+])
+def test_bad_urls_exit_3(cli, http_server, images, route, extra, reason):
+    http_server.routes["/notimage.png"] = (200, b"<html>nope</html>", {"Content-Type": "text/html"})
+    http_server.routes["/big.png"] = (200, b"\0" * 5000, {"Content-Type": "image/png"})
+    http_server.routes["/slow.png"] = (200, images["a"].read_bytes(), {})
+    url = f"{http_server.url}{route}"
+    result = cli("describe", url, *extra)
+    assert result.exit_code == 3, result.stderr
+    one_error_line(result, url, reason)
+
+
+def test_unreachable_url_exit_3(cli):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = cli("describe", f"http://127.0.0.1:{port}/x.png", "--timeout", "2")
+    assert result.exit_code == 3
+    one_error_line(result, "cannot connect")
+
+
+def test_exif_orientation_is_respected(tmp_path):
+    image = noise_image(80, 40, 5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    resolved = resolve_image(str(path), ImageOptions(resized_height=None))
+    assert resolved.size[1] > resolved.size[0]  # displayed portrait, as a viewer shows it
+
+
+def test_alpha_goes_onto_white(tmp_path):
+    path = tmp_path / "transparent.png"
+    Image.new("RGBA", (56, 56), (255, 0, 0, 0)).save(path)
+    resolved = resolve_image(str(path))
+    assert resolved.mode == "RGB" and resolved.getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_resolution_options_follow_qwen_vl_utils(images):
+    from qwen_vl_utils import smart_resize
+
+    big = resolve_image(str(images["c"]), ImageOptions(min_pixels=256 * 28 * 28))
+    assert big.size[0] * big.size[1] >= 256 * 28 * 28 and big.size[0] % 28 == 0
+    exact = resolve_image(str(images["c"]), ImageOptions(resized_height=100, resized_width=300))
+    assert exact.size == tuple(reversed(smart_resize(100, 300, factor=28)))
+
+
+@pytest.mark.parametrize("text, expected", [("1280*28*28", 1003520), ("1003520", 1003520), ("256 * 28 * 28", 200704)])
+def test_pixel_products(text, expected):
+    from qwen2vl_cli.cli.options import parse_pixels
+
+    assert parse_pixels(text) == expected
+
+
+def test_max_pixels_product_reaches_the_model(cli, images):
+    import json
+
+    small = json.loads(cli("describe", images["c"], "-n", "2", "--json", "--max-pixels", "4*28*28").stdout)
+    large = json.loads(cli("describe", images["c"], "-n", "2", "--json", "--min-pixels", "64*28*28").stdout)
+    assert small["usage"]["prompt_tokens"] < large["usage"]["prompt_tokens"]
