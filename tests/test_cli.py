@@ -18,7 +18,8 @@ from .test_sources import one_error_line
 HEAVY = ("torch", "transformers", "qwen_vl_utils", "PIL", "numpy")
 
 
-@pytest.mark.parametrize("argv", [[], ["--help"], ["describe", "--help"], ["ask", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [[], ["--help"], ["describe", "--help"], ["ask", "--help"], ["video", "--help"],
+                                  ["--version"]])
 def test_help_does_not_import_heavy_modules(argv):
     code = (
         "import sys\nsys.argv = ['qwen2vl', *%r]\nfrom qwen2vl_cli.cli import main\n"

@@ -66,6 +66,7 @@ def root(
 
 app.command("describe")(chat.describe)
 app.command("ask")(chat.ask)
+app.command("video")(chat.video)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`describe` and `ask`: one conversation about images (or plain text), answered on stdout."""
+"""`describe`, `ask` and `video`: one conversation about images and videos, answered on stdout."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from ..render import Environment, OutputOptions
 from ..session import ChatRequest
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxDownloadOpt, MaxNewTokensOpt,
-                      MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoStreamOpt, QuietOpt, RepetitionPenaltyOpt,
-                      ResizedHeightOpt, ResizedWidthOpt, SeedOpt, SystemOpt, TemperatureOpt, TimeoutOpt,
-                      TopKOpt, TopPOpt, VisionIdsOpt)
+from .options import (DEFAULTS, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
+                      MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt,
+                      NFramesOpt, NoStreamOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt,
+                      SeedOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, TotalPixelsOpt,
+                      VerboseOpt, VideoBackendOpt, VisionIdsOpt)
 
 DEFAULT_DESCRIBE_PROMPT = "Describe this image."
+DEFAULT_VIDEO_QUESTION = "Describe this video."
 
 SOURCE_HELP = "Image: a path, file:// or http(s) URL, data URI, base64 string, or - for stdin."
+VIDEO_HELP = ("Video: a file (mp4, mkv, webm, mov, avi), a file:// or http(s) URL, a directory of frame "
+              "images, or a quoted glob of frame images.")
 
 
 def describe(
@@ -49,12 +53,20 @@ def describe(
 
     Example: qwen2vl describe photo.jpg
     """
-    _run(sources, prompt, **locals_without(locals(), "sources", "prompt"))
+    env = Environment.from_system(quiet=quiet)
+    images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
+    request = ChatRequest(
+        prompt=prompt, media=common.resolve_images(sources, images, FetchLimits(timeout, max_download)),
+        system=system, vision_ids=vision_ids,
+        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    common.answer(request, common.model_spec(model, device, dtype, attn), env,
+                  OutputOptions(json=json_output, stream=not no_stream))
 
 
 def ask(
     sources: Annotated[list[str] | None, typer.Argument(metavar="SOURCE", help=SOURCE_HELP + " None: a text-only chat.")] = None,
     question: Annotated[str, typer.Option("--question", "-q", help="The question to answer.")] = ...,
+    videos: Annotated[list[str] | None, typer.Option("--video", metavar="SOURCE", help=VIDEO_HELP + " Repeatable; videos follow the images.")] = None,
     system: SystemOpt = None,
     vision_ids: VisionIdsOpt = False,
     model: ModelOpt = None,
@@ -65,6 +77,14 @@ def ask(
     max_pixels: MaxPixelsOpt = None,
     resized_height: ResizedHeightOpt = None,
     resized_width: ResizedWidthOpt = None,
+    fps: FpsOpt = None,
+    nframes: NFramesOpt = None,
+    min_frames: MinFramesOpt = None,
+    max_frames: MaxFramesOpt = DEFAULTS["max_frames"],
+    start: StartOpt = None,
+    end: EndOpt = None,
+    total_pixels: TotalPixelsOpt = DEFAULTS["total_pixels"],
+    video_backend: VideoBackendOpt = DEFAULTS["video_backend"],
     max_new_tokens: MaxNewTokensOpt = DEFAULTS["max_new_tokens"],
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -74,29 +94,75 @@ def ask(
     json_output: JsonOpt = False,
     no_stream: NoStreamOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
 ) -> None:
-    """Ask a question about images, or chat with no image at all.
+    """Ask a question about images and videos, or chat with no media at all.
 
     Example: qwen2vl ask a.jpg b.jpg -q "What differs between these pictures?"
     """
-    _run(sources or [], question, **locals_without(locals(), "sources", "question"))
+    from ..video import VideoOptions
 
-
-def locals_without(values: dict, *names: str) -> dict:
-    return {k: v for k, v in values.items() if k not in names}
-
-
-def _run(sources: list[str], prompt: str, *, system, vision_ids, model, device, dtype, attn, min_pixels,
-         max_pixels, resized_height, resized_width, max_new_tokens, temperature, top_p, top_k,
-         repetition_penalty, seed, json_output, no_stream, quiet, timeout, max_download) -> None:
     env = Environment.from_system(quiet=quiet)
+    limits = FetchLimits(timeout, max_download)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
-    media = common.resolve_images(sources, images, FetchLimits(timeout, max_download))
+    video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
+                                 total_pixels, resized_height, resized_width, video_backend)
+    media = common.resolve_images(sources or [], images, limits)
+    media += common.resolve_videos(videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
-        prompt=prompt, media=media, system=system, vision_ids=vision_ids,
-        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
-    )
-    spec = common.model_spec(model, device, dtype, attn)
-    common.answer(request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
+        prompt=question, media=media, system=system, vision_ids=vision_ids,
+        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    common.answer(request, common.model_spec(model, device, dtype, attn), env,
+                  OutputOptions(json=json_output, stream=not no_stream))
+
+
+def video(
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help=VIDEO_HELP)],
+    question: Annotated[str, typer.Option("--question", "-q", help="What to ask of the video.")] = DEFAULT_VIDEO_QUESTION,
+    system: SystemOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = DEFAULTS["device"],
+    dtype: DtypeOpt = DEFAULTS["dtype"],
+    attn: AttnOpt = DEFAULTS["attn"],
+    fps: FpsOpt = None,
+    nframes: NFramesOpt = None,
+    min_frames: MinFramesOpt = None,
+    max_frames: MaxFramesOpt = DEFAULTS["max_frames"],
+    start: StartOpt = None,
+    end: EndOpt = None,
+    min_pixels: MinPixelsOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    total_pixels: TotalPixelsOpt = DEFAULTS["total_pixels"],
+    resized_height: ResizedHeightOpt = None,
+    resized_width: ResizedWidthOpt = None,
+    video_backend: VideoBackendOpt = DEFAULTS["video_backend"],
+    max_new_tokens: MaxNewTokensOpt = DEFAULTS["max_new_tokens"],
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    seed: SeedOpt = None,
+    json_output: JsonOpt = False,
+    no_stream: NoStreamOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    timeout: TimeoutOpt = DEFAULTS["timeout"],
+    max_download: MaxDownloadOpt = DEFAULTS["video_max_download"],
+) -> None:
+    """Describe a video or answer a question about it.
+
+    Example: qwen2vl video clip.mp4 -q "What happens after the door opens?" --fps 1
+    """
+    from ..video import VideoOptions
+
+    env = Environment.from_system(quiet=quiet)
+    options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
+                           total_pixels, resized_height, resized_width, video_backend)
+    request = ChatRequest(
+        prompt=question, media=common.resolve_videos([source], options, FetchLimits(timeout, max_download), env, verbose),
+        system=system,
+        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    common.answer(request, common.model_spec(model, device, dtype, attn), env,
+                  OutputOptions(json=json_output, stream=not no_stream))

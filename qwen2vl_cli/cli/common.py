@@ -6,6 +6,7 @@ from ..errors import UsageError
 from ..render import Environment, OutputOptions, render_answer
 from ..session import ChatRequest, GenerationOptions, Media, ModelSpec, default_model, get_session
 from ..sources import FetchLimits, ImageOptions, display_name, resolve_image
+from ..video import VideoOptions, describe_facts
 
 
 def model_spec(model: str | None, device: str, dtype: str, attn: str) -> ModelSpec:
@@ -22,6 +23,11 @@ def image_options(min_pixels: int | None, max_pixels: int | None, resized_height
     return ImageOptions(min_pixels, max_pixels, resized_height, resized_width)
 
 
+def generation_options(max_new_tokens: int, temperature: float | None, top_p: float | None,
+                       top_k: int | None, repetition_penalty: float | None, seed: int | None) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+
+
 def resolve_images(sources: list[str], options: ImageOptions, limits: FetchLimits) -> list[Media]:
     """Every image source -> Media, in order; the first bad one raises InputError."""
     if sources.count("-") > 1:
@@ -32,6 +38,22 @@ def resolve_images(sources: list[str], options: ImageOptions, limits: FetchLimit
         width, height = image.size
         media.append(Media("image", display_name(source), image,
                            facts={"width": width, "height": height, "tokens": width * height // (28 * 28)}))
+    return media
+
+
+def resolve_videos(sources: list[str], options: VideoOptions, limits: FetchLimits, env: Environment,
+                   verbose: bool) -> list[Media]:
+    """Every video source -> Media; reductions are noted on stderr, --verbose says what the model sees."""
+    from ..video import resolve_video
+
+    media = []
+    for source in sources:
+        video = resolve_video(source, options, limits)
+        for note in video.notes:
+            env.note(note)
+        if verbose:
+            env.note(describe_facts(video.facts))
+        media.append(Media("video", video.source, video.frames, metadata=video.metadata, facts=video.facts))
     return media
 
 
@@ -47,9 +69,7 @@ def answer(request: ChatRequest, spec: ModelSpec, env: Environment, output: Outp
         "model": spec.model,
         "timings": {"load_s": round(session.load_s, 4)},
     }
+    videos = [m.facts for m in request.media if m.kind == "video"]
+    if videos:
+        record["videos"] = videos
     render_answer(session.stream(request), env, output, record)
-
-
-def generation_options(max_new_tokens: int, temperature: float | None, top_p: float | None,
-                       top_k: int | None, repetition_penalty: float | None, seed: int | None) -> GenerationOptions:
-    return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)

@@ -10,6 +10,7 @@ import typer
 
 from ..session import ATTN_IMPLEMENTATIONS, DEFAULT_MAX_NEW_TOKENS, DEVICES, DTYPES
 from ..sources import DEFAULT_MAX_DOWNLOAD, DEFAULT_TIMEOUT_S
+from ..video import DEFAULT_MAX_FRAMES, DEFAULT_TOTAL_PIXELS, DEFAULT_VIDEO_MAX_DOWNLOAD
 
 _PRODUCT_RE = re.compile(r"^\s*\d+(\s*[*x]\s*\d+)*\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -69,17 +70,44 @@ AttnOpt = Annotated[str, typer.Option(
 # ---- resolution ----------------------------------------------------------------------------------
 MinPixelsOpt = Annotated[int | None, typer.Option(
     "--min-pixels", parser=parse_pixels, metavar="N", rich_help_panel=VISION_PANEL, show_default=False,
-    help="Smallest image area in pixels, e.g. 256*28*28 (default: 4*28*28).")]
+    help="Smallest area of an image (or video frame) in pixels, e.g. 256*28*28 "
+         "(default: 4*28*28 for images, 128*28*28 for frames).")]
 MaxPixelsOpt = Annotated[int | None, typer.Option(
     "--max-pixels", parser=parse_pixels, metavar="N", rich_help_panel=VISION_PANEL, show_default=False,
-    help="Largest image area in pixels, e.g. 1280*28*28; one token per 28x28 pixels "
-         "(default: 16384*28*28).")]
+    help="Largest area of an image (or video frame) in pixels, e.g. 1280*28*28; one token per 28x28 "
+         "pixels (default: 16384*28*28 for images, 768*28*28 for frames).")]
 ResizedHeightOpt = Annotated[int | None, typer.Option(
     "--resized-height", min=1, metavar="PX", rich_help_panel=VISION_PANEL,
     help="Exact height (rounded to a multiple of 28); needs --resized-width.")]
 ResizedWidthOpt = Annotated[int | None, typer.Option(
     "--resized-width", min=1, metavar="PX", rich_help_panel=VISION_PANEL,
     help="Exact width (rounded to a multiple of 28); needs --resized-height.")]
+
+# ---- video ---------------------------------------------------------------------------------------
+VIDEO_PANEL = "Video"
+FpsOpt = Annotated[float | None, typer.Option(
+    "--fps", min=0.01, rich_help_panel=VIDEO_PANEL, show_default=False,
+    help="Frames sampled per second of video (default: 2); not with --nframes.")]
+NFramesOpt = Annotated[int | None, typer.Option(
+    "--nframes", min=2, rich_help_panel=VIDEO_PANEL, help="Exactly this many frames (rounded to even); not with --fps.")]
+MinFramesOpt = Annotated[int | None, typer.Option(
+    "--min-frames", min=1, rich_help_panel=VIDEO_PANEL, show_default=False,
+    help="At least this many frames with --fps (default: 4).")]
+MaxFramesOpt = Annotated[int, typer.Option(
+    "--max-frames", min=2, rich_help_panel=VIDEO_PANEL, help="At most this many frames with --fps.")]
+StartOpt = Annotated[float | None, typer.Option(
+    "--start", min=0.0, metavar="SECONDS", rich_help_panel=VIDEO_PANEL, help="Start of the clip to watch.")]
+EndOpt = Annotated[float | None, typer.Option(
+    "--end", min=0.0, metavar="SECONDS", rich_help_panel=VIDEO_PANEL, help="End of the clip to watch.")]
+TotalPixelsOpt = Annotated[int, typer.Option(
+    "--total-pixels", parser=parse_pixels, metavar="N", rich_help_panel=VIDEO_PANEL,
+    help="Pixel budget of all frames together; frames shrink to fit (bounds a video near N/784 tokens).")]
+VideoBackendOpt = Annotated[str, typer.Option(
+    "--video-backend", metavar="auto|decord|pyav|torchcodec", rich_help_panel=VIDEO_PANEL,
+    help="Decoder; auto tries decord, torchcodec (when installed), then PyAV.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", rich_help_panel=OUTPUT_PANEL,
+    help="Say on stderr what the model will see: frames, times, resolution, tokens.")]
 
 # ---- generation ----------------------------------------------------------------------------------
 MaxNewTokensOpt = Annotated[int, typer.Option(
@@ -120,6 +148,8 @@ MaxDownloadOpt = Annotated[int, typer.Option(
     help="Largest http(s) download or stdin input, e.g. 100MB.")]
 
 DEFAULTS = dict(
+    max_frames=DEFAULT_MAX_FRAMES, total_pixels=DEFAULT_TOTAL_PIXELS, video_backend="auto",
+    video_max_download=DEFAULT_VIDEO_MAX_DOWNLOAD,
     device="auto", dtype="auto", attn="auto", max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
     timeout=DEFAULT_TIMEOUT_S, max_download=DEFAULT_MAX_DOWNLOAD,
 )

@@ -1,0 +1,396 @@
+"""Videos and frame sequences -> the frames the model sees, sampled and sized as qwen-vl-utils does.
+
+Sources: a video file (path, file:// or http(s) URL), a directory of frame images (natural order), or a
+glob of frame images. Frame sampling uses qwen-vl-utils' own arithmetic (`smart_nframes`,
+`calculate_video_frame_range`); decoding goes through decord, torchcodec or our PyAV reader, which
+replaces qwen-vl-utils' torchvision fallback (torchvision 0.29 has no `read_video`).
+Every failure raises InputError (exit 3); nothing here is imported for --help.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, UsageError
+from .sources import FetchLimits, decode_image, display_name, download, file_url_to_path, read_local
+
+BACKENDS = ("auto", "decord", "pyav", "torchcodec")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+PATCH_FACTOR = 28
+DEFAULT_FPS = 2.0  # qwen-vl-utils' FPS
+DEFAULT_MAX_FRAMES = 256
+DEFAULT_TOTAL_PIXELS = 24576 * 28 * 28  # bounds a video near 24k tokens, whatever its length
+DEFAULT_VIDEO_MAX_DOWNLOAD = 2 * 1024 ** 3
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame bounds for videos
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """Sampling and sizing, as qwen-vl-utils takes them per video."""
+
+    fps: float | None = None
+    nframes: int | None = None
+    min_frames: int | None = None
+    max_frames: int | None = DEFAULT_MAX_FRAMES
+    start: float | None = None
+    end: float | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    total_pixels: int | None = DEFAULT_TOTAL_PIXELS
+    resized_height: int | None = None
+    resized_width: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and self.nframes is not None:
+            raise UsageError("--fps/--nframes", "give one or the other, not both")
+        if (self.resized_height is None) != (self.resized_width is None):
+            raise UsageError("--resized-height/--resized-width", "give both or neither")
+        if self.backend not in BACKENDS:
+            raise UsageError("--video-backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
+
+    def sampling_ele(self) -> dict:
+        """The keys qwen-vl-utils' smart_nframes and calculate_video_frame_range read."""
+        ele: dict = {}
+        if self.nframes is not None:
+            ele["nframes"] = self.nframes
+        else:
+            ele["fps"] = self.fps if self.fps is not None else DEFAULT_FPS
+            if self.min_frames is not None:
+                ele["min_frames"] = self.min_frames
+            if self.max_frames is not None:
+                ele["max_frames"] = self.max_frames
+        if self.start is not None:
+            ele["video_start"] = self.start
+        if self.end is not None:
+            ele["video_end"] = self.end
+        return ele
+
+
+@dataclass
+class VideoFrames:
+    """What the model will see of one video."""
+
+    source: str
+    frames: object  # torch tensor (T, C, H, W), float, sized
+    metadata: object  # transformers VideoMetadata
+    facts: dict
+    notes: list[str]
+
+
+def is_frame_sequence(source: str) -> bool:
+    """A directory of frames, or a glob pattern of frames."""
+    if source.startswith(("http://", "https://", "data:")):
+        return False
+    path = Path(os.path.expanduser(file_url_to_path(source) if source.startswith("file://") else source))
+    return path.is_dir() or (not path.exists() and any(c in source for c in "*?["))
+
+
+def natural_key(path: Path) -> list:
+    """frame2 before frame10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def list_frames(source: str) -> list[Path]:
+    """The frame files of a directory or glob, in natural order."""
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        try:
+            files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS]
+        except PermissionError:
+            raise InputError(source, "permission denied") from None
+        if not files:
+            raise InputError(source, f"directory holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
+    else:
+        files = [Path(p) for p in glob.glob(os.path.expanduser(source)) if os.path.isfile(p)]
+        if not files:
+            raise InputError(source, "no files match this pattern")
+    return sorted(files, key=natural_key)
+
+
+def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: FetchLimits = FetchLimits()) -> VideoFrames:
+    """Any video source -> sampled, sized frames with their metadata, or InputError."""
+    import logging
+
+    logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)  # we report reductions ourselves, once
+    if is_frame_sequence(source):
+        return _frames_from_images(source, options)
+    name = display_name(source)
+    scheme = urllib.parse.urlsplit(source).scheme.lower()
+    if scheme in ("http", "https"):
+        with tempfile.NamedTemporaryFile(suffix=Path(urllib.parse.urlsplit(source).path).suffix) as handle:
+            handle.write(download(source, limits))
+            handle.flush()
+            return _frames_from_file(handle.name, name, options)
+    path = file_url_to_path(source) if scheme == "file" else Path(os.path.expanduser(source))
+    read_local_check(path, name)
+    return _frames_from_file(str(path), name, options)
+
+
+def read_local_check(path: Path, name: str) -> None:
+    """Missing, directory, unreadable and empty files fail here with their usual reasons."""
+    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
+        read_local(path, name)  # raises the right InputError
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except PermissionError:
+        raise InputError(name, "permission denied") from None
+
+
+@dataclass
+class Probe:
+    fps: float
+    total_frames: int
+    width: int
+    height: int
+
+    @property
+    def duration(self) -> float:
+        return self.total_frames / self.fps
+
+
+def probe(path: str, name: str) -> Probe:
+    """Open the container with PyAV: is it a video, with a video stream, and how long is it?"""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+                raise InputError(name, f"has no video stream ({', '.join(kinds)} only)")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = stream.frames
+            if frames <= 0 and fps > 0:
+                seconds = (float(stream.duration * stream.time_base) if stream.duration
+                           else (container.duration or 0) / 1_000_000)
+                frames = int(round(seconds * fps))
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except InputError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
+        reason = str(exc).split(":")[0].strip() if str(exc) else type(exc).__name__
+        raise InputError(name, f"not a readable video ({reason})") from None
+    if fps <= 0 or frames <= 0 or not width or not height:
+        raise InputError(name, "not a readable video (no frame rate or no frames)")
+    return Probe(fps, frames, width, height)
+
+
+def read_video_pyav(ele: dict):
+    """qwen-vl-utils' reader contract, with PyAV: (frames TCHW uint8, metadata dict, sample_fps).
+
+    Decodes once, front to back, keeping only the sampled frames, so long videos stay small in memory.
+    """
+    import av
+    import numpy as np
+    import torch
+    from qwen_vl_utils.vision_process import calculate_video_frame_range, smart_nframes
+
+    path = ele["video"]
+    info = probe(path, path)
+    start, end, total = calculate_video_frame_range(ele, info.total_frames, info.fps)
+    nframes = smart_nframes(ele, total_frames=total, video_fps=info.fps)
+    wanted = torch.linspace(start, end, nframes).round().long().tolist()
+    keep: dict[int, np.ndarray] = {}
+    last = None
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if start > 0:  # jump near the start instead of decoding everything before it
+            container.seek(int(start / info.fps / stream.time_base), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            index = (int(round(float(frame.pts * stream.time_base) * info.fps))
+                     if frame.pts is not None else (last or 0) + 1)
+            last = index
+            if index < start:
+                continue
+            if index in wanted and index not in keep:
+                keep[index] = frame.to_ndarray(format="rgb24")
+            if index >= wanted[-1]:
+                break
+    if not keep:
+        raise ValueError("no frames could be decoded")
+    ordered = []
+    for index in wanted:  # a frame the container did not deliver is replaced by the nearest one before it
+        nearest = max((k for k in keep if k <= index), default=min(keep))
+        ordered.append(keep[nearest])
+    video = torch.from_numpy(np.stack(ordered)).permute(0, 3, 1, 2)
+    sample_fps = nframes / max(total, 1e-6) * info.fps
+    return video, dict(fps=info.fps, frames_indices=wanted, total_num_frames=total, video_backend="pyav"), sample_fps
+
+
+def _readers(choice: str):
+    """The backends to try, in order: decord, torchcodec (when installed), PyAV."""
+    import importlib.util
+
+    from qwen_vl_utils import vision_process
+
+    available = {
+        "decord": importlib.util.find_spec("decord") is not None,
+        "torchcodec": importlib.util.find_spec("torchcodec") is not None,
+        "pyav": True,
+    }
+    table = {"decord": vision_process._read_video_decord, "torchcodec": vision_process._read_video_torchcodec,
+             "pyav": read_video_pyav}
+    if choice != "auto":
+        if not available[choice]:
+            raise UsageError("--video-backend", f"{choice} is not installed")
+        return [(choice, table[choice])]
+    return [(name, table[name]) for name in ("decord", "torchcodec", "pyav") if available[name]]
+
+
+def _frames_from_file(path: str, name: str, options: VideoOptions) -> VideoFrames:
+    info = probe(path, name)
+    ele = {"video": path, **options.sampling_ele()}
+    _check_range(options, info, name)
+    _check_frame_count(ele, info, name)
+    errors, notes = [], []
+    for backend, reader in _readers(options.backend):
+        try:
+            video, metadata, sample_fps = reader(ele)
+            break
+        except Exception as exc:  # noqa: BLE001 - try the next backend, report all if none works
+            errors.append(f"{backend}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    else:
+        raise InputError(name, "could not decode the video (" + "; ".join(errors) + ")")
+    if errors:
+        notes.append(f"{name}: fell back to {backend} ({errors[0]})")
+    requested = _requested_frames(ele, info)
+    if requested is not None and requested > len(metadata["frames_indices"]):
+        notes.append(f"{name}: sampled {len(metadata['frames_indices'])} frames instead of {requested} "
+                     f"(--max-frames {options.max_frames})")
+    return _sized(video, metadata, sample_fps, backend, name, options, info, notes)
+
+
+def _requested_frames(ele: dict, info: Probe) -> int | None:
+    """How many frames --fps asks for over the clip, before --max-frames caps it."""
+    if "fps" not in ele:
+        return None
+    start = ele.get("video_start") or 0.0
+    end = min(ele.get("video_end") or info.duration, info.duration)
+    return min(int((end - start) * ele["fps"]), int((end - start) * info.fps))
+
+
+def _check_range(options: VideoOptions, info: Probe, name: str) -> None:
+    if options.start is not None and options.start < 0 or options.end is not None and options.end <= 0:
+        raise InputError(name, "--start and --end must be positive seconds")
+    if options.start is not None and options.start >= info.duration:
+        raise InputError(name, f"--start {options.start:g}s is past the end of the video ({info.duration:.2f}s)")
+    if options.start is not None and options.end is not None and options.start >= options.end:
+        raise InputError(name, f"--start {options.start:g}s is not before --end {options.end:g}s")
+    if options.end is not None and options.end > info.duration + 1 / info.fps:
+        raise InputError(name, f"--end {options.end:g}s is past the end of the video ({info.duration:.2f}s)")
+
+
+def _check_frame_count(ele: dict, info: Probe, name: str) -> None:
+    from qwen_vl_utils.vision_process import calculate_video_frame_range, smart_nframes
+
+    try:
+        _, _, total = calculate_video_frame_range(ele, info.total_frames, info.fps)
+        smart_nframes(ele, total_frames=total, video_fps=info.fps)
+    except (ValueError, AssertionError) as exc:
+        text = str(exc)
+        if "nframes should in interval" in text:
+            raise InputError(name, f"not enough frames: {text}") from None
+        raise InputError(name, text.splitlines()[0]) from None
+
+
+def _frames_from_images(source: str, options: VideoOptions) -> VideoFrames:
+    """A frame sequence, through qwen-vl-utils' own frame-list path (the seeds' form)."""
+    import torch
+    from qwen_vl_utils import fetch_video
+
+    files = list_frames(source)
+    notes = []
+    if options.nframes and options.nframes > len(files):
+        raise InputError(source, f"not enough frames: {len(files)} found, --nframes {options.nframes} asked for")
+    limit = options.nframes or options.max_frames
+    if limit and len(files) > limit:
+        picks = torch.linspace(0, len(files) - 1, limit).round().long().tolist()
+        notes.append(f"{source}: used {limit} of {len(files)} frames "
+                     f"(--{'nframes' if options.nframes else 'max-frames'})")
+        files = [files[i] for i in picks]
+    images = [decode_image(read_local(f, str(f)), str(f)) for f in files]
+    sample_fps = options.fps or DEFAULT_FPS
+    ele = {"video": images, "sample_fps": sample_fps, "total_pixels": options.total_pixels or DEFAULT_TOTAL_PIXELS,
+           **{k: v for k, v in (("min_pixels", options.min_pixels), ("max_pixels", options.max_pixels),
+                                ("resized_height", options.resized_height),
+                                ("resized_width", options.resized_width)) if v is not None}}
+    try:
+        video, metadata = fetch_video(ele, return_video_metadata=True)
+    except (ValueError, AssertionError) as exc:
+        raise InputError(source, str(exc).splitlines()[0]) from None
+    width, height = images[0].size
+    info = Probe(sample_fps, len(images), width, height)
+    return _result(video, metadata, sample_fps, "frames", source, info, notes)
+
+
+def _sized(video, metadata: dict, sample_fps: float, backend: str, name: str, options: VideoOptions,
+           info: Probe, notes: list[str]) -> VideoFrames:
+    """Resize every frame as qwen-vl-utils' fetch_video does (same bounds, same interpolation)."""
+    from qwen_vl_utils.vision_process import FRAME_FACTOR, smart_resize
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    nframes, _, height, width = video.shape
+    min_pixels = options.min_pixels or VIDEO_MIN_PIXELS
+    total_pixels = options.total_pixels or 128000 * 28 * 28 * 0.9  # qwen-vl-utils' default
+    max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    unbounded = max(VIDEO_MAX_PIXELS, int(min_pixels * 1.05))  # the same without --total-pixels
+    if options.max_pixels is not None:
+        max_pixels, unbounded = min(options.max_pixels, max_pixels), min(options.max_pixels, unbounded)
+    try:
+        if options.resized_height and options.resized_width:
+            size = smart_resize(options.resized_height, options.resized_width, factor=PATCH_FACTOR)
+        else:
+            size = smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+            wanted = smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=unbounded)
+            if size[0] * size[1] < wanted[0] * wanted[1]:
+                notes.append(f"{name}: frames reduced to {size[1]}x{size[0]} to keep {nframes} frames within "
+                             f"--total-pixels {int(total_pixels)}")
+    except (ValueError, AssertionError) as exc:
+        raise InputError(name, str(exc).splitlines()[0]) from None
+    frames = transforms.functional.resize(video, list(size), interpolation=InterpolationMode.BICUBIC,
+                                          antialias=True).float()
+    return _result(frames, metadata, sample_fps, backend, name, info, notes)
+
+
+def _result(frames, metadata: dict, sample_fps: float, backend: str, name: str, info: Probe,
+            notes: list[str]) -> VideoFrames:
+    """Package sized frames with the metadata the processor needs and the facts --verbose shows."""
+    from transformers.video_utils import VideoMetadata
+
+    nframes, _, height, width = frames.shape
+    indices = [int(i) for i in metadata["frames_indices"]]
+    meta = VideoMetadata(total_num_frames=int(metadata["total_num_frames"]), fps=float(metadata["fps"]),
+                         width=info.width, height=info.height, frames_indices=indices, video_backend=backend)
+    facts = {
+        "source": name, "backend": backend, "video_fps": round(info.fps, 3),
+        "video_frames": info.total_frames, "duration_s": round(info.duration, 3),
+        "frames": int(nframes), "sample_fps": round(float(sample_fps), 4),
+        "times_s": [round(i / info.fps, 3) for i in indices] if backend != "frames" else None,
+        "width": int(width), "height": int(height), "tokens": expected_tokens(nframes, height, width),
+    }
+    return VideoFrames(name, frames, meta, facts, notes)
+
+
+def describe_facts(facts: dict) -> str:
+    """One --verbose line: what the model will see of a video."""
+    times = facts.get("times_s") or []
+    span = f", t={times[0]:.2f}..{times[-1]:.2f}s" if times else ""
+    return (f"{facts['source']}: {facts['video_frames']} frames at {facts['video_fps']:g} fps "
+            f"({facts['duration_s']:.2f}s); sampled {facts['frames']} frames at {facts['sample_fps']:g} fps{span}; "
+            f"{facts['width']}x{facts['height']} each; {facts['tokens']} video tokens; backend {facts['backend']}")
+
+
+def expected_tokens(frames: int, height: int, width: int) -> int:
+    return math.ceil(frames / 2) * (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
