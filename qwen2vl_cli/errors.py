@@ -25,6 +25,7 @@ EXIT_STATUS_MEANINGS = {
     ExitStatus.USAGE: "usage error: unknown option, bad value, options that do not go together",
     ExitStatus.INPUT: "an input could not be read or decoded (missing, empty, corrupt, unreachable, too large)",
     ExitStatus.MODEL: "the model could not be loaded (no such directory, not cached while offline, no GPU)",
+    ExitStatus.PARTIAL: "batch: the run finished but some items failed (each has a record with its error)",
     ExitStatus.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

@@ -126,6 +126,7 @@ class ModelSession:
         self.processor = None
         self.device: str | None = None
         self.load_s: float = 0.0
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> "ModelSession":
@@ -171,18 +172,24 @@ class ModelSession:
         return self.processor.apply_chat_template(
             request.messages(), tokenize=False, add_generation_prompt=True, add_vision_id=request.vision_ids)
 
-    def encode(self, requests: list[ChatRequest]):
-        """Tokenize and patchify a batch of requests (left padding), on the model's device."""
+    def prepare(self, requests: list[ChatRequest]):
+        """Tokenize and patchify a batch of requests on the CPU (left padding); safe from a worker thread."""
         images = [m.data for r in requests for m in r.media if m.kind == "image"]
         videos = [m.data for r in requests for m in r.media if m.kind == "video"]
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["video_metadata"] = [m.metadata for r in requests for m in r.media if m.kind == "video"]
             kwargs["do_sample_frames"] = False
-        inputs = self.processor(
-            text=[self.prompt_text(r) for r in requests], images=images or None, videos=videos or None,
-            padding=True, return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
-        return inputs.to(self.model.device)
+        with self.tokenizer_lock:
+            inputs = self.processor(
+                text=[self.prompt_text(r) for r in requests], images=images or None, videos=videos or None,
+                padding=True, return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
+        if self.device and self.device.startswith("cuda"):
+            inputs = inputs.__class__({k: v.pin_memory() for k, v in inputs.items()})
+        return inputs
+
+    def to_device(self, inputs):
+        return inputs.to(self.model.device, non_blocking=True)
 
     def generate_kwargs(self, options: GenerationOptions) -> dict:
         """generate() arguments: greedy unless sampling was asked for."""
@@ -212,7 +219,7 @@ class ModelSession:
 
         self.load()
         start = time.perf_counter()
-        inputs = self.encode([request])
+        inputs = self.to_device(self.prepare([request]))
         prompt_len = inputs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _Stop()
@@ -252,23 +259,24 @@ class ModelSession:
         yield self._completion(new_ids, prompt_len, request.generation,
                                first_token[0] if first_token else None, time.perf_counter() - start)
 
-    def generate_batch(self, requests: list[ChatRequest]) -> list[Completion]:
-        """Answer several requests in one batched generate (same generation options for all)."""
+    def generate_batch(self, requests: list[ChatRequest], prepared=None) -> list[Completion]:
+        """Answer several requests in one batched generate (the first request's generation options).
+
+        `prepared` is `prepare(requests)` done ahead, e.g. on a worker thread while the GPU was busy.
+        """
         import torch
 
         self.load()
         start = time.perf_counter()
-        inputs = self.encode(requests)
+        inputs = self.to_device(prepared if prepared is not None else self.prepare(requests))
         prompt_len = inputs["input_ids"].shape[1]
         with torch.inference_mode():
             output = self.model.generate(**inputs, **self.generate_kwargs(requests[0].generation))
         total = time.perf_counter() - start
-        mask = inputs["attention_mask"]
-        results = []
-        for row, request in enumerate(requests):
-            ids = output[row, prompt_len:].tolist()
-            results.append(self._completion(ids, int(mask[row].sum()), request.generation, None, total))
-        return results
+        mask = inputs["attention_mask"].tolist()
+        rows = output[:, prompt_len:].tolist()
+        return [self._completion(ids, int(sum(mask[row])), request.generation, None, total)
+                for row, (ids, request) in enumerate(zip(rows, requests))]
 
     def _completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
                     first_token_s: float | None, total_s: float) -> Completion:
@@ -280,7 +288,8 @@ class ModelSession:
                 break
         else:
             reason = "length" if len(ids) >= options.max_new_tokens else "stop"
-        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(text, prompt_tokens, len(ids), reason, first_token_s, total_s)
 
 

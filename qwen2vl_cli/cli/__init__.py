@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
 from .. import __version__
 from ..errors import ExitStatus, debug_enabled, describe_exception
 from ..render import error
-from . import chat
+from . import batch, chat
 
 
 class Qwen2VLGroup(TyperGroup):
@@ -60,13 +60,14 @@ def root(
     """Qwen2-VL in the shell: describe images, ask about them, caption folders.
 
     Exit codes: 0 success, 1 other error, 2 usage error, 3 an input could not be read or decoded,
-    4 the model could not be loaded, 130 interrupted.
+    4 the model could not be loaded, 5 a batch finished with failed items, 130 interrupted.
     """
 
 
 app.command("describe")(chat.describe)
 app.command("ask")(chat.ask)
 app.command("video")(chat.video)
+app.command("batch")(batch.batch)
 
 
 def main() -> None:

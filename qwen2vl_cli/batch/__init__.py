@@ -1,0 +1,1 @@
+"""Batch captioning: inputs (what to caption), sinks (where results go, durably), runner (the loop)."""

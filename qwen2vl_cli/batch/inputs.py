@@ -1,0 +1,135 @@
+"""What a batch run works on: image files, directories, globs, stdin lists and JSONL manifests, turned
+into BatchItems; what cannot be an item (symlink loops, unreadable directories, other files) is noted."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+from ..errors import InputError
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass
+class BatchItem:
+    """One image to caption, with its prompt (None: the run's prompt) and extra output fields."""
+
+    source: str
+    prompt: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def parse_extensions(text: str | None) -> tuple[str, ...]:
+    """'jpg,.PNG, webp' -> ('jpg', 'png', 'webp')."""
+    if not text:
+        return DEFAULT_EXTENSIONS
+    return tuple(part.strip().lstrip(".").lower() for part in text.split(",") if part.strip())
+
+
+def is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://", "data:"))
+
+
+def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
+                   note: Callable[[str], None]) -> Iterable[Path]:
+    """Image files below `root` in a stable order; symlink loops and unreadable folders are noted, not fatal."""
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            stat = folder.stat()
+        except OSError as exc:
+            note(f"skipped {folder}: {exc.strerror or exc}")
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            note(f"skipped {folder}: symlink loop")
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            note(f"skipped {folder}: {exc.strerror or exc}")
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():
+                    if recursive:
+                        subfolders.append(path)
+                    continue
+                if not entry.is_file():
+                    continue
+            except OSError as exc:
+                note(f"skipped {path}: {exc.strerror or exc}")
+                continue
+            if path.suffix.lower().lstrip(".") in extensions:
+                yield path
+        stack.extend(reversed(subfolders))
+
+
+def read_manifest(path: str) -> list[BatchItem]:
+    """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output)."""
+    items = []
+    try:
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(path, exc.strerror or str(exc)) from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {number}", f"not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("source"), str) or not record["source"]:
+                raise InputError(f"{path} line {number}", "needs an object with a 'source' string")
+            prompt = record.pop("prompt", None)
+            if prompt is not None and not isinstance(prompt, str):
+                raise InputError(f"{path} line {number}", "'prompt' must be a string")
+            items.append(BatchItem(record.pop("source"), prompt, record))
+    return items
+
+
+def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: bool = False,
+                  extensions: tuple[str, ...] = DEFAULT_EXTENSIONS, stdin: TextIO | None = None,
+                  note: Callable[[str], None] = lambda message: None) -> list[BatchItem]:
+    """All items in input order, each source once."""
+    items: list[BatchItem] = read_manifest(manifest) if manifest else []
+    for spec in inputs:
+        if spec == "-":
+            stream = stdin or sys.stdin
+            lines = [line.rstrip("\r\n") for line in stream if line.strip()]
+            items += [BatchItem(line) for line in lines]
+            continue
+        path = Path(os.path.expanduser(spec))
+        if is_remote(spec) or path.is_file():
+            items.append(BatchItem(spec))  # named explicitly: taken whatever its extension
+        elif path.is_dir():
+            found = list(walk_directory(path, extensions, recursive, note))
+            if not found:
+                note(f"no images in {spec}" + ("" if recursive else " (use -r for subfolders)"))
+            items += [BatchItem(str(p)) for p in found]
+        elif any(c in spec for c in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+            files = [m for m in matches if os.path.isfile(m) and Path(m).suffix.lower().lstrip(".") in extensions]
+            if not files:
+                note(f"no images match {spec}")
+            items += [BatchItem(m) for m in files]
+        else:
+            items.append(BatchItem(spec))  # missing: it gets its own error record
+    unique: dict[str, BatchItem] = {}
+    for item in items:
+        if item.source in unique:
+            note(f"{item.source} is listed twice; captioned once")
+            continue
+        unique[item.source] = item
+    return list(unique.values())

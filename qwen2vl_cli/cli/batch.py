@@ -1,0 +1,143 @@
+"""`batch`: caption many images, resumably, in GPU batches, writing every result as it finishes."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated
+
+import typer
+
+from ..errors import ExitStatus, UsageError
+from ..render import Environment
+from ..session import get_session
+from ..sources import FetchLimits
+from . import common
+from .options import (DEFAULTS, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, MaxNewTokensOpt, MaxPixelsOpt,
+                      MinPixelsOpt, ModelOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt,
+                      SeedOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt)
+
+OUT_PANEL = "Results"
+DEFAULT_BATCH_PROMPT = "Describe this image."
+
+
+def batch(
+    inputs: Annotated[list[str] | None, typer.Argument(
+        metavar="INPUT", help="Image files, directories, quoted globs, URLs, or - for newline-separated paths on stdin.")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt for every image (a manifest can set one per item).")] = DEFAULT_BATCH_PROMPT,
+    manifest: Annotated[str | None, typer.Option("--manifest", metavar="FILE.jsonl", help="One JSON object a line: source, optional prompt, extra fields copied to the output.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk directories recursively.")] = False,
+    ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help="Extensions that count in directories and globs (default: jpg,jpeg,png,webp,bmp,gif,tif,tiff).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", rich_help_panel=OUT_PANEL, help="Write results to FILE (.jsonl or .csv) instead of stdout; rerunning resumes it.")] = None,
+    sidecar: Annotated[bool, typer.Option("--sidecar", rich_help_panel=OUT_PANEL, help="Write each caption beside its image as <name>.txt.")] = False,
+    sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", rich_help_panel=OUT_PANEL, help="Extension of sidecar files.")] = "txt",
+    caption_prefix: Annotated[str, typer.Option("--prefix", rich_help_panel=OUT_PANEL, help="Text put before each sidecar caption.")] = "",
+    caption_suffix: Annotated[str, typer.Option("--suffix", rich_help_panel=OUT_PANEL, help="Text put after each sidecar caption.")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUT_PANEL, help="Redo every item: start the output file afresh and replace sidecars.")] = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", rich_help_panel=OUT_PANEL, help="On resume, redo the items whose earlier result was an error.")] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, show_default=False, help="Images per GPU batch (default: from free GPU memory; 4 on the CPU).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="CPU threads decoding and resizing the next images.")] = 4,
+    system: SystemOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = DEFAULTS["device"],
+    dtype: DtypeOpt = DEFAULTS["dtype"],
+    attn: AttnOpt = DEFAULTS["attn"],
+    min_pixels: MinPixelsOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    resized_height: ResizedHeightOpt = None,
+    resized_width: ResizedWidthOpt = None,
+    max_new_tokens: MaxNewTokensOpt = DEFAULTS["max_new_tokens"],
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    timeout: TimeoutOpt = DEFAULTS["timeout"],
+    max_download: MaxDownloadOpt = DEFAULTS["max_download"],
+) -> None:
+    """Caption many images: JSON Lines on stdout, or a .jsonl/.csv file, or sidecar .txt files.
+
+    Rerunning the same command skips what is done. Exit 0 when every item succeeded, 5 when the
+    run finished but some items failed (each has a record with its error), 130 when interrupted.
+
+    Example: qwen2vl batch photos/ -r -o captions.jsonl
+    """
+    from ..batch.inputs import collect_items, parse_extensions
+    from ..batch.runner import BatchConfig, Results, run_batch
+    from ..batch.sinks import SidecarSink, open_output
+
+    env = Environment.from_system(quiet=quiet)
+    if not inputs and not manifest:
+        raise UsageError("batch", "give INPUT paths, - for a list on stdin, or --manifest FILE")
+    items = collect_items(inputs or [], manifest=manifest, recursive=recursive, extensions=parse_extensions(ext),
+                          note=env.note)
+    fields = sorted({key for item in items for key in item.extra})
+    sinks = []
+    if output is not None or not sidecar:
+        sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
+    if sidecar:
+        sinks.append(SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite))
+    config = BatchConfig(
+        prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
+        images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,
+        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    session = get_session(common.model_spec(model, device, dtype, attn))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: finish writing, then exit 130
+    try:
+        with BatchProgress(env, len(items)) as progress:
+            results = Results(sinks, progress.summary, progress.advance)
+            summary = run_batch(items, session, config, results, on_start=progress.start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for sink in sinks:
+            if hasattr(sink, "close"):
+                sink.close()
+    env.note(summary.line())
+    if summary.interrupted:
+        raise typer.Exit(ExitStatus.INTERRUPTED)
+    if summary.failed:
+        raise typer.Exit(ExitStatus.PARTIAL)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class BatchProgress:
+    """A Rich progress bar on stderr (items, images/s, ETA) on a terminal; nothing otherwise."""
+
+    def __init__(self, env: Environment, total: int) -> None:
+        from ..batch.runner import BatchSummary
+
+        self.env, self.total, self.summary = env, total, BatchSummary()
+        self.bar = None
+        self.task = None
+
+    def __enter__(self) -> "BatchProgress":
+        if self.env.quiet or not self.env.stderr_isatty:
+            return self
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                            console=self.env.console(stderr=True), transient=False)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("loading model", total=self.total, rate="")
+        return self
+
+    def start(self, todo: int, batch_size: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"captioning (batch {batch_size})",
+                            completed=self.total - todo)
+            self._started = self.bar.get_time()
+            self._done_at_start = self.total - todo
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            elapsed = max(self.bar.get_time() - self._started, 1e-6)
+            done = self.bar.tasks[0].completed + count - self._done_at_start
+            self.bar.update(self.task, advance=count, rate=f"{done / elapsed:.2f} images/s")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

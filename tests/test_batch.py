@@ -1,0 +1,200 @@
+"""`qwen2vl batch`: every item gets one record, batching does not change answers, nothing is lost."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, noise_image
+
+
+@pytest.fixture
+def tree(tmp_path, images):
+    """Nested folders with good images of several sizes, a corrupt file, a zero-byte file, odd names."""
+    root = tmp_path / "photos"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.png").write_bytes(images["a"].read_bytes())
+    (root / "sub" / "b with space é.png").write_bytes(images["b"].read_bytes())
+    (root / "sub" / "deeper" / "c\nnewline.png").write_bytes(images["c"].read_bytes())
+    (root / "sub" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (root / "zero.png").write_bytes(b"")
+    (root / "notes.md").write_text("not an image extension: ignored")
+    os.symlink(root, root / "sub" / "loop")
+    return root
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def alone(cli, path, *extra) -> str:
+    result = cli("describe", path, "-n", "8", *extra)
+    assert result.exit_code == 0, result.stderr
+    return result.stdout[:-1]
+
+
+def test_folder_run_records_every_item_and_equals_describe(cli, tree):
+    result = cli("batch", tree, "-r", "-n", "8", "-b", "4")
+    assert result.exit_code == 5, result.stderr  # finished, some items failed
+    by_source = {r["source"]: r for r in records(result.stdout)}
+    good = [tree / "a.png", tree / "sub" / "b with space é.png", tree / "sub" / "deeper" / "c\nnewline.png"]
+    bad = {tree / "sub" / "corrupt.jpg": "truncated image", tree / "zero.png": "empty file"}
+    assert set(by_source) == {str(p) for p in [*good, *bad]}
+    for path in good:  # three sizes in one batch: batching must not change the answer
+        assert by_source[str(path)]["error"] is None
+        assert by_source[str(path)]["text"] == alone(cli, path)
+    for path, reason in bad.items():
+        assert by_source[str(path)]["text"] is None and reason in by_source[str(path)]["error"]
+    assert "symlink loop" in result.stderr
+    assert "3 done, 0 skipped (already done), 2 failed" in result.stderr
+
+
+def test_without_recursion_only_the_top_folder(cli, tree):
+    result = cli("batch", tree, "-n", "4")
+    assert {r["source"] for r in records(result.stdout)} == {str(tree / "a.png"), str(tree / "zero.png")}
+
+
+def test_stdin_list_and_ext_filter(cli, tree):
+    listing = f"{tree / 'a.png'}\n{tree / 'sub' / 'b with space é.png'}\n\n"
+    result = cli("batch", "-", "-n", "4", input=listing)
+    assert result.exit_code == 0, result.stderr
+    assert [r["source"] for r in records(result.stdout)] == [str(tree / "a.png"), str(tree / "sub" / "b with space é.png")]
+    only_jpg = cli("batch", tree, "-r", "--ext", "jpg", "-n", "4")
+    assert [r["source"] for r in records(only_jpg.stdout)] == [str(tree / "sub" / "corrupt.jpg")]
+
+
+def test_manifest_with_prompts_and_extra_fields(cli, tree, tmp_path):
+    manifest = tmp_path / "todo.jsonl"
+    manifest.write_text(
+        json.dumps({"source": str(tree / "a.png"), "id": 7, "split": "train"}) + "\n"
+        + json.dumps({"source": str(tree / "sub" / "b with space é.png"), "prompt": "What colour dominates?", "id": 8}) + "\n")
+    result = cli("batch", "--manifest", manifest, "-n", "8")
+    assert result.exit_code == 0, result.stderr
+    first, second = records(result.stdout)
+    assert first["id"] == 7 and first["split"] == "train" and first["text"] == alone(cli, tree / "a.png")
+    assert second["id"] == 8 and second["text"] == alone(cli, tree / "sub" / "b with space é.png", "-p", "What colour dominates?")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "x.png"}\n{"id": 3}\n')
+    refused = cli("batch", "--manifest", bad)
+    assert refused.exit_code == 3 and "bad.jsonl line 2" in refused.stderr
+
+
+def test_sidecars_are_written_kept_and_overwritten(cli, tree):
+    result = cli("batch", tree, "-r", "-n", "8", "--sidecar", "--prefix", "photo of ", "--suffix", "\n")
+    assert result.exit_code == 5 and result.stdout == ""
+    sidecar = tree / "a.txt"
+    assert sidecar.read_text() == "photo of " + alone(cli, tree / "a.png") + "\n"
+    assert not (tree / "zero.txt").exists() and not list(tree.rglob(".*qwen2vl-tmp"))
+    sidecar.write_text("hand-written caption")
+    cli("batch", tree / "a.png", "-n", "8", "--sidecar")
+    assert sidecar.read_text() == "hand-written caption"  # kept
+    cli("batch", tree / "a.png", "-n", "8", "--sidecar", "--overwrite", "--sidecar-ext", "txt")
+    assert sidecar.read_text() == alone(cli, tree / "a.png")
+
+
+def test_output_file_resumes_without_duplicates(cli, tree, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    first = cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)
+    assert first.exit_code == 5
+    with open(out, "a") as handle:  # a run killed mid-write leaves a torn record
+        handle.write('{"source": "/half/written.png", "te')
+    second = cli("batch", tree, "-r", "-n", "4", "-o", out)
+    assert "repaired a torn last record" in second.stderr
+    assert "2 skipped (already done)" in second.stderr
+    lines = out.read_text().splitlines()
+    sources = [json.loads(line)["source"] for line in lines]  # every line is valid JSON
+    assert len(sources) == len(set(sources)) == 5
+    (tree / "zero.png").write_bytes((tree / "a.png").read_bytes())  # the user fixes the broken file
+    third = cli("batch", tree, "-r", "-n", "4", "-o", out, "--retry-errors")
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(final) == 5 and {r["source"] for r in final} == set(sources)
+    assert next(r for r in final if r["source"] == str(tree / "zero.png"))["error"] is None
+    assert third.exit_code == 5  # corrupt.jpg still fails
+    redo = cli("batch", tree / "a.png", "-n", "4", "-o", out, "--overwrite")
+    assert redo.exit_code == 0 and len(out.read_text().splitlines()) == 1
+
+
+def test_csv_output_and_resume(cli, tree, tmp_path):
+    out = tmp_path / "captions.csv"
+    cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)
+    with open(out, "a", newline="") as handle:
+        handle.write('/torn.png,"half a cap')  # torn inside a quoted field
+    cli("batch", tree, "-r", "-n", "4", "-o", out)
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["source"] for r in rows].count(str(tree / "a.png")) == 1 and len(rows) == 5
+    assert list(rows[0]) == ["source", "text", "error"]
+    newline_row = next(r for r in rows if "newline" in r["source"])
+    assert newline_row["source"] == str(tree / "sub" / "deeper" / "c\nnewline.png")
+
+
+def test_all_good_exits_0(cli, tree):
+    result = cli("batch", tree / "a.png", "-n", "4")
+    assert result.exit_code == 0 and len(records(result.stdout)) == 1
+
+
+def test_nothing_to_do_is_a_usage_error(cli):
+    result = cli("batch")
+    assert result.exit_code == 2
+
+
+def _many_images(folder, count):
+    folder.mkdir()
+    for i in range(count):
+        noise_image(56 + 28 * (i % 3), 56, 1000 + i).save(folder / f"img{i:03d}.png")
+    return sorted(folder.iterdir())
+
+
+def _start_batch(tiny_model, folder, out, *extra):
+    env = {**os.environ, "QWEN2VL_MODEL": str(tiny_model), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "batch", str(folder), "-o", str(out), "-b", "1",
+                             "-n", "40", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+
+
+def _wait_for_lines(out, count, process, limit=120):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= count:
+            return
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.05)
+    raise AssertionError("the batch made no progress")
+
+
+def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tiny_model, tmp_path):
+    paths = _many_images(tmp_path / "many", 24)
+    out = tmp_path / "out.jsonl"
+    process = _start_batch(tiny_model, tmp_path / "many", out)
+    _wait_for_lines(out, 4, process)
+    process.kill()  # SIGKILL: no cleanup at all
+    process.wait()
+    written = out.read_text()
+    complete = [json.loads(line) for line in written.splitlines() if line.endswith("}")]
+    assert 4 <= len(complete) < 24
+    resumed = _start_batch(tiny_model, tmp_path / "many", out)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr.decode()
+    final = [json.loads(line) for line in out.read_text().splitlines()]  # every line valid JSON
+    assert sorted(r["source"] for r in final) == sorted(map(str, paths))  # nothing missing, no duplicates
+    assert all(r["error"] is None and r["text"] for r in final)
+    assert f"{len(complete)} skipped (already done)".encode() in stderr
+
+
+def test_ctrl_c_finishes_cleanly_with_130(tiny_model, tmp_path):
+    _many_images(tmp_path / "many", 24)
+    out = tmp_path / "out.jsonl"
+    process = _start_batch(tiny_model, tmp_path / "many", out)
+    _wait_for_lines(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()
+    assert b"batch interrupted:" in stderr and b"Traceback" not in stderr
+    lines = out.read_text().splitlines()
+    assert all(json.loads(line)["error"] is None for line in lines)
