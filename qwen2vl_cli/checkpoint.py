@@ -125,7 +125,7 @@ def build_config(size: str = "tiny"):
 
 
 def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, seed: int = 0,
-                     dtype: str = "float32") -> Path:
+                     dtype: str = "float32", device: str = "cpu") -> Path:
     """Write a random-weight Qwen2-VL checkpoint (config, safetensors, tokenizer, processor) to `path`.
 
     `std` scales the random weights: the default 0.02 initialisation makes a tiny model answer with
@@ -141,7 +141,7 @@ def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, 
     config = build_config(size)
     config.text_config.initializer_range = std
     config.vision_config.initializer_range = std
-    with torch.device("cpu"):
+    with torch.device(device):  # a full-size model initialises in seconds on a GPU, minutes on a CPU
         model = Qwen2VLForConditionalGeneration(config).to(getattr(torch, dtype))
     if size == "tiny":
         with torch.no_grad():
@@ -151,6 +151,9 @@ def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, 
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, BOS_ID], pad_token_id=BOS_ID, do_sample=False,
     )
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(path)
 
     processor = Qwen2VLProcessor(

@@ -1,0 +1,203 @@
+"""GPU benchmark: the seed recipe (plain `generate`) beside qwen2vl's session path, same inputs.
+
+Builds a full-size random-weight Qwen2-VL (2B by default, from the real configuration; no weights are
+downloaded), writes it as a local safetensors checkpoint, and measures in one run:
+  - model load time from that checkpoint,
+  - time to first token and decode tokens/s at batch 1 (one 1230-token image),
+  - batch captioning images/s (1230-token photos, 128 new tokens each): the seed recipe batched,
+    and `qwen2vl batch`'s runner (prefetching, size-sorted batches, durable output),
+  - peak GPU memory, and token agreement between the two paths.
+Prints a table, then the JSON (also written to --json-out).
+
+    python benchmarks/gpu.py [--model-size 2b|7b] [--images 256] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NEW_TOKENS = 128
+MAX_PIXELS = 1280 * 28 * 28  # a 1280x960 photo -> 1230 image tokens
+
+
+def synchronize():
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def make_photos(folder: Path, count: int) -> list[Path]:
+    """1280x960 JPEGs with smooth random content (JPEG-sized like photos, decoded like photos)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        small = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((1280, 960), Image.BICUBIC)
+        path = folder / f"photo{i:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def seed_recipe(model, processor, paths: list[Path], batch: int) -> tuple[float, list[list[int]]]:
+    """The model card's recipe, `batch` images per generate call; returns (seconds, generated ids)."""
+    import torch
+    from qwen_vl_utils import process_vision_info
+
+    processor.tokenizer.padding_side = "left"
+    outputs = []
+    synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(paths), batch):
+        conversations = [[{"role": "user", "content": [
+            {"type": "image", "image": f"file://{p}", "max_pixels": MAX_PIXELS},
+            {"type": "text", "text": "Describe this image."}]}] for p in paths[i:i + batch]]
+        texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        images, _ = process_vision_info(conversations)
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to("cuda")
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        outputs += ids[:, inputs.input_ids.shape[1]:].tolist()
+    synchronize()
+    return time.perf_counter() - start, outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-size", choices=["2b", "7b"], default="2b")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed-images", type=int, default=64, help="images for the (slow) seed recipe")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from qwen2vl_cli.batch.inputs import BatchItem
+    from qwen2vl_cli.batch.runner import BatchConfig, BatchSummary, Results, run_batch
+    from qwen2vl_cli.checkpoint import build_checkpoint
+    from qwen2vl_cli.session import ChatRequest, Completion, GenerationOptions, Media, ModelSpec, ModelSession
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions, resolve_image
+
+    work = Path(tempfile.mkdtemp(prefix="qwen2vl-bench-"))
+    report: dict = {
+        "gpu": torch.cuda.get_device_name(0), "driver": _driver(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "model": f"Qwen2-VL-{args.model_size.upper()} (random weights, real shapes), bf16, sdpa",
+        "new_tokens": NEW_TOKENS, "image_tokens": 1230,
+    }
+    start = time.perf_counter()
+    checkpoint = build_checkpoint(work / "ckpt", args.model_size, std=0.02, dtype="bfloat16", device="cuda")
+    report["checkpoint_build_s"] = round(time.perf_counter() - start, 1)
+    paths = make_photos(work / "photos", args.images)
+
+    # ---- qwen2vl's session path ---------------------------------------------------------------
+    torch.cuda.empty_cache()
+    session = ModelSession(ModelSpec(model=str(checkpoint), device="cuda", dtype="bfloat16", attn="sdpa"))
+    start = time.perf_counter()
+    session.load()
+    synchronize()
+    report["load_s"] = round(time.perf_counter() - start, 2)
+    session.model.generation_config.min_new_tokens = NEW_TOKENS  # equal work: every answer 128 tokens
+    options = GenerationOptions(max_new_tokens=NEW_TOKENS)
+    image = resolve_image(str(paths[0]), ImageOptions(max_pixels=MAX_PIXELS))
+    request = ChatRequest("Describe this image.", [Media("image", str(paths[0]), image)], generation=options)
+    start = time.perf_counter()
+    list(session.stream(request))  # warm-up: kernels, allocator
+    report["warmup_s"] = round(time.perf_counter() - start, 2)
+    torch.cuda.reset_peak_memory_stats()
+    stream_runs = []
+    for _ in range(3):
+        events = list(session.stream(request))
+        done: Completion = events[-1]
+        stream_runs.append(done)
+    best = min(stream_runs, key=lambda c: c.total_s)
+    report["ttft_ms_batch1"] = round(best.first_token_s * 1000, 1)
+    report["decode_tokens_per_s_batch1"] = round((best.completion_tokens - 1) / (best.total_s - best.first_token_s), 1)
+    report["peak_gib_batch1"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    torch.cuda.reset_peak_memory_stats()
+    items = [BatchItem(str(p)) for p in paths]
+    config = BatchConfig(prompt="Describe this image.", system=None, images=ImageOptions(max_pixels=MAX_PIXELS),
+                         limits=FetchLimits(), generation=options, batch_size=args.batch_size, workers=8)
+    texts: dict[str, str] = {}
+
+    class Collect:
+        done: set = set()
+
+        def write(self, record):
+            texts[record["source"]] = record["text"]
+
+    summary = run_batch(items, session, config, Results([Collect()], BatchSummary(), lambda n: None))
+    report["session_batch_images_per_s"] = round(summary.images_per_second, 2)
+    report["session_batch_failed"] = summary.failed
+    report["session_batch_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    session_ids = {
+        str(p): session.processor.tokenizer(texts[str(p)], add_special_tokens=False).input_ids
+        for p in paths[: args.seed_images] if texts.get(str(p)) is not None}
+
+    # ---- the seed recipe ------------------------------------------------------------------------
+    model, processor = session.model, session.processor
+    seed_paths = paths[: args.seed_images]
+    seconds, _ = seed_recipe(model, processor, seed_paths[:8], 1)
+    report["seed_per_image_images_per_s"] = round(8 / seconds, 2)
+    torch.cuda.reset_peak_memory_stats()
+    seconds, seed_ids = seed_recipe(model, processor, seed_paths, args.batch_size)
+    report["seed_batched_images_per_s"] = round(len(seed_paths) / seconds, 2)
+    report["seed_batched_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    agree = total = 0
+    for path, ids in zip(seed_paths, seed_ids):
+        ours = session_ids.get(str(path), [])
+        seed_text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+        seed_tokens = processor.tokenizer(seed_text, add_special_tokens=False).input_ids
+        total += max(len(seed_tokens), 1)
+        agree += sum(a == b for a, b in zip(ours, seed_tokens))
+    report["token_agreement_session_vs_seed"] = round(agree / max(total, 1), 4)
+
+    rows = [
+        ("model load (local safetensors)", f"{report['load_s']} s"),
+        ("warm-up (first request)", f"{report['warmup_s']} s"),
+        ("time to first token, 1230-token image", f"{report['ttft_ms_batch1']} ms"),
+        ("decode, batch 1", f"{report['decode_tokens_per_s_batch1']} tokens/s"),
+        ("seed recipe, one image per generate", f"{report['seed_per_image_images_per_s']} images/s"),
+        (f"seed recipe, batch {args.batch_size}", f"{report['seed_batched_images_per_s']} images/s, "
+                                                   f"{report['seed_batched_peak_gib']} GiB peak"),
+        (f"qwen2vl batch, batch {args.batch_size}", f"{report['session_batch_images_per_s']} images/s, "
+                                                    f"{report['session_batch_peak_gib']} GiB peak"),
+        ("token agreement, qwen2vl vs seed", f"{report['token_agreement_session_vs_seed']:.2%}"),
+    ]
+    print(f"\n{report['gpu']}, driver {report['driver']}, torch {report['torch']}, "
+          f"transformers {report['transformers']}; {report['model']}")
+    print("| measure | value |\n| --- | --- |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    print(json.dumps(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _driver() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
