@@ -26,6 +26,7 @@ EXIT_STATUS_MEANINGS = {
     ExitStatus.INPUT: "an input could not be read or decoded (missing, empty, corrupt, unreachable, too large)",
     ExitStatus.MODEL: "the model could not be loaded (no such directory, not cached while offline, no GPU)",
     ExitStatus.PARTIAL: "batch: the run finished but some items failed (each has a record with its error)",
+    ExitStatus.SERVER: "a server (--server, or a running session) could not be reached or failed to answer",
     ExitStatus.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

@@ -65,20 +65,30 @@ class Media:
     data: Any
     metadata: Any = None  # video: the sampling metadata the processor needs
     facts: dict = field(default_factory=dict)  # what the model sees: sizes, frames, tokens
+    notes: list[str] = field(default_factory=list)  # what was reduced to fit, for stderr
 
 
 @dataclass
 class ChatRequest:
-    """One conversation turn: media and a prompt, optionally a system message."""
+    """One conversation turn: media and a prompt, optionally a system message.
+
+    `conversation` holds a whole multi-turn chat instead (the server's requests), with the media
+    objects in place; `media` then lists them in order. `vision_kwargs` are the resolution and
+    sampling settings a remote server applies (mm_processor_kwargs), when media are sent raw.
+    """
 
     prompt: str
     media: list[Media] = field(default_factory=list)
     system: str | None = None
     vision_ids: bool = False
     generation: GenerationOptions = field(default_factory=GenerationOptions)
+    conversation: list[dict] | None = None
+    vision_kwargs: dict = field(default_factory=dict)
 
     def messages(self) -> list[dict]:
         """The conversation in the form qwen-vl-utils and the chat template take."""
+        if self.conversation is not None:
+            return self.conversation
         content: list[dict] = [{"type": m.kind, m.kind: m.data} for m in self.media]
         content.append({"type": "text", "text": self.prompt})
         messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -165,6 +175,37 @@ class ModelSession:
         self.device = device
         self.load_s = time.perf_counter() - start
         return self
+
+    def unload(self) -> None:
+        """Free the model's memory (the server's --keep-alive); the next request loads it again."""
+        if self.model is None:
+            return
+        self.model = None
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- media ---------------------------------------------------------------------------------
+    def image_media(self, source: str, options, limits) -> Media:
+        """An image source, decoded and sized for this model (sources.resolve_image)."""
+        from .sources import display_name, resolve_image
+
+        image = resolve_image(source, options, limits)
+        width, height = image.size
+        return Media("image", display_name(source), image,
+                     facts={"width": width, "height": height, "tokens": width * height // (28 * 28)})
+
+    def video_media(self, source: str, options, limits) -> Media:
+        """A video, frame directory or glob, sampled and sized (video.resolve_video)."""
+        from .video import resolve_video
+
+        video = resolve_video(source, options, limits)
+        return Media("video", video.source, video.frames, metadata=video.metadata, facts=video.facts,
+                     notes=video.notes)
 
     # ---- prompts and tensors -------------------------------------------------------------------
     def prompt_text(self, request: ChatRequest) -> str:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .sources import FetchLimits, decode_image, display_name, download, file_url_to_path, read_local
+from .sources import (FetchLimits, decode_data_uri, decode_image, display_name, download, file_url_to_path,
+                      read_local)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -56,6 +57,14 @@ class VideoOptions:
             raise UsageError("--resized-height/--resized-width", "give both or neither")
         if self.backend not in BACKENDS:
             raise UsageError("--video-backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
+
+    def as_vision_kwargs(self) -> dict:
+        """These options as mm_processor_kwargs, for a remote server."""
+        pairs = (("fps", self.fps), ("nframes", self.nframes), ("min_frames", self.min_frames),
+                 ("max_frames", self.max_frames), ("video_start", self.start), ("video_end", self.end),
+                 ("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels), ("total_pixels", self.total_pixels),
+                 ("resized_height", self.resized_height), ("resized_width", self.resized_width))
+        return {key: value for key, value in pairs if value is not None}
 
     def sampling_ele(self) -> dict:
         """The keys qwen-vl-utils' smart_nframes and calculate_video_frame_range read."""
@@ -125,9 +134,11 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
         return _frames_from_images(source, options)
     name = display_name(source)
     scheme = urllib.parse.urlsplit(source).scheme.lower()
-    if scheme in ("http", "https"):
-        with tempfile.NamedTemporaryFile(suffix=Path(urllib.parse.urlsplit(source).path).suffix) as handle:
-            handle.write(download(source, limits))
+    if scheme in ("http", "https", "data"):  # decoders want a file: spool the bytes to one
+        data = decode_data_uri(source) if scheme == "data" else download(source, limits)
+        suffix = "" if scheme == "data" else Path(urllib.parse.urlsplit(source).path).suffix
+        with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
+            handle.write(data)
             handle.flush()
             return _frames_from_file(handle.name, name, options)
     path = file_url_to_path(source) if scheme == "file" else Path(os.path.expanduser(source))

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import InputError, describe_exception
-from ..session import ChatRequest, Completion, GenerationOptions, Media, ModelSession
-from ..sources import FetchLimits, ImageOptions, display_name, resolve_image
+from ..session import ChatRequest, Completion, GenerationOptions, ModelSession
+from ..sources import FetchLimits, ImageOptions
 from .inputs import BatchItem
 
 WINDOW_BATCHES = 4  # items are sorted by size within windows of this many batches
@@ -75,6 +75,8 @@ class Results:
 
 def auto_batch_size(session: ModelSession, config: BatchConfig) -> int:
     """From free GPU memory and the worst-case item (max pixels + max new tokens); 4 on the CPU."""
+    if session.device == "remote":  # keep --concurrency requests in flight, and the next ones ready
+        return session.concurrency * 2
     if not (session.device or "").startswith("cuda"):
         return CPU_BATCH_SIZE
     import torch
@@ -164,10 +166,10 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _decode(item: BatchItem, config: BatchConfig):
-    """(item, image, None) or (item, None, reason)."""
+def _decode(item: BatchItem, session, config: BatchConfig):
+    """(item, Media, None) or (item, None, reason)."""
     try:
-        return item, resolve_image(item.source, config.images, config.limits), None
+        return item, session.image_media(item.source, config.images, config.limits), None
     except InputError as exc:
         return item, None, exc.reason
     except Exception as exc:  # noqa: BLE001 - a bad file must not stop the run
@@ -192,16 +194,17 @@ def _produce(todo: list[BatchItem], session: ModelSession, config: BatchConfig, 
             for window in _chunks(todo, batch_size * WINDOW_BATCHES):
                 if stop.is_set():
                     return
-                decoded = list(pool.map(lambda item: _decode(item, config), window))
+                decoded = list(pool.map(lambda item: _decode(item, session, config), window))
                 failed = [(item, reason) for item, image, reason in decoded if reason]
                 if failed and not hand_over(("failed", failed)):
                     return
-                good = sorted(((item, image) for item, image, reason in decoded if not reason),
-                              key=lambda pair: (pair[1].size[0] * pair[1].size[1], pair[1].size))
+                good = sorted(((item, media) for item, media, reason in decoded if not reason),
+                              key=lambda pair: (pair[1].facts["width"] * pair[1].facts["height"],
+                                                pair[1].facts["width"]))
                 for group in _chunks(good, batch_size):
-                    requests = [ChatRequest(prompt=item.prompt or config.prompt, system=config.system,
-                                            media=[Media("image", display_name(item.source), image)],
-                                            generation=config.generation) for item, image in group]
+                    requests = [ChatRequest(prompt=item.prompt or config.prompt, system=config.system, media=[media],
+                                            generation=config.generation,
+                                            vision_kwargs=config.images.as_vision_kwargs()) for item, media in group]
                     prepared = session.prepare(requests)
                     if not hand_over(("batch", ([item for item, _ in group], requests, prepared))):
                         return

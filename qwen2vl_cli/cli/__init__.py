@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
 from .. import __version__
 from ..errors import ExitStatus, debug_enabled, describe_exception
 from ..render import error
-from . import batch, chat
+from . import batch, chat, serve
 
 
 class Qwen2VLGroup(TyperGroup):
@@ -60,7 +60,8 @@ def root(
     """Qwen2-VL in the shell: describe images, ask about them, caption folders.
 
     Exit codes: 0 success, 1 other error, 2 usage error, 3 an input could not be read or decoded,
-    4 the model could not be loaded, 5 a batch finished with failed items, 130 interrupted.
+    4 the model could not be loaded, 5 a batch finished with failed items, 6 a server failed to
+    answer, 130 interrupted.
     """
 
 
@@ -68,6 +69,9 @@ app.command("describe")(chat.describe)
 app.command("ask")(chat.ask)
 app.command("video")(chat.video)
 app.command("batch")(batch.batch)
+app.command("serve")(serve.serve)
+app.command("ps")(serve.ps)
+app.command("stop")(serve.stop)
 
 
 def main() -> None:

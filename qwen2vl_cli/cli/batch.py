@@ -9,10 +9,9 @@ import typer
 
 from ..errors import ExitStatus, UsageError
 from ..render import Environment
-from ..session import get_session
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, MaxNewTokensOpt, MaxPixelsOpt,
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, NoServerOpt, ServerOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, MaxNewTokensOpt, MaxPixelsOpt,
                       MinPixelsOpt, ModelOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt,
                       SeedOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt)
 
@@ -54,6 +53,10 @@ def batch(
     quiet: QuietOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
+    server: ServerOpt = None,
+    no_server: NoServerOpt = False,
+    api_key: ApiKeyOpt = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, rich_help_panel="Session", help="Requests kept in flight to a server (retried with backoff on transient failures).")] = 4,
 ) -> None:
     """Caption many images: JSON Lines on stdout, or a .jsonl/.csv file, or sidecar .txt files.
 
@@ -81,7 +84,7 @@ def batch(
         prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
         images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    session = get_session(common.model_spec(model, device, dtype, attn))
+    session = common.backend(common.model_spec(model, device, dtype, attn), server, no_server, api_key, concurrency)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: finish writing, then exit 130
     try:
         with BatchProgress(env, len(items)) as progress:

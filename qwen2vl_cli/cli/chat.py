@@ -10,7 +10,7 @@ from ..render import Environment, OutputOptions
 from ..session import ChatRequest
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, NoServerOpt, ServerOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
                       MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt,
                       NFramesOpt, NoStreamOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt,
                       SeedOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, TotalPixelsOpt,
@@ -48,6 +48,9 @@ def describe(
     quiet: QuietOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
+    server: ServerOpt = None,
+    no_server: NoServerOpt = False,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Describe one or more images.
 
@@ -55,12 +58,13 @@ def describe(
     """
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
+    spec = common.model_spec(model, device, dtype, attn)
+    session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
-        prompt=prompt, media=common.resolve_images(sources, images, FetchLimits(timeout, max_download)),
-        system=system, vision_ids=vision_ids,
+        prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download)),
+        system=system, vision_ids=vision_ids, vision_kwargs=images.as_vision_kwargs(),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    common.answer(request, common.model_spec(model, device, dtype, attn), env,
-                  OutputOptions(json=json_output, stream=not no_stream))
+    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
 
 
 def ask(
@@ -97,6 +101,9 @@ def ask(
     verbose: VerboseOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
+    server: ServerOpt = None,
+    no_server: NoServerOpt = False,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Ask a question about images and videos, or chat with no media at all.
 
@@ -109,13 +116,16 @@ def ask(
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
-    media = common.resolve_images(sources or [], images, limits)
-    media += common.resolve_videos(videos or [], video_options, limits, env, verbose)
+    spec = common.model_spec(model, device, dtype, attn)
+    session = common.backend(spec, server, no_server, api_key)
+    media = common.resolve_images(session, sources or [], images, limits)
+    media += common.resolve_videos(session, videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
         prompt=question, media=media, system=system, vision_ids=vision_ids,
+        vision_kwargs={**video_options.as_vision_kwargs(), **images.as_vision_kwargs()} if videos
+        else images.as_vision_kwargs(),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    common.answer(request, common.model_spec(model, device, dtype, attn), env,
-                  OutputOptions(json=json_output, stream=not no_stream))
+    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
 
 
 def video(
@@ -150,6 +160,9 @@ def video(
     verbose: VerboseOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["video_max_download"],
+    server: ServerOpt = None,
+    no_server: NoServerOpt = False,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Describe a video or answer a question about it.
 
@@ -160,9 +173,10 @@ def video(
     env = Environment.from_system(quiet=quiet)
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
+    spec = common.model_spec(model, device, dtype, attn)
+    session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
-        prompt=question, media=common.resolve_videos([source], options, FetchLimits(timeout, max_download), env, verbose),
-        system=system,
+        prompt=question, system=system, vision_kwargs=options.as_vision_kwargs(),
+        media=common.resolve_videos(session, [source], options, FetchLimits(timeout, max_download), env, verbose),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    common.answer(request, common.model_spec(model, device, dtype, attn), env,
-                  OutputOptions(json=json_output, stream=not no_stream))
+    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))

@@ -1,16 +1,42 @@
-"""What every answering command does after parsing: resolve inputs, get the session, stream, render."""
+"""What every answering command does after parsing: pick the backend (a running session or the model
+in-process), resolve inputs through it, stream, render."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from ..errors import UsageError
 from ..render import Environment, OutputOptions, render_answer
 from ..session import ChatRequest, GenerationOptions, Media, ModelSpec, default_model, get_session
-from ..sources import FetchLimits, ImageOptions, display_name, resolve_image
+from ..sources import FetchLimits, ImageOptions
 from ..video import VideoOptions, describe_facts
 
 
 def model_spec(model: str | None, device: str, dtype: str, attn: str) -> ModelSpec:
-    return ModelSpec(model=model or default_model(), device=device, dtype=dtype, attn=attn)
+    """A local checkpoint directory is named by its absolute path, so sessions are found by it."""
+    name = model or default_model()
+    if Path(os.path.expanduser(name)).is_dir():
+        name = str(Path(os.path.expanduser(name)).resolve())
+    return ModelSpec(model=name, device=device, dtype=dtype, attn=attn)
+
+
+def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4):
+    """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else in-process."""
+    if server and no_server:
+        raise UsageError("--server/--no-server", "give one or the other")
+    if not no_server:
+        from ..client import RemoteSession
+
+        url = server or os.environ.get("QWEN2VL_SERVER")
+        if url:
+            return RemoteSession(url, spec.model, api_key, concurrency)
+        from ..server.registry import find_server
+
+        found = find_server(spec.model, api_key)
+        if found:
+            return RemoteSession(found["url"], spec.model, api_key, concurrency)
+    return get_session(spec)
 
 
 def image_options(min_pixels: int | None, max_pixels: int | None, resized_height: int | None,
@@ -28,38 +54,29 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
     return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
-def resolve_images(sources: list[str], options: ImageOptions, limits: FetchLimits) -> list[Media]:
+def resolve_images(session, sources: list[str], options: ImageOptions, limits: FetchLimits) -> list[Media]:
     """Every image source -> Media, in order; the first bad one raises InputError."""
     if sources.count("-") > 1:
         raise UsageError("-", "stdin can be read only once")
-    media = []
-    for source in sources:
-        image = resolve_image(source, options, limits)
-        width, height = image.size
-        media.append(Media("image", display_name(source), image,
-                           facts={"width": width, "height": height, "tokens": width * height // (28 * 28)}))
-    return media
+    return [session.image_media(source, options, limits) for source in sources]
 
 
-def resolve_videos(sources: list[str], options: VideoOptions, limits: FetchLimits, env: Environment,
+def resolve_videos(session, sources: list[str], options: VideoOptions, limits: FetchLimits, env: Environment,
                    verbose: bool) -> list[Media]:
     """Every video source -> Media; reductions are noted on stderr, --verbose says what the model sees."""
-    from ..video import resolve_video
-
     media = []
     for source in sources:
-        video = resolve_video(source, options, limits)
-        for note in video.notes:
+        item = session.video_media(source, options, limits)
+        for note in item.notes:
             env.note(note)
-        if verbose:
-            env.note(describe_facts(video.facts))
-        media.append(Media("video", video.source, video.frames, metadata=video.metadata, facts=video.facts))
+        if verbose and item.facts:
+            env.note(describe_facts(item.facts))
+        media.append(item)
     return media
 
 
-def answer(request: ChatRequest, spec: ModelSpec, env: Environment, output: OutputOptions) -> None:
-    """Load the model (once per process), stream the answer and render it."""
-    session = get_session(spec)
+def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, output: OutputOptions) -> None:
+    """Load the model (once per process; nothing to load with a server), stream the answer, render it."""
     if session.model is None:
         with env.status(f"Loading {spec.model} ..."):
             session.load()
@@ -69,7 +86,7 @@ def answer(request: ChatRequest, spec: ModelSpec, env: Environment, output: Outp
         "model": spec.model,
         "timings": {"load_s": round(session.load_s, 4)},
     }
-    videos = [m.facts for m in request.media if m.kind == "video"]
+    videos = [m.facts for m in request.media if m.kind == "video" and m.facts]
     if videos:
         record["videos"] = videos
     render_answer(session.stream(request), env, output, record)

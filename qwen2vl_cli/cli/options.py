@@ -139,6 +139,18 @@ NoStreamOpt = Annotated[bool, typer.Option(
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", rich_help_panel=OUTPUT_PANEL, help="No spinner or notes on stderr; errors still show.")]
 
+# ---- session -------------------------------------------------------------------------------------
+SERVER_PANEL = "Session"
+ServerOpt = Annotated[str | None, typer.Option(
+    "--server", metavar="URL", envvar="QWEN2VL_SERVER", rich_help_panel=SERVER_PANEL, show_envvar=True,
+    help="Send the work to this OpenAI-compatible server (qwen2vl serve, vLLM, SGLang).")]
+NoServerOpt = Annotated[bool, typer.Option(
+    "--no-server", rich_help_panel=SERVER_PANEL,
+    help="Load the model in this process even when a qwen2vl session is running.")]
+ApiKeyOpt = Annotated[str | None, typer.Option(
+    "--api-key", metavar="KEY", envvar="QWEN2VL_API_KEY", rich_help_panel=SERVER_PANEL, show_envvar=True,
+    help="Bearer token for the server.")]
+
 # ---- fetching ------------------------------------------------------------------------------------
 TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, metavar="SECONDS", rich_help_panel=FETCH_PANEL,

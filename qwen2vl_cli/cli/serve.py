@@ -1,0 +1,143 @@
+"""`serve`, `ps` and `stop`: a cached model session that every other command finds and uses."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ServerError, UsageError
+from ..render import Environment
+from ..sources import FetchLimits
+from . import common
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuietOpt,
+                      TimeoutOpt, parse_bytes)
+
+READY_TIMEOUT_S = 900
+
+
+def parse_duration(text: str) -> float | None:
+    """'10m', '90s', '1h', '0' (unload at once); 'never' or -1: keep the model loaded."""
+    text = text.strip().lower()
+    if text in ("never", "forever", "-1", "inf"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration (e.g. 30s, 10m, 1h, never)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = 8901,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", metavar="DURATION", help="Unload the model after this long idle (30s, 10m, 1h, never); the next request reloads it.")] = "10m",
+    background: Annotated[bool, typer.Option("--background", "-d", help="Start detached; return once it is ready.")] = False,
+    status: Annotated[bool, typer.Option("--status", help="Show the running sessions (as qwen2vl ps) and exit.")] = False,
+    api_key: ApiKeyOpt = None,
+    allowed_local_media_path: Annotated[Path | None, typer.Option("--allowed-local-media-path", metavar="DIR", help="Let requests name local files, only below DIR.")] = None,
+    max_body_size: Annotated[int, typer.Option("--max-body-size", parser=parse_bytes, metavar="SIZE", help="Largest request body (413 above it).")] = "100MB",
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", metavar="NAME", help="Model name clients use (default: --model).")] = None,
+    device: DeviceOpt = DEFAULTS["device"],
+    dtype: DtypeOpt = DEFAULTS["dtype"],
+    attn: AttnOpt = DEFAULTS["attn"],
+    timeout: TimeoutOpt = DEFAULTS["timeout"],
+    max_download: MaxDownloadOpt = DEFAULTS["max_download"],
+    quiet: QuietOpt = False,
+) -> None:
+    """Keep the model loaded and serve an OpenAI-compatible API; other commands use it automatically.
+
+    Example: qwen2vl serve --background && qwen2vl describe photo.jpg
+    """
+    from ..server.app import ServerConfig, run_server
+
+    env = Environment.from_system(quiet=quiet)
+    if status:
+        return ps(api_key=api_key)
+    if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
+        raise UsageError("--allowed-local-media-path", f"{allowed_local_media_path} is not a directory")
+    config = ServerConfig(
+        spec=common.model_spec(model, device, dtype, attn), host=host, port=port, api_key=api_key,
+        keep_alive_s=parse_duration(keep_alive), max_body=max_body_size,
+        allowed_local=allowed_local_media_path.resolve() if allowed_local_media_path else None,
+        limits=FetchLimits(timeout, max_download), served_name=served_model_name)
+    if background:
+        return _start_background(config, env)
+
+    def ready(url, session):
+        env.note(f"serving {config.model_name} on {url} ({session.device}); Ctrl-C stops it")
+
+    run_server(config, on_ready=ready, loading=env.status(f"Loading {config.spec.model} ..."))
+
+
+def _start_background(config, env: Environment) -> None:
+    """Re-run this command detached, wait until it answers /health, print its URL."""
+    from ..server.registry import health, state_dir
+
+    argv = [a for a in sys.argv[1:] if a not in ("--background", "-d")]
+    if "serve" not in argv:
+        argv = ["serve", *argv]
+    log_dir = state_dir()
+    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = log_dir / f"serve-{int(time.time())}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", *argv, "--quiet"], stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=log, start_new_session=True)
+    state_file = log_dir / f"{process.pid}.json"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with env.status(f"Starting a session for {config.model_name} ..."):
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise ServerError("serve --background", f"the server exited ({tail[0]}); log: {log_path}")
+            if state_file.exists():
+                import json
+
+                url = json.loads(state_file.read_text())["url"]
+                if health(url, config.api_key):
+                    print(url, flush=True)
+                    env.note(f"session {process.pid} serves {config.model_name}; `qwen2vl stop` ends it")
+                    return
+            time.sleep(0.2)
+    raise ServerError("serve --background", f"not ready after {READY_TIMEOUT_S}s; log: {log_path}")
+
+
+def ps(api_key: ApiKeyOpt = None) -> None:
+    """Show running sessions: pid, URL, model, device, loaded, idle time."""
+    from ..server.registry import list_servers
+
+    servers = list_servers(api_key)
+    if not servers:
+        print("no qwen2vl session is running", file=sys.stderr)
+        return
+    print(f"{'PID':>8}  {'URL':<24}  {'DEVICE':<7}  {'LOADED':<6}  {'IDLE':>8}  MODEL")
+    for info in servers:
+        facts = info.get("health") or {}
+        loaded = "yes" if facts.get("loaded") else ("no" if facts else "?")
+        idle = f"{facts['idle_s']:.0f}s" if "idle_s" in facts else "?"
+        print(f"{info['pid']:>8}  {info['url']:<24}  {str(facts.get('device', info.get('device'))):<7}  "
+              f"{loaded:<6}  {idle:>8}  {info['model']}")
+
+
+def stop(
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="ID|DIR", help="Stop only the sessions serving this model.")] = None,
+) -> None:
+    """Stop the running sessions (all of them, or those serving --model)."""
+    from ..server.registry import list_servers, stop_server
+
+    wanted = common.model_spec(model, "auto", "auto", "auto").model if model else None
+    servers = [s for s in list_servers() if wanted is None or s["model"] == wanted]
+    if not servers:
+        print("no qwen2vl session is running" + (f" for {model}" if model else ""), file=sys.stderr)
+        return
+    for info in servers:
+        if not stop_server(info):
+            raise ServerError(str(info["pid"]), "did not stop within 30s")
+        print(f"stopped {info['pid']} ({info['model']})", file=sys.stderr)
+

@@ -1,0 +1,103 @@
+"""Running sessions, found through state files in the user's runtime directory and checked with /health.
+
+Light on purpose: commands in client mode use this without importing torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+HEALTH_TIMEOUT_S = 1.0
+
+
+def state_dir() -> Path:
+    """$QWEN2VL_STATE_DIR, else $XDG_RUNTIME_DIR/qwen2vl, else ~/.cache/qwen2vl/run."""
+    if os.environ.get("QWEN2VL_STATE_DIR"):
+        return Path(os.environ["QWEN2VL_STATE_DIR"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "qwen2vl"
+    return Path.home() / ".cache" / "qwen2vl" / "run"
+
+
+def write_state(info: dict) -> Path:
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{info['pid']}.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(info))
+    os.replace(temporary, path)
+    return path
+
+
+def remove_state(pid: int) -> None:
+    try:
+        (state_dir() / f"{pid}.json").unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
+    """The server's /health answer, or None when it does not answer as a qwen2vl server."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout, headers=headers)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def list_servers(api_key: str | None = None) -> list[dict]:
+    """Every recorded server that is still alive, with its live /health facts; stale records are removed."""
+    servers = []
+    folder = state_dir()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(int(info.get("pid", 0))):
+            path.unlink(missing_ok=True)
+            continue
+        info["health"] = health(info["url"], api_key)
+        servers.append(info)
+    return servers
+
+
+def find_server(model: str, api_key: str | None = None) -> dict | None:
+    """A healthy local session that serves `model`."""
+    for info in list_servers(api_key):
+        if info["health"] and info["health"].get("model") == model:
+            return info
+    return None
+
+
+def stop_server(info: dict, timeout: float = 30.0) -> bool:
+    """SIGTERM, wait for the process to end; True when it did."""
+    pid = int(info["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        remove_state(pid)
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            remove_state(pid)
+            return True
+        time.sleep(0.1)
+    return False
