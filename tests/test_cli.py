@@ -19,6 +19,7 @@ HEAVY = ("torch", "transformers", "qwen_vl_utils", "PIL", "numpy")
 
 
 @pytest.mark.parametrize("argv", [[], ["--help"], ["describe", "--help"], ["ask", "--help"], ["video", "--help"],
+                                  ["batch", "--help"], ["serve", "--help"], ["ps", "--help"], ["stop", "--help"],
                                   ["--version"]])
 def test_help_does_not_import_heavy_modules(argv):
     code = (

@@ -105,6 +105,7 @@ def create_app(config: ServerConfig, worker: GenerationWorker):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=config.max_body)
     policy = MediaPolicy(config.limits, config.allowed_local)
     started = time.time()
 

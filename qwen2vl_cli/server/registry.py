@@ -40,13 +40,18 @@ def remove_state(pid: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and has not exited (an exited child not yet reaped is a zombie: gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:

@@ -1,0 +1,247 @@
+"""`qwen2vl serve` driven by the official `openai` client; commands find and use the session."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from .conftest import ROOT, run_process
+
+openai = pytest.importorskip("openai")
+
+
+def start_server(tiny_model, state_dir, *extra, wait=True):
+    env = {**os.environ, "QWEN2VL_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "-m", str(tiny_model), "--port", "0",
+                                *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    if not wait:
+        return process, None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        states = list(state_dir.glob(f"{process.pid}.json"))
+        if states:
+            url = json.loads(states[0].read_text())["url"]
+            try:
+                if httpx.get(url + "/health", timeout=1, headers=_auth(extra)).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not start")
+
+
+def _auth(extra) -> dict:
+    extra = list(map(str, extra))
+    return {"Authorization": f"Bearer {extra[extra.index('--api-key') + 1]}"} if "--api-key" in extra else {}
+
+
+def stop(process):
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    process, url = start_server(tiny_model, state, "--keep-alive", "never", "--max-body-size", "2MB")
+    yield {"url": url, "state": state, "process": process}
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def client(server, tiny_model):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def image_message(path, text):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(path)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def in_process(cli, *args) -> str:
+    result = cli(*args, "--no-server")
+    assert result.exit_code == 0, result.stderr
+    return result.stdout[:-1]
+
+
+def test_plain_and_streamed_completions_equal_in_process(client, cli, images, tiny_model):
+    expected = in_process(cli, "describe", images["a"], "-n", "12")
+    reply = client.chat.completions.create(model=str(tiny_model), messages=image_message(images["a"], "Describe this image."),
+                                           max_tokens=12)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens > 20
+    chunks = list(client.chat.completions.create(
+        model=str(tiny_model), messages=image_message(images["a"], "Describe this image."), max_tokens=12,
+        stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 12
+    models = client.models.list()
+    assert [m.id for m in models.data] == [str(tiny_model)]
+
+
+def test_concurrent_requests_all_answered_correctly(client, cli, images, tiny_model):
+    jobs = [(images[name], prompt) for name in ("a", "b", "c") for prompt in ("Describe this image.", "What is it?")]
+    expected = [in_process(cli, "describe", path, "-p", prompt, "-n", "10") for path, prompt in jobs]
+
+    def ask(job):
+        path, prompt = job
+        reply = client.chat.completions.create(model=str(tiny_model), messages=image_message(path, prompt), max_tokens=10)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        assert list(pool.map(ask, jobs)) == expected
+
+
+@pytest.mark.parametrize("case, status", [
+    ("bad_base64", 400), ("missing_messages", 400), ("not_json", 400), ("bad_part", 400),
+    ("too_large", 413), ("local_path", 403), ("file_url", 403), ("wrong_model", 404), ("bad_temperature", 400),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, images, tiny_model, case, status):
+    url = server["url"] + "/v1/chat/completions"
+    good = {"model": str(tiny_model), "max_tokens": 4, "messages": image_message(images["a"], "Hi")}
+    bodies = {
+        "bad_base64": {**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}]}]},
+        "missing_messages": {"model": str(tiny_model)},
+        "bad_part": {**good, "messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
+        "too_large": {**good, "padding": "x" * (3 * 1024 * 1024)},
+        "local_path": {**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(images["a"])}}]}]},
+        "file_url": {**good, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": images["a"].as_uri()}}]}]},
+        "wrong_model": {**good, "model": "gpt-4o"},
+        "bad_temperature": {**good, "temperature": "hot"},
+    }
+    if case == "not_json":
+        response = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    else:
+        response = httpx.post(url, json=bodies[case], timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    assert client.chat.completions.create(model=str(tiny_model), messages=image_message(images["a"], "Hi"),
+                                          max_tokens=2).choices[0].message.content
+
+
+def test_disconnected_stream_frees_the_worker(server, client, images, tiny_model):
+    body = {"model": str(tiny_model), "max_tokens": 5000, "stream": True, "repetition_penalty": 1.0,
+            "messages": image_message(images["a"], "Go on forever.")}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break  # got a token; hang up
+    started = time.time()
+    reply = client.chat.completions.create(model=str(tiny_model), messages=image_message(images["b"], "Hi"), max_tokens=3)
+    assert reply.choices[0].message.content and time.time() - started < 20
+
+
+def test_commands_discover_the_session_without_importing_torch(server, images, tiny_model, cli):
+    env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
+    code = ("import sys\nsys.argv = ['qwen2vl', 'describe', %r, '-n', '12', '--json']\n"
+            "from qwen2vl_cli.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules)" % str(images["a"]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**os.environ, **env})
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "TORCH False False", out.stdout + out.stderr
+    record = json.loads(lines[0])
+    assert record["timings"]["load_s"] == 0.0  # nothing was loaded here
+    assert record["text"] == in_process(cli, "describe", images["a"], "-n", "12")
+    explicit = run_process("describe", images["a"], "-n", "12", "--server", server["url"], env=env)
+    assert explicit.returncode == 0 and explicit.stdout.decode()[:-1] == record["text"]
+    forced = run_process("describe", images["a"], "-n", "12", "--no-server", "--json", env=env)
+    assert json.loads(forced.stdout)["timings"]["load_s"] > 0
+
+
+def test_errors_and_exit_codes_are_the_same_through_the_server(server, images, tmp_path, tiny_model):
+    env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(images["c"].read_bytes()[:300])
+    for extra in ([], ["--no-server"]):
+        out = run_process("describe", truncated, *extra, env=env)
+        assert out.returncode == 3 and out.stderr.decode().strip() == f"qwen2vl: error: {truncated}: truncated image"
+    gone = run_process("describe", images["a"], "--server", "http://127.0.0.1:9/", env=env)
+    assert gone.returncode == 6 and b"cannot reach the server" in gone.stderr
+
+
+def test_batch_through_the_server_equals_in_process(server, images, tmp_path, tiny_model):
+    env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
+    out_remote, out_local = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"
+    paths = [images[name] for name in ("a", "b", "c")]
+    remote = run_process("batch", *paths, "-n", "8", "-o", out_remote, "--server", server["url"], "--concurrency", "3", env=env)
+    local = run_process("batch", *paths, "-n", "8", "-o", out_local, "--no-server", env=env)
+    assert remote.returncode == local.returncode == 0, remote.stderr
+    read = lambda p: sorted(json.loads(line)["text"] for line in p.read_text().splitlines())  # noqa: E731
+    assert read(out_remote) == read(out_local)
+
+
+def test_non_loopback_bind_needs_a_key(tiny_model, tmp_path):
+    process, _ = start_server(tiny_model, tmp_path, "--host", "0.0.0.0", wait=False)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and b"needs an API key" in stderr
+
+
+def test_api_key_local_media_keep_alive_and_stop(tiny_model, tmp_path, images):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.png").write_bytes(images["a"].read_bytes())
+    os.symlink(images["b"], media / "escape.png")  # points outside the allowed folder
+    state = tmp_path / "state"
+    process, url = start_server(tiny_model, state, "--api-key", "s3cret", "--keep-alive", "1s",
+                                "--allowed-local-media-path", media)
+    try:
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(media / "a.png")}},
+                                              {"type": "text", "text": "Hi"}]}]
+        first = keyed.chat.completions.create(model=str(tiny_model), messages=local, max_tokens=6).choices[0].message.content
+        with pytest.raises(openai.PermissionDeniedError):
+            keyed.chat.completions.create(model=str(tiny_model), max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": str(media / "escape.png")}}]}])
+        with pytest.raises(openai.PermissionDeniedError):
+            keyed.chat.completions.create(model=str(tiny_model), max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"{media}/../media/../{images['b'].name}"}}]}])
+        headers = {"Authorization": "Bearer s3cret"}
+        deadline = time.time() + 30
+        while httpx.get(url + "/health", headers=headers).json()["loaded"]:
+            assert time.time() < deadline, "keep-alive never unloaded the model"
+            time.sleep(0.2)
+        again = keyed.chat.completions.create(model=str(tiny_model), messages=local, max_tokens=6).choices[0].message.content
+        assert again == first  # reloaded on demand, same answer
+        listed = run_process("ps", env={"QWEN2VL_STATE_DIR": str(state), "QWEN2VL_API_KEY": "s3cret"})
+        assert str(process.pid).encode() in listed.stdout and str(tiny_model).encode() in listed.stdout
+        stopped = run_process("stop", env={"QWEN2VL_STATE_DIR": str(state)})
+        assert stopped.returncode == 0 and process.wait(timeout=30) is not None
+        assert not list(state.glob("*.json"))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_background_start_and_stop(tiny_model, tmp_path, images):
+    env = {"QWEN2VL_STATE_DIR": str(tmp_path), "QWEN2VL_MODEL": str(tiny_model)}
+    started = run_process("serve", "--port", "0", "--background", env=env, timeout=180)
+    assert started.returncode == 0, started.stderr
+    url = started.stdout.decode().strip()
+    assert httpx.get(url + "/health", timeout=5).json()["model"] == str(tiny_model)
+    used = run_process("describe", images["a"], "-n", "4", "--json", env=env)
+    assert json.loads(used.stdout)["timings"]["load_s"] == 0.0
+    assert run_process("stop", env=env).returncode == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)
