@@ -137,6 +137,7 @@ class ModelSession:
         self.device: str | None = None
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
+        self.fast = None  # FastDecoder, built on first greedy use where enabled
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> "ModelSession":
@@ -181,6 +182,7 @@ class ModelSession:
         if self.model is None:
             return
         self.model = None
+        self.fast = None
         import gc
 
         import torch
@@ -253,10 +255,34 @@ class ModelSession:
         return {"generation_config": config}
 
     # ---- generation ----------------------------------------------------------------------------
+    def fast_path_enabled(self, options: GenerationOptions) -> bool:
+        """The static-cache decoder serves greedy decoding: by default on CUDA, QWEN2VL_FASTPATH=on|off forces it."""
+        setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
+        wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
+        return wanted and not options.sampling and options.repetition_penalty in (None, 1.0)
+
+    def _generate(self, inputs, options: GenerationOptions, streamer=None, stop: "_Stop | None" = None):
+        """Prompt + new token ids for a batch: the fast decoder where it applies, else `model.generate`."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        if self.fast_path_enabled(options):
+            from .fastpath import FastDecoder
+
+            if self.fast is None:
+                self.fast = FastDecoder(self.model)
+            eos = self.model.generation_config.eos_token_id
+            eos_ids = set(eos if isinstance(eos, list) else [eos])
+            pad = self.model.generation_config.pad_token_id
+            return self.fast.generate(inputs, options.max_new_tokens, eos_ids, min(eos_ids) if pad is None else pad,
+                                      streamer=streamer, stop=stop.event if stop else None)
+        with torch.inference_mode():
+            extra = {"stopping_criteria": StoppingCriteriaList([stop])} if stop else {}
+            return self.model.generate(**inputs, streamer=streamer, **extra, **self.generate_kwargs(options))
+
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
         """Generate one answer: TextDelta pieces as they come, then one Completion."""
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         self.load()
         start = time.perf_counter()
@@ -277,10 +303,7 @@ class ModelSession:
 
         def run():
             try:
-                with torch.inference_mode():
-                    outcome["ids"] = self.model.generate(
-                        **inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]),
-                        **self.generate_kwargs(request.generation))
+                outcome["ids"] = self._generate(inputs, request.generation, streamer, stop)
             except BaseException as exc:  # surfaced in the caller's thread below
                 outcome["error"] = exc
                 streamer.end()
@@ -305,14 +328,11 @@ class ModelSession:
 
         `prepared` is `prepare(requests)` done ahead, e.g. on a worker thread while the GPU was busy.
         """
-        import torch
-
         self.load()
         start = time.perf_counter()
         inputs = self.to_device(prepared if prepared is not None else self.prepare(requests))
         prompt_len = inputs["input_ids"].shape[1]
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, **self.generate_kwargs(requests[0].generation))
+        output = self._generate(inputs, requests[0].generation)
         total = time.perf_counter() - start
         mask = inputs["attention_mask"].tolist()
         rows = output[:, prompt_len:].tolist()

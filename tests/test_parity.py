@@ -128,3 +128,22 @@ def test_vision_ids_change_the_prompt_and_answer(cli, images):
     plain = cli("ask", images["a"], images["b"], "-q", "Compare.", "-n", "12", "--json")
     labelled = cli("ask", images["a"], images["b"], "-q", "Compare.", "-n", "12", "--json", "--vision-ids")
     assert json.loads(plain.stdout)["usage"]["prompt_tokens"] < json.loads(labelled.stdout)["usage"]["prompt_tokens"]
+
+
+def test_fast_path_answers_equal_generate(cli, images, monkeypatch):
+    """The static-cache decoder (on by default on CUDA) gives generate's greedy answers, float32 here."""
+    from qwen2vl_cli import session as session_module
+
+    plain_single = cli("describe", images["a"], "-n", "24").stdout
+    plain_batch = cli("batch", images["a"], images["b"], images["c"], "-n", "24", "-b", "3").stdout
+    monkeypatch.setattr(session_module, "_SESSIONS", {})  # a fresh session builds its fast decoder
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    fast_single = cli("describe", images["a"], "-n", "24")
+    fast_batch = cli("batch", images["a"], images["b"], images["c"], "-n", "24", "-b", "3")
+    session = next(iter(session_module._SESSIONS.values()))
+    assert session.fast is not None, "the fast path was not used"
+    assert fast_single.stdout == plain_single
+    by_source = lambda text: sorted(map(json.loads, text.splitlines()), key=lambda r: r["source"])  # noqa: E731
+    assert by_source(fast_batch.stdout) == by_source(plain_batch)
+    sampled = cli("describe", images["a"], "-n", "8", "-t", "0.7", "--seed", "3")  # sampling stays on generate
+    assert sampled.exit_code == 0
