@@ -36,6 +36,7 @@ class FastDecoder:
         self.layers = [self._fuse(layer) for layer in self.language.layers]
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.lock = threading.Lock()
+        batch_vision_attention(model)
 
     def _fuse(self, layer) -> dict:
         """One weight for q/k/v and one for gate/up; the HF modules keep views of them (no extra memory)."""
@@ -143,6 +144,40 @@ class FastDecoder:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = _Graph(self, batch, size)
         return self.graphs[key]
+
+
+def batch_vision_attention(model) -> None:
+    """Vision attention over same-sized images in one SDPA call instead of one call per image.
+
+    The stock SDPA path splits the packed patches per image (cu_seqlens) and loops; batches from
+    `qwen2vl batch` are sorted by size, so their images usually have equal lengths and can be stacked.
+    Other cases (one image, mixed sizes, flash-attention) keep the stock code.
+    """
+    import types
+
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as stock
+
+    for block in model.model.visual.blocks:
+        attention = block.attn
+        if getattr(attention, "_qwen2vl_batched", False):
+            continue
+        original = attention.forward
+
+        def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, *,
+                    _original=original, **kwargs):
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            if (len(lengths) < 2 or len(set(lengths)) != 1 or position_embeddings is None
+                    or stock.is_flash_attention_requested(self.config)):
+                return _original(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+            total, count, length = hidden_states.shape[0], len(lengths), lengths[0]
+            q, k, v = self.qkv(hidden_states).reshape(total, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = stock.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+            q, k, v = (x.reshape(count, length, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+            return self.proj(out.transpose(1, 2).reshape(total, -1))
+
+        attention.forward = types.MethodType(forward, attention)
+        attention._qwen2vl_batched = True
 
 
 class _Graph:

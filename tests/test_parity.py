@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from .conftest import noise_image
+
 # The expected strings of ../shared/seeds/000_7d7391b7902ec3c4.txt ("Excepted output: ...").
 SEED_SINGLE_IMAGE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -130,16 +132,19 @@ def test_vision_ids_change_the_prompt_and_answer(cli, images):
     assert json.loads(plain.stdout)["usage"]["prompt_tokens"] < json.loads(labelled.stdout)["usage"]["prompt_tokens"]
 
 
-def test_fast_path_answers_equal_generate(cli, images, monkeypatch):
+def test_fast_path_answers_equal_generate(cli, images, monkeypatch, tmp_path):
     """The static-cache decoder (on by default on CUDA) gives generate's greedy answers, float32 here."""
     from qwen2vl_cli import session as session_module
 
+    twin = tmp_path / "a-twin.png"  # the size of a: the vision tower takes the two in one attention call
+    noise_image(84, 56, 77).save(twin)
+    sources = [images["a"], twin, images["b"], images["c"]]
     plain_single = cli("describe", images["a"], "-n", "24").stdout
-    plain_batch = cli("batch", images["a"], images["b"], images["c"], "-n", "24", "-b", "3").stdout
+    plain_batch = cli("batch", *sources, "-n", "24", "-b", "4").stdout
     monkeypatch.setattr(session_module, "_SESSIONS", {})  # a fresh session builds its fast decoder
     monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
     fast_single = cli("describe", images["a"], "-n", "24")
-    fast_batch = cli("batch", images["a"], images["b"], images["c"], "-n", "24", "-b", "3")
+    fast_batch = cli("batch", *sources, "-n", "24", "-b", "4")
     session = next(iter(session_module._SESSIONS.values()))
     assert session.fast is not None, "the fast path was not used"
     assert fast_single.stdout == plain_single
