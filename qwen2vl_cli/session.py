@@ -215,26 +215,19 @@ class ModelSession:
         return self.processor.apply_chat_template(
             request.messages(), tokenize=False, add_generation_prompt=True, add_vision_id=request.vision_ids)
 
-    def prepare(self, requests: list[ChatRequest], on_device: bool = False):
-        """Tokenize and patchify a batch of requests (left padding); safe from a worker thread.
-
-        On the CPU by default (the batch runner does it ahead, on a thread); `on_device` normalises and
-        patchifies on the GPU instead, which is what a single latency-bound request wants.
-        """
+    def prepare(self, requests: list[ChatRequest]):
+        """Tokenize and patchify a batch of requests on the CPU (left padding); safe from a worker thread."""
         images = [m.data for r in requests for m in r.media if m.kind == "image"]
         videos = [m.data for r in requests for m in r.media if m.kind == "video"]
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["video_metadata"] = [m.metadata for r in requests for m in r.media if m.kind == "video"]
             kwargs["do_sample_frames"] = False
-        on_gpu = bool(self.device and self.device.startswith("cuda"))
-        if on_device and on_gpu and images:
-            kwargs["device"] = self.device
         with self.tokenizer_lock:
             inputs = self.processor(
                 text=[self.prompt_text(r) for r in requests], images=images or None, videos=videos or None,
                 padding=True, return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
-        if on_gpu and "device" not in kwargs:
+        if self.device and self.device.startswith("cuda"):
             inputs = inputs.__class__({k: v.pin_memory() for k, v in inputs.items()})
         return inputs
 
@@ -293,7 +286,7 @@ class ModelSession:
 
         self.load()
         start = time.perf_counter()
-        inputs = self.to_device(self.prepare([request], on_device=True))
+        inputs = self.to_device(self.prepare([request]))
         prompt_len = inputs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _Stop()
