@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--session-batch-size", type=int, default=None, help="qwen2vl's (default: from free memory)")
     parser.add_argument("--seed-images", type=int, default=64, help="images for the (slow) seed recipe")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--check-float32", action="store_true", help="also compare fast path and generate in float32")
     args = parser.parse_args()
 
     import torch
@@ -171,6 +172,19 @@ def main() -> None:
         sum(sum(x == y for x, y in zip(a, b)) for a, b in pairs) / max(1, sum(len(b) for _, b in pairs)), 4)
     report["identical_answers_fast_vs_generate"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
 
+    if args.check_float32:  # the same comparison in float32: rounding cannot flip greedy choices there
+        del fast, plain_batch
+        session32 = ModelSession(ModelSpec(model=str(checkpoint), device="cuda", dtype="float32", attn="sdpa")).load()
+        session32.model.generation_config.eos_token_id = [151935]
+        short = [ChatRequest(r.prompt, r.media, generation=GenerationOptions(max_new_tokens=64)) for r in same]
+        fast32 = session32.generate_batch(short)
+        os.environ["QWEN2VL_FASTPATH"] = "off"
+        plain32 = session32.generate_batch(short)
+        os.environ.pop("QWEN2VL_FASTPATH")
+        report["identical_answers_fast_vs_generate_float32"] = f"{sum(a.text == b.text for a, b in zip(fast32, plain32))}/{len(short)}"
+        del session32, fast32, plain32
+        torch.cuda.empty_cache()
+
     # ---- the seed recipe ------------------------------------------------------------------------
     model, processor = session.model, session.processor
     seed_paths = paths[: args.seed_images]
@@ -204,6 +218,8 @@ def main() -> None:
         ("token agreement, fast path vs generate, same batch of 16",
          f"{report['token_agreement_fast_vs_generate_same_batch']:.2%} "
          f"({report['identical_answers_fast_vs_generate']} answers identical)"),
+        *([("answers identical, fast path vs generate, float32 on the GPU",
+            report["identical_answers_fast_vs_generate_float32"])] if args.check_float32 else []),
         ("token agreement, qwen2vl batch vs seed recipe", f"{report['token_agreement_session_vs_seed']:.2%}"),
     ]
     print(f"\n{report['gpu']}, driver {report['driver']}, torch {report['torch']}, "
