@@ -4,17 +4,25 @@ in-process), resolve inputs through it, stream, render."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..errors import UsageError
 from ..render import Environment, OutputOptions, render_answer
-from ..session import ChatRequest, GenerationOptions, Media, ModelSpec, default_model, get_session
+from ..session import (ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model,
+                       get_session)
 from ..sources import FetchLimits, ImageOptions
 from ..video import VideoOptions, describe_facts
 
 
 def model_spec(model: str | None, device: str, dtype: str, attn: str) -> ModelSpec:
-    """A local checkpoint directory is named by its absolute path, so sessions are found by it."""
+    """Checked model options; a local checkpoint directory is named by its absolute path (sessions are found by it)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise UsageError(f"--device {device}", "use auto, cpu, mps, cuda or cuda:N")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}", f"use one of {', '.join(DTYPES)}")
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"--attn {attn}", f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     name = model or default_model()
     if Path(os.path.expanduser(name)).is_dir():
         name = str(Path(os.path.expanduser(name)).resolve())
