@@ -194,12 +194,12 @@ class ModelSession:
     # ---- media ---------------------------------------------------------------------------------
     def image_media(self, source: str, options, limits) -> Media:
         """An image source, decoded and sized for this model (sources.resolve_image)."""
-        from .sources import display_name, resolve_image
+        from .sources import PATCH_FACTOR, display_name, resolve_image
 
         image = resolve_image(source, options, limits)
         width, height = image.size
         return Media("image", display_name(source), image,
-                     facts={"width": width, "height": height, "tokens": width * height // (28 * 28)})
+                     facts={"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2})
 
     def video_media(self, source: str, options, limits) -> Media:
         """A video, frame directory or glob, sampled and sized (video.resolve_video)."""

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .sources import (FetchLimits, decode_data_uri, decode_image, display_name, download, file_url_to_path,
+from .sources import (PATCH_FACTOR, FetchLimits, decode_data_uri, decode_image, display_name, download, file_url_to_path,
                       read_local)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-PATCH_FACTOR = 28
 DEFAULT_FPS = 2.0  # qwen-vl-utils' FPS
 DEFAULT_MAX_FRAMES = 256
 DEFAULT_TOTAL_PIXELS = 24576 * 28 * 28  # bounds a video near 24k tokens, whatever its length

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..session import ChatRequest, Completion, ModelSession, TextDelta
+from ..session import ChatRequest, ModelSession
 
 MAX_SERVER_BATCH = 16
 
@@ -136,9 +136,3 @@ class GenerationWorker:
         finally:
             events.close()
 
-
-def is_final(event) -> bool:
-    return isinstance(event, (Completion, BaseException))
-
-
-__all__ = ["GenerationWorker", "Job", "TextDelta", "is_final"]
