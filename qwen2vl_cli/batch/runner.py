@@ -60,7 +60,7 @@ class Results:
         self.sinks, self.summary, self.advance = sinks, summary, advance
 
     def done(self, source: str) -> bool:
-        return any(s.has(source) if hasattr(s, "has") else source in s.done for s in self.sinks)
+        return any(sink.has(source) for sink in self.sinks)
 
     def write(self, item: BatchItem, text: str | None, error: str | None) -> None:
         record = {"source": item.source, "text": text, "error": error, **item.extra}

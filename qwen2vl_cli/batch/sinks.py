@@ -39,7 +39,20 @@ def truncate_torn_tail(path: Path, note: Callable[[str], None]) -> bytes:
     return data
 
 
-class JsonlSink:
+class RecordFile:
+    """What every results file shares: the sources it already holds a record for."""
+
+    done: set[str]
+    handle: TextIO
+
+    def has(self, source: str) -> bool:
+        return source in self.done
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class JsonlSink(RecordFile):
     """JSON Lines, appended; valid JSONL at every moment."""
 
     def __init__(self, path: Path | None, *, overwrite: bool, retry_errors: bool, note: Callable[[str], None],
@@ -72,11 +85,11 @@ class JsonlSink:
         _fsync(self.handle)
 
     def close(self) -> None:
-        if self.path is not None:
+        if self.path is not None:  # stdout stays open
             self.handle.close()
 
 
-class CsvSink:
+class CsvSink(RecordFile):
     """CSV with a header (source, text, error, then the manifest's extra fields)."""
 
     def __init__(self, path: Path, fields: list[str], *, overwrite: bool, retry_errors: bool,
@@ -103,9 +116,6 @@ class CsvSink:
                for k, v in record.items()}
         self.writer.writerow(row)
         _fsync(self.handle)
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 def _read_csv(path: Path, note: Callable[[str], None]) -> tuple[list[dict], list[str] | None]:
@@ -171,6 +181,9 @@ class SidecarSink:
         if record.get("error") or path is None:
             return
         _atomic_write(path, f"{self.prefix}{record['text']}{self.suffix}")
+
+    def close(self) -> None:
+        pass  # every sidecar is closed as it is written
 
 
 def open_output(output: str | None, fields: list[str], *, overwrite: bool, retry_errors: bool,

@@ -93,8 +93,7 @@ def batch(
     finally:
         signal.signal(signal.SIGTERM, previous)
         for sink in sinks:
-            if hasattr(sink, "close"):
-                sink.close()
+            sink.close()
     env.note(summary.line())
     if summary.interrupted:
         raise typer.Exit(ExitStatus.INTERRUPTED)

@@ -13,6 +13,7 @@ import typer
 
 from ..errors import ServerError, UsageError
 from ..render import Environment
+from ..server.registry import DEFAULT_PORT
 from ..sources import FetchLimits
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuietOpt,
@@ -36,7 +37,7 @@ def parse_duration(text: str) -> float | None:
 def serve(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = 8901,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = DEFAULT_PORT,
     keep_alive: Annotated[str, typer.Option("--keep-alive", metavar="DURATION", help="Unload the model after this long idle (30s, 10m, 1h, never); the next request reloads it.")] = "10m",
     background: Annotated[bool, typer.Option("--background", "-d", help="Start detached; return once it is ready.")] = False,
     status: Annotated[bool, typer.Option("--status", help="Show the running sessions (as qwen2vl ps) and exit.")] = False,
@@ -78,7 +79,7 @@ def serve(
 
 def _start_background(config, env: Environment) -> None:
     """Re-run this command detached, wait until it answers /health, print its URL."""
-    from ..server.registry import health, state_dir
+    from ..server.registry import health, read_state, state_dir
 
     argv = [a for a in sys.argv[1:] if a not in ("--background", "-d")]
     if "serve" not in argv:
@@ -89,21 +90,17 @@ def _start_background(config, env: Environment) -> None:
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", *argv, "--quiet"], stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=log, start_new_session=True)
-    state_file = log_dir / f"{process.pid}.json"
     deadline = time.monotonic() + READY_TIMEOUT_S
     with env.status(f"Starting a session for {config.model_name} ..."):
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise ServerError("serve --background", f"the server exited ({tail[0]}); log: {log_path}")
-            if state_file.exists():
-                import json
-
-                url = json.loads(state_file.read_text())["url"]
-                if health(url, config.api_key):
-                    print(url, flush=True)
-                    env.note(f"session {process.pid} serves {config.model_name}; `qwen2vl stop` ends it")
-                    return
+            state = read_state(process.pid)
+            if state and health(state["url"], config.api_key):
+                print(state["url"], flush=True)
+                env.note(f"session {process.pid} serves {config.model_name}; `qwen2vl stop` ends it")
+                return
             time.sleep(0.2)
     raise ServerError("serve --background", f"not ready after {READY_TIMEOUT_S}s; log: {log_path}")
 

@@ -19,11 +19,11 @@ from ..errors import Qwen2VLError, UsageError, describe_exception
 from ..session import Completion, ModelSession, ModelSpec, TextDelta
 from ..sources import FetchLimits
 from . import registry
+from .registry import DEFAULT_PORT
 from .protocol import (MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
                        parse_chat_request, usage_body)
 from .worker import GenerationWorker, Job
 
-DEFAULT_PORT = 8901
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 
 

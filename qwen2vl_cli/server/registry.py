@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 HEALTH_TIMEOUT_S = 1.0
+DEFAULT_PORT = 8901
 
 
 def state_dir() -> Path:
@@ -30,6 +31,14 @@ def write_state(info: dict) -> Path:
     temporary.write_text(json.dumps(info))
     os.replace(temporary, path)
     return path
+
+
+def read_state(pid: int) -> dict | None:
+    """The record a server wrote once it was bound, or None before that."""
+    try:
+        return json.loads((state_dir() / f"{pid}.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def remove_state(pid: int) -> None:
