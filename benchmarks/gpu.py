@@ -75,6 +75,131 @@ def seed_recipe(model, processor, paths: list[Path], batch: int) -> tuple[float,
     return time.perf_counter() - start, outputs
 
 
+def check_kernels() -> dict:
+    """Each Triton kernel against its torch version (HF's arithmetic) on fresh random inputs."""
+    import torch
+
+    from qwen2vl_cli import _triton, kernels
+
+    torch.manual_seed(0)
+    results = {}
+
+    def compare(name, ours, reference):
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        reference = reference if isinstance(reference, tuple) else (reference,)
+        worst, equal, total = 0.0, 0, 0
+        for a, b in zip(ours, reference):
+            a, b = a.float(), b.float()
+            assert torch.isfinite(a).all(), name
+            worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+            equal += (a == b).sum().item()
+            total += b.numel()
+        results[name] = {"rel_error": float(f"{worst:.3g}"), "bitwise_equal": round(equal / total, 5)}
+
+    for dtype in (torch.bfloat16, torch.float32):
+        tag = str(dtype).split(".")[-1]
+        for batch in (1, 64):
+            h, d = (torch.randn(batch, 1536, device="cuda", dtype=dtype) for _ in range(2))
+            w = (1 + 0.1 * torch.randn(1536, device="cuda")).to(dtype)
+            compare(f"add_rms_norm {tag} b{batch}", _triton.add_rms_norm(h.clone(), d, w, 1e-6),
+                    kernels.add_rms_norm_torch(h.clone(), d, w, 1e-6))
+            gu = torch.randn(batch, 2 * 8960, device="cuda", dtype=dtype)
+            compare(f"silu_mul {tag} b{batch}", _triton.silu_mul(gu), kernels.silu_mul_torch(gu))
+            qkv = torch.randn(batch, 2048, device="cuda", dtype=dtype)
+            pos = torch.randint(0, 3000, (batch,), device="cuda")
+            inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+            slot = torch.tensor([700], device="cuda")
+            caches = [torch.randn(batch, 2, 1024, 128, device="cuda", dtype=dtype) for _ in range(2)]
+            copies = [c.clone() for c in caches]
+            q1 = _triton.rope_store(qkv, pos, inv, slot, *caches, 12, 2)
+            q2 = kernels.rope_store_torch(qkv, pos, inv, slot, *copies, 12, 2)
+            compare(f"rope_store {tag} b{batch}", (q1, *caches), (q2, *copies))
+            for size, filled in ((1536, 1300), (512, 40)):
+                q = torch.randn(batch, 2, 6, 128, device="cuda", dtype=dtype)
+                k, v = (torch.randn(batch, 2, size, 128, device="cuda", dtype=dtype) for _ in range(2))
+                mask = torch.full((batch, 1, 1, size), float("-inf"), device="cuda", dtype=dtype)
+                mask[..., :filled] = 0.0
+                mask[0, ..., :filled // 3] = float("-inf")  # row 0 left-padded
+                at = torch.tensor([filled - 1], device="cuda")
+                compare(f"decode_attention {tag} b{batch} cache{size}",
+                        _triton.decode_attention(q, k, v, mask, at), kernels.decode_attention_torch(q, k, v, mask, at))
+        x = torch.randn(4920 * 2, 3840, device="cuda", dtype=dtype)
+        angles = torch.randn(4920 * 2, 40, device="cuda") * 30
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        for length in (None, 4920):
+            compare(f"vision_qkv {tag} length={length}", _triton.vision_qkv(x, cos, sin, 16, length),
+                    kernels.vision_qkv_torch(x, cos, sin, 16, length))
+        y = torch.randn(4920, 5120, device="cuda", dtype=dtype) * 3
+        compare(f"quick_gelu {tag}", _triton.quick_gelu(y), kernels.quick_gelu_torch(y))
+    return results
+
+
+def cuda_ms(fn, repeat: int = 5) -> float:
+    """Median wall time of fn() in ms, synchronized."""
+    import statistics
+
+    times = []
+    for _ in range(repeat):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def profile_table(fn, path: Path, title: str) -> None:
+    """torch.profiler's kernels for fn(), by GPU time, appended to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize()
+    with path.open("a") as handle:
+        handle.write(f"\n==== {title}\n")
+        handle.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    del torch
+
+
+def breakdown(session, request, requests, profile_path: Path | None = None) -> dict:
+    """Where a first token's time goes, and one decode step's time at batch 1 and at a full batch."""
+    import torch
+
+    model = session.model
+    out: dict = {}
+    prepared = session.prepare([request])
+    out["prepare_ms"] = cuda_ms(lambda: session.prepare([request]))
+    out["prepare_on_device_ms"] = cuda_ms(lambda: session.prepare([request], on_device=True))
+    out["to_device_ms"] = cuda_ms(lambda: session.to_device(prepared))
+    inputs = session.to_device(prepared)
+    with torch.inference_mode():
+        out["vision_ms"] = cuda_ms(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+        out["prefill_ms"] = cuda_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        big = session.to_device(session.prepare(requests))
+        count = len(requests)
+        out[f"vision_ms_per_image_batch{count}"] = round(cuda_ms(
+            lambda: model.model.visual(big["pixel_values"], grid_thw=big["image_grid_thw"]), 3) / count, 2)
+        out[f"prefill_ms_per_image_batch{count}"] = round(cuda_ms(
+            lambda: model(**big, use_cache=True, logits_to_keep=1), 3) / count, 2)
+        del big
+    for (batch, size), graph in session.fast.graphs.items():
+        if graph.graph is not None:
+            out[f"decode_step_ms_batch{batch}_cache{size}"] = round(cuda_ms(
+                lambda: [graph.graph.replay() for _ in range(20)], 3) / 20, 3)
+            if profile_path is not None:
+                profile_table(lambda: [graph.graph.replay() for _ in range(10)], profile_path,
+                              f"10 decode steps, batch {batch}, cache {size}")
+    if profile_path is not None:
+        with torch.inference_mode():
+            profile_table(lambda: model(**inputs, use_cache=True, logits_to_keep=1), profile_path,
+                          "prefill, one 1230-token image")
+            profile_table(lambda: session.prepare([request]), profile_path, "prepare (CPU)")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", choices=["2b", "7b"], default="2b")
@@ -84,6 +209,9 @@ def main() -> None:
     parser.add_argument("--seed-images", type=int, default=64, help="images for the (slow) seed recipe")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--check-float32", action="store_true", help="also compare fast path and generate in float32")
+    parser.add_argument("--check-kernels", action="store_true", help="compare the Triton kernels with torch's")
+    parser.add_argument("--breakdown", action="store_true", help="time the parts: preprocessing, vision, prefill, step")
+    parser.add_argument("--skip-seed", action="store_true", help="leave out the (slow) seed recipe")
     args = parser.parse_args()
 
     import torch
@@ -102,6 +230,9 @@ def main() -> None:
         "model": f"Qwen2-VL-{args.model_size.upper()} (random weights, real shapes), bf16, sdpa",
         "new_tokens": NEW_TOKENS, "image_tokens": 1230,
     }
+    if args.check_kernels:
+        report["kernels"] = check_kernels()
+        print(json.dumps(report["kernels"], indent=1))
     start = time.perf_counter()
     checkpoint = build_checkpoint(work / "ckpt", args.model_size, std=0.02, dtype="bfloat16", device="cuda")
     report["checkpoint_build_s"] = round(time.perf_counter() - start, 1)
@@ -144,11 +275,15 @@ def main() -> None:
                          limits=FetchLimits(), generation=options, batch_size=args.session_batch_size, workers=8)
     texts: dict[str, str] = {}
 
-    class Collect:
-        done: set = set()
+    class Collect:  # a sink (has/write/close) that keeps the answers in memory
+        def has(self, source):
+            return False
 
         def write(self, record):
             texts[record["source"]] = record["text"]
+
+        def close(self):
+            pass
 
     summary = run_batch(items, session, config, Results([Collect()], BatchSummary(), lambda n: None))
     report["session_batch_images_per_s"] = round(summary.images_per_second, 2)
@@ -158,6 +293,12 @@ def main() -> None:
     session_ids = {
         str(p): session.processor.tokenizer(texts[str(p)], add_special_tokens=False).input_ids
         for p in paths[: args.seed_images] if texts.get(str(p)) is not None}
+    if args.breakdown:
+        resolved = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
+            str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=options) for p in paths[:16]]
+        report["breakdown"] = breakdown(session, request, resolved,
+                                        Path(args.json_out).with_suffix(".prof.txt") if args.json_out else None)
+        print(json.dumps(report["breakdown"], indent=1), flush=True)
 
     # fast path vs plain generate on the very same batch: the like-for-like correctness check
     same = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(str(p), ImageOptions(max_pixels=MAX_PIXELS)))],
@@ -187,15 +328,19 @@ def main() -> None:
 
     # ---- the seed recipe ------------------------------------------------------------------------
     model, processor = session.model, session.processor
-    seed_paths = paths[: args.seed_images]
-    seconds, _ = seed_recipe(model, processor, seed_paths[:8], 1)
-    report["seed_per_image_images_per_s"] = round(8 / seconds, 2)
-    torch.cuda.reset_peak_memory_stats()
-    seconds, seed_ids = seed_recipe(model, processor, seed_paths, args.batch_size)
-    report["seed_batched_images_per_s"] = round(len(seed_paths) / seconds, 2)
-    report["seed_batched_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.skip_seed:
+        seed_paths = []
+        report.update(seed_per_image_images_per_s=None, seed_batched_images_per_s=None, seed_batched_peak_gib=None)
+    else:
+        seed_paths = paths[: args.seed_images]
+        seconds, _ = seed_recipe(model, processor, seed_paths[:8], 1)
+        report["seed_per_image_images_per_s"] = round(8 / seconds, 2)
+        torch.cuda.reset_peak_memory_stats()
+        seconds, seed_ids = seed_recipe(model, processor, seed_paths, args.batch_size)
+        report["seed_batched_images_per_s"] = round(len(seed_paths) / seconds, 2)
+        report["seed_batched_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     agree = total = 0
-    for path, ids in zip(seed_paths, seed_ids):
+    for path, ids in zip(seed_paths, seed_ids if seed_paths else []):
         ours = session_ids.get(str(path), [])
         seed_text = processor.tokenizer.decode(ids, skip_special_tokens=True)
         seed_tokens = processor.tokenizer(seed_text, add_special_tokens=False).input_ids

@@ -15,8 +15,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
-CHECK_EVERY = 8  # batched decoding looks for "all rows finished" every this many steps
 
 
 class FastDecoder:
@@ -36,7 +37,7 @@ class FastDecoder:
         self.layers = [self._fuse(layer) for layer in self.language.layers]
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.lock = threading.Lock()
-        batch_vision_attention(model)
+        install_vision(model)
 
     def _fuse(self, layer) -> dict:
         """One weight for q/k/v and one for gate/up; the HF modules keep views of them (no extra memory)."""
@@ -59,49 +60,38 @@ class FastDecoder:
                 "norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight}
 
     # ---- one decode step (pure tensor work: capturable) -----------------------------------------
-    def _rms(self, x, weight):
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
-
-    @staticmethod
-    def _rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
     def _step(self, tokens, positions, slot, keys, values, mask):
-        """tokens [B], positions [B], slot [1] -> next greedy tokens [B]; writes K/V at `slot`."""
+        """tokens [B], positions [B], slot [1] -> next greedy tokens [B]; writes K/V at `slot`.
+
+        `mask` is additive ([B, 1, 1, size]: 0 where visible, -inf elsewhere); this step's slot opens.
+        """
         batch = tokens.shape[0]
-        mask.index_fill_(3, slot, True)
-        hidden = self.language.embed_tokens(tokens)[:, None, :]
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        groups = self.heads // self.kv_heads
+        mask.index_fill_(3, slot, 0.0)
+        hidden, delta = self.language.embed_tokens(tokens), None
+        q_size, groups = self.heads * self.head_dim, self.heads // self.kv_heads
         for index, w in enumerate(self.layers):
-            x = self._rms(hidden, w["norm1"])
+            hidden, x = kernels.add_rms_norm(hidden, delta, w["norm1"], self.eps)
             qkv = F.linear(x, w["qkv"], w["bias"])
-            q = qkv[..., :q_size].view(batch, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., q_size:q_size + kv_size].view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            keys[index].index_copy_(2, slot, k)
-            values[index].index_copy_(2, slot, v)
+            q = kernels.rope_store(qkv, positions, self.inv_freq, slot, keys[index], values[index],
+                                   self.heads, self.kv_heads)
             # the query heads sharing one K/V head become that head's query rows: no K/V copies
-            grouped = q.reshape(batch, self.kv_heads, groups, self.head_dim)
-            attended = F.scaled_dot_product_attention(grouped, keys[index], values[index], attn_mask=mask)
-            hidden = hidden + F.linear(attended.reshape(batch, 1, q_size), w["o"])
-            x = self._rms(hidden, w["norm2"])
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, w["down"])
-        hidden = self._rms(hidden, self.language.norm.weight)
-        return self.model.lm_head(hidden)[:, 0].argmax(-1)
+            grouped = q.view(batch, self.kv_heads, groups, self.head_dim)
+            attended = kernels.decode_attention(grouped, keys[index], values[index], mask, slot)
+            hidden, x = kernels.add_rms_norm(hidden, F.linear(attended.reshape(batch, q_size), w["o"]),
+                                             w["norm2"], self.eps)
+            delta = F.linear(kernels.silu_mul(F.linear(x, w["gate_up"])), w["down"])
+        _, x = kernels.add_rms_norm(hidden, delta, self.language.norm.weight, self.eps)
+        return self.model.lm_head(x).argmax(-1)
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, inputs, max_new_tokens: int, eos_ids: set[int], pad_id: int, streamer=None,
                  stop: threading.Event | None = None):
-        """Greedy tokens after the prompt, as `model.generate` returns them: [B, L + new], pad after EOS."""
+        """Greedy tokens after the prompt, as `model.generate` returns them: [B, L + new], pad after EOS.
+
+        The graph feeds itself (next token, position and cache slot stay on the GPU), and the host reads
+        each step's tokens one step late, so the GPU always has the next step queued.
+        """
         from transformers import DynamicCache
 
         with self.lock:
@@ -109,33 +99,46 @@ class FastDecoder:
             batch, length = input_ids.shape
             cache = DynamicCache(config=self.model.config)
             out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1)
+            first = out.logits[:, -1].argmax(-1)
+            rows = [first.tolist()]
             if streamer is not None:
                 streamer.put(input_ids.cpu())
-            size = -(-(length + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
-            graph = self._graph_for(batch, size)
-            graph.load(cache, attention, length)
-            positions = attention.sum(-1) + self.model.model.rope_deltas.reshape(-1).to(attention.device)
-            eos = torch.tensor(sorted(eos_ids), device=self.device)
-            finished = torch.isin(token, eos)
-            produced = [token]
-            if streamer is not None:
-                streamer.put(token.cpu())
-            for step in range(max_new_tokens - 1):
-                if stop is not None and stop.is_set():
-                    break
-                if streamer is not None or step % CHECK_EVERY == 0:
-                    if bool(finished.all()):
+                streamer.put(torch.tensor(rows[0]))
+            finished = [token in eos_ids for token in rows[0]]
+            limit = max_new_tokens - 1
+            if limit > 0 and not all(finished):
+                size = -(-(length + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+                graph = self._graph_for(batch, size)
+                positions = attention.sum(-1) + self.model.model.rope_deltas.reshape(-1).to(attention.device)
+                graph.start(cache, attention, length, first, positions, eos_ids, pad_id)
+                del cache, out
+                host = torch.empty((limit, batch), dtype=torch.long, pin_memory=self.device.type == "cuda")
+                events: list = []
+                for step in range(limit):
+                    if stop is not None and stop.is_set():
                         break
-                token = graph.run(token, positions + step, length + step)
-                token = torch.where(finished, torch.full_like(token, pad_id), token)
-                finished |= torch.isin(token, eos)
-                produced.append(token)
-                if streamer is not None:
-                    streamer.put(token.cpu())
+                    events.append(graph.advance(host[step]))
+                    if step >= 1 and self._consume(host, events, rows, finished, eos_ids, streamer):
+                        break
+                while len(rows) - 1 < len(events) and not all(finished):
+                    self._consume(host, events, rows, finished, eos_ids, streamer)
             if streamer is not None:
                 streamer.end()
-            return torch.cat([input_ids, torch.stack(produced, dim=1)], dim=1)
+            return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device).T], dim=1)
+
+    @staticmethod
+    def _consume(host, events, rows, finished, eos_ids, streamer) -> bool:
+        """Take the oldest step not yet read; True once every row has finished."""
+        step = len(rows) - 1
+        if events[step] is not None:
+            events[step].synchronize()
+        tokens = host[step]
+        rows.append(tokens.tolist())
+        if streamer is not None:
+            streamer.put(tokens.clone())
+        for row, token in enumerate(rows[-1]):
+            finished[row] = finished[row] or token in eos_ids
+        return all(finished)
 
     def _graph_for(self, batch: int, size: int) -> "_Graph":
         key = (batch, size)
@@ -146,42 +149,72 @@ class FastDecoder:
         return self.graphs[key]
 
 
-def batch_vision_attention(model) -> None:
-    """Vision attention over same-sized images in one SDPA call instead of one call per image.
-
-    The stock SDPA path splits the packed patches per image (cu_seqlens) and loops; batches from
-    `qwen2vl batch` are sorted by size, so their images usually have equal lengths and can be stacked.
-    Other cases (one image, mixed sizes, flash-attention) keep the stock code.
+def install_vision(model) -> None:
+    """A faster vision tower over the same weights, same arithmetic:
+      - the patch embedding (a Conv3d whose stride equals its kernel) as one matrix product,
+      - per block, q/k rotation and the split into heads in one kernel, QuickGELU in one kernel,
+      - one attention call over all images when they have the same size (the batch runner sorts by
+        size), and no host sync per block (the stock SDPA path reads the image lengths in every block).
+    Flash-attention models and unknown block layouts keep the stock code.
     """
     import types
 
     from transformers.models.qwen2_vl import modeling_qwen2_vl as stock
 
-    for block in model.model.visual.blocks:
-        attention = block.attn
-        if getattr(attention, "_qwen2vl_batched", False):
-            continue
-        original = attention.forward
+    visual = model.model.visual
+    if getattr(visual, "_qwen2vl_fast", False) or stock.is_flash_attention_requested(visual.config):
+        return
+    embed = visual.patch_embed
+    if isinstance(embed.proj, torch.nn.Conv3d) and tuple(embed.proj.kernel_size) == tuple(embed.proj.stride):
+        def embed_forward(self, hidden_states):
+            weight = self.proj.weight
+            return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.reshape(weight.shape[0], -1))
 
-        def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, *,
-                    _original=original, **kwargs):
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            if (len(lengths) < 2 or len(set(lengths)) != 1 or position_embeddings is None
-                    or stock.is_flash_attention_requested(self.config)):
-                return _original(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
-            total, count, length = hidden_states.shape[0], len(lengths), lengths[0]
-            q, k, v = self.qkv(hidden_states).reshape(total, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = stock.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
-            q, k, v = (x.reshape(count, length, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
-            return self.proj(out.transpose(1, 2).reshape(total, -1))
+        embed.forward = types.MethodType(embed_forward, embed)
+    lengths: dict = {}  # cu_seqlens (one tensor per forward, shared by all blocks) -> image lengths
 
-        attention.forward = types.MethodType(forward, attention)
-        attention._qwen2vl_batched = True
+    for block in visual.blocks:
+        original = block.forward
+        quick = type(block.mlp.act).__name__ == "QuickGELUActivation"
+
+        def forward(self, hidden_states, cu_seqlens, position_embeddings=None, *, _original=original,
+                    _quick=quick, **kwargs):
+            if position_embeddings is None:
+                return _original(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+            if lengths.get("key") is not cu_seqlens:
+                lengths.update(key=cu_seqlens, value=(cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+            sizes = lengths["value"]
+            attention, total = self.attn, hidden_states.shape[0]
+            x = self.norm1(hidden_states)
+            qkv = F.linear(x, attention.qkv.weight, attention.qkv.bias)
+            same = len(set(sizes)) == 1
+            q, k, v = kernels.vision_qkv(qkv, *position_embeddings, attention.num_heads, sizes[0] if same else None)
+            if same:  # [images, heads, length, hd]
+                out = F.scaled_dot_product_attention(q, k, v, scale=attention.scaling).transpose(1, 2)
+            else:  # [1, heads, all patches, hd], attended image by image
+                parts, begin = [], 0
+                for size in sizes:
+                    end = begin + size
+                    parts.append(F.scaled_dot_product_attention(q[:, :, begin:end], k[:, :, begin:end],
+                                                                v[:, :, begin:end], scale=attention.scaling))
+                    begin = end
+                out = torch.cat(parts, dim=2).transpose(1, 2)
+            hidden_states = hidden_states + attention.proj(out.reshape(total, -1))
+            mlp = self.mlp
+            x = mlp.fc1(self.norm2(hidden_states))
+            x = kernels.quick_gelu(x) if _quick else mlp.act(x)
+            return hidden_states + mlp.fc2(x)
+
+        block.forward = types.MethodType(forward, block)
+    visual._qwen2vl_fast = True
 
 
 class _Graph:
-    """Static buffers (cache, mask, inputs) for one (batch, cache length), and the captured step."""
+    """Static buffers (cache, mask, the step's inputs) for one (batch, cache length), and the captured step.
+
+    One replay computes the next tokens and moves its own inputs on: tokens, positions and cache slot
+    advance on the GPU, and rows that have finished get the pad token, as in `generate`.
+    """
 
     def __init__(self, decoder: FastDecoder, batch: int, size: int) -> None:
         self.decoder = decoder
@@ -190,41 +223,64 @@ class _Graph:
         device, dtype = decoder.device, decoder.dtype
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(count)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(count)]
-        self.mask = torch.zeros((batch, 1, 1, size), device=device, dtype=torch.bool)
+        self.mask = torch.zeros((batch, 1, 1, size), device=device, dtype=dtype)
         self.tokens = torch.zeros(batch, device=device, dtype=torch.long)
         self.positions = torch.zeros(batch, device=device, dtype=torch.long)
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
+        self.finished = torch.zeros(batch, device=device, dtype=torch.bool)
+        self.pad = torch.zeros((), device=device, dtype=torch.long)
+        self.eos = torch.zeros(0, device=device, dtype=torch.long)
         self.graph = None
-        self.output = None
 
-    def load(self, cache, attention, length: int) -> None:
-        """Copy the prefill's K/V into the static cache; only the prompt's real tokens are visible."""
+    def start(self, cache, attention, length: int, first, positions, eos_ids: set[int], pad_id: int) -> None:
+        """Copy the prefill's K/V into the static cache (only the prompt's real tokens visible); set the inputs."""
         for index, layer in enumerate(cache.layers):
             self.keys[index][:, :, :length].copy_(layer.keys)
             self.values[index][:, :, :length].copy_(layer.values)
-        self.mask.zero_()
-        self.mask[:, 0, 0, :length] = attention.bool()
-
-    def run(self, tokens, positions, slot: int):
-        self.tokens.copy_(tokens)
+        self.mask.fill_(float("-inf"))
+        self.mask[:, 0, 0, :length].masked_fill_(attention.bool(), 0.0)
+        eos = torch.tensor(sorted(eos_ids), device=self.tokens.device)
+        if eos.shape != self.eos.shape or not bool((eos == self.eos).all()):
+            self.eos, self.graph = eos, None  # the graph reads `eos`: recapture for other stop tokens
+        self.pad.fill_(pad_id)
+        self.tokens.copy_(first)
+        self.finished.copy_((first[:, None] == self.eos).any(-1))
         self.positions.copy_(positions)
-        self.slot.fill_(slot)
+        self.slot.fill_(length)
+
+    def _advance(self) -> None:
         decoder = self.decoder
-        if not decoder.use_graphs:
-            return decoder._step(self.tokens, self.positions, self.slot, self.keys, self.values, self.mask)
+        token = decoder._step(self.tokens, self.positions, self.slot, self.keys, self.values, self.mask)
+        token = torch.where(self.finished, self.pad, token)
+        self.finished |= (token[:, None] == self.eos).any(-1)
+        self.tokens.copy_(token)
+        self.positions += 1
+        self.slot += 1
+
+    def advance(self, host_row):
+        """Run one step and copy its tokens into `host_row`; returns the event to wait on (None on the CPU)."""
+        if not self.decoder.use_graphs:
+            self._advance()
+            host_row.copy_(self.tokens)
+            return None
         if self.graph is None:
             self._capture()
         self.graph.replay()
-        return self.output.clone()
+        host_row.copy_(self.tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _capture(self) -> None:
-        """Warm up on a side stream (as CUDA graphs require), then record one step; `run` replays it."""
-        decoder = self.decoder
+        """Warm up on a side stream (as CUDA graphs require; the inputs are put back after), then record."""
+        saved = [t.clone() for t in (self.tokens, self.positions, self.slot, self.finished)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # computes exactly the step about to be replayed: harmless
-            decoder._step(self.tokens, self.positions, self.slot, self.keys, self.values, self.mask)
+        with torch.cuda.stream(stream):  # writes the K/V and mask of the step about to run: harmless
+            self._advance()
         torch.cuda.current_stream().wait_stream(stream)
+        for buffer, value in zip((self.tokens, self.positions, self.slot, self.finished), saved):
+            buffer.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = decoder._step(self.tokens, self.positions, self.slot, self.keys, self.values, self.mask)
+            self._advance()

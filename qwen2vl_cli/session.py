@@ -138,6 +138,7 @@ class ModelSession:
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self.fast = None  # FastDecoder, built on first greedy use where enabled
+        self._streams = None  # one long-lived thread generates streamed answers: per-thread GPU caches stay warm
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> "ModelSession":
@@ -215,20 +216,26 @@ class ModelSession:
         return self.processor.apply_chat_template(
             request.messages(), tokenize=False, add_generation_prompt=True, add_vision_id=request.vision_ids)
 
-    def prepare(self, requests: list[ChatRequest]):
-        """Tokenize and patchify a batch of requests on the CPU (left padding); safe from a worker thread."""
+    def prepare(self, requests: list[ChatRequest], on_device: bool = False):
+        """Tokenize and patchify a batch of requests (left padding); safe from a worker thread.
+
+        On the CPU by default (pinned for a quick copy); `on_device` normalizes and patchifies images on
+        the GPU instead, which saves the wait when nothing else is running (one streamed answer).
+        """
         images = [m.data for r in requests for m in r.media if m.kind == "image"]
         videos = [m.data for r in requests for m in r.media if m.kind == "video"]
         kwargs: dict[str, Any] = {}
         if videos:
             kwargs["video_metadata"] = [m.metadata for r in requests for m in r.media if m.kind == "video"]
             kwargs["do_sample_frames"] = False
+        elif images and on_device and self.device and self.device.startswith("cuda"):
+            kwargs["device"] = self.device
         with self.tokenizer_lock:
             inputs = self.processor(
                 text=[self.prompt_text(r) for r in requests], images=images or None, videos=videos or None,
                 padding=True, return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
         if self.device and self.device.startswith("cuda"):
-            inputs = inputs.__class__({k: v.pin_memory() for k, v in inputs.items()})
+            inputs = inputs.__class__({k: v if v.is_cuda else v.pin_memory() for k, v in inputs.items()})
         return inputs
 
     def to_device(self, inputs):
@@ -286,7 +293,7 @@ class ModelSession:
 
         self.load()
         start = time.perf_counter()
-        inputs = self.to_device(self.prepare([request]))
+        inputs = self.to_device(self.prepare([request], on_device=True))
         prompt_len = inputs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _Stop()
@@ -308,15 +315,18 @@ class ModelSession:
                 outcome["error"] = exc
                 streamer.end()
 
-        worker = threading.Thread(target=run, name="qwen2vl-generate", daemon=True)
-        worker.start()
+        if self._streams is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._streams = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen2vl-generate")
+        running = self._streams.submit(run)
         try:
             for piece in streamer:
                 if piece:
                     yield TextDelta(piece)
         finally:
             stop.event.set()
-            worker.join()
+            running.result()
         if "error" in outcome:
             raise outcome["error"]
         new_ids = outcome["ids"][0, prompt_len:].tolist()

@@ -1,0 +1,245 @@
+"""Triton versions of kernels.py's functions (CUDA only; imported on first use).
+
+Every intermediate that HF's torch ops round to the model dtype is rounded here too (`.to(dt)`), and
+float32 work stays float32, so results match the torch versions up to the order of a row's sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _add_rms_kernel(h_ptr, d_ptr, w_ptr, o_ptr, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    dt = h_ptr.dtype.element_ty
+    h = tl.load(h_ptr + row * n + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * n + cols, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
+        tl.store(h_ptr + row * n + cols, h, mask=mask)
+    x = h.to(tl.float32)
+    variance = tl.sum(x * x, axis=0) / n
+    y = (x * libdevice.rsqrt(variance + eps)).to(dt)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(o_ptr + row * n + cols, (w.to(tl.float32) * y.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(hidden, delta, weight, eps):
+    n = hidden.shape[-1]
+    hidden = hidden.contiguous()
+    out = torch.empty_like(hidden)
+    block = triton.next_power_of_2(n)
+    _add_rms_kernel[(hidden.numel() // n,)](
+        hidden, delta.contiguous() if delta is not None else hidden, weight, out, n, eps,
+        HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return hidden, out
+
+
+@triton.jit
+def _rope_store_kernel(qkv_ptr, pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qkv_row, c_b, c_h, c_s,
+                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    dt = q_ptr.dtype.element_ty
+    d = tl.arange(0, HD)
+    angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_ptr + (d % HALF))
+    cos = libdevice.cos(angle).to(dt).to(tl.float32)
+    sin = libdevice.sin(angle).to(dt).to(tl.float32)
+    base = qkv_ptr + b * qkv_row + h * HD
+    x = tl.load(base + d).to(tl.float32)
+    partner = tl.load(base + (d + HALF) % HD).to(tl.float32)
+    rotated = tl.where(d < HALF, -partner, partner)
+    out = ((x * cos).to(dt).to(tl.float32) + (rotated * sin).to(dt).to(tl.float32)).to(dt)
+    if h < HEADS:
+        tl.store(q_ptr + (b * HEADS + h) * HD + d, out)
+    else:
+        kv = h - HEADS
+        offset = b * c_b + kv * c_h + tl.load(slot_ptr) * c_s + d
+        tl.store(k_ptr + offset, out)
+        tl.store(v_ptr + offset, tl.load(qkv_ptr + b * qkv_row + (HEADS + KV_HEADS + kv) * HD + d))
+
+
+def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
+    batch, head_dim = qkv.shape[0], keys.shape[-1]
+    qkv = qkv.reshape(batch, -1)
+    q = torch.empty((batch, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    _rope_store_kernel[(batch, heads + kv_heads)](
+        qkv, positions, inv_freq, slot, q, keys, values, qkv.stride(0), keys.stride(0), keys.stride(1),
+        keys.stride(2), HEADS=heads, KV_HEADS=kv_heads, HD=head_dim, num_warps=1)
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    dt = o_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * n + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * n + n + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + libdevice.exp(-g))).to(dt).to(tl.float32)
+    tl.store(o_ptr + row * n + cols, (s * u).to(dt), mask=mask)
+
+
+def silu_mul(gate_up):
+    n = gate_up.shape[-1] // 2
+    gate_up = gate_up.contiguous()
+    out = torch.empty((*gate_up.shape[:-1], n), device=gate_up.device, dtype=gate_up.dtype)
+    block = 1024
+    _silu_mul_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _vision_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, seq, length,
+                       HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    d = tl.arange(0, BLOCK_D)
+    mask = (rows < seq)[:, None] & (d < HD)[None, :]
+    dt = q_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + rows[:, None] * HD + d[None, :], mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + rows[:, None] * HD + d[None, :], mask=mask, other=0.0)
+    src = qkv_ptr + rows[:, None] * (3 * HEADS * HD) + h * HD
+    partner = tl.where(d < HALF, d + HALF, d - HALF)[None, :]
+    sign = tl.where(d < HALF, -1.0, 1.0)[None, :]
+    dst = (((rows // length) * HEADS + h) * length + rows % length)[:, None] * HD + d[None, :]
+    q = tl.load(src + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    qp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32) * sign
+    tl.store(q_ptr + dst, (q * cos + qp * sin).to(dt), mask=mask)
+    k = tl.load(src + HEADS * HD + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    kp = tl.load(src + HEADS * HD + partner, mask=mask, other=0.0).to(tl.float32) * sign
+    tl.store(k_ptr + dst, (k * cos + kp * sin).to(dt), mask=mask)
+    tl.store(v_ptr + dst, tl.load(src + 2 * HEADS * HD + d[None, :], mask=mask, other=0.0), mask=mask)
+
+
+def vision_qkv(qkv, cos, sin, heads, length=None):
+    """q, k, v as [count, heads, length, hd] (count = seq // length; one image when length is None)."""
+    seq = qkv.shape[0]
+    head_dim = qkv.shape[1] // (3 * heads)
+    length = length or seq
+    shape = (seq // length, heads, length, head_dim)
+    q, k, v = (torch.empty(shape, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
+    block_s = 32
+    _vision_qkv_kernel[(triton.cdiv(seq, block_s), heads)](
+        qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(), q, k, v, seq, length,
+        HEADS=heads, HD=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_S=block_s, num_warps=4)
+    return q, k, v
+
+
+@triton.jit
+def _quick_gelu_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    dt = o_ptr.dtype.element_ty
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    scaled = (1.702 * x).to(dt).to(tl.float32)
+    s = (1.0 / (1.0 + libdevice.exp(-scaled))).to(dt).to(tl.float32)
+    tl.store(o_ptr + offsets, (x * s).to(dt), mask=mask)
+
+
+def quick_gelu(x):
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    block = 2048
+    _quick_gelu_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, num_warps=8)
+    return out
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, out_ptr, ml_ptr, scale, splits,
+                             k_b, k_h, k_s, mask_b,
+                             KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr,
+                             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One (row, K/V head, stretch of the cache): the head's query rows against keys 0..slot of the stretch."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + ((b * KV_HEADS + h) * GROUPS + g[:, None]) * HD + d[None, :], mask=(g < GROUPS)[:, None],
+                other=0.0)
+    visible = tl.load(slot_ptr) + 1
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, HD), tl.float32)
+    start = s * SPLIT
+    stop = tl.minimum(start + SPLIT, visible)
+    for n0 in range(start, stop, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        inside = n < stop
+        k = tl.load(k_ptr + b * k_b + h * k_h + n[:, None] * k_s + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        bias = tl.load(mask_ptr + b * mask_b + n, mask=inside, other=float("-inf")).to(tl.float32)
+        scores = scores * scale + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_ptr + b * k_b + h * k_h + n[:, None] * k_s + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    row = (b * KV_HEADS + h) * splits + s
+    tl.store(out_ptr + (row * G_PAD + g[:, None]) * HD + d[None, :], acc)
+    tl.store(ml_ptr + (row * 2) * G_PAD + g, m_i)
+    tl.store(ml_ptr + (row * 2 + 1) * G_PAD + g, l_i)
+
+
+@triton.jit
+def _decode_combine_kernel(out_ptr, ml_ptr, o_ptr, splits, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr,
+                           G_PAD: tl.constexpr, HD: tl.constexpr, S_PAD: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    gq = tl.program_id(2)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, HD)
+    row = (b * KV_HEADS + h) * splits + s
+    m = tl.load(ml_ptr + (row * 2) * G_PAD + gq, mask=s < splits, other=float("-inf"))
+    l = tl.load(ml_ptr + (row * 2 + 1) * G_PAD + gq, mask=s < splits, other=0.0)
+    top = tl.max(m, axis=0)
+    weight = tl.exp(m - top)
+    acc = tl.load(out_ptr + ((row * G_PAD + gq) * HD)[:, None] + d[None, :], mask=(s < splits)[:, None], other=0.0)
+    result = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(o_ptr + ((b * KV_HEADS + h) * GROUPS + gq) * HD + d, result.to(o_ptr.dtype.element_ty))
+
+
+def decode_attention(q, keys, values, mask, slot):
+    """q [B, kv, groups, hd] against cache slots 0..slot (additive mask [B, 1, 1, size]) -> [B, kv, groups, hd].
+
+    Split over the cache (flash-decoding): each program takes one stretch, a second kernel combines them,
+    so even batch 1 with 2 K/V heads spreads over the whole GPU.
+    """
+    batch, kv_heads, groups, head_dim = q.shape
+    size = keys.shape[2]
+    block_n = 64
+    split = 64 if batch * kv_heads * triton.cdiv(size, 64) <= 2048 else 256
+    splits = triton.cdiv(size, split)
+    g_pad = max(16, triton.next_power_of_2(groups))
+    partial = torch.empty((batch * kv_heads * splits, g_pad, head_dim), device=q.device, dtype=torch.float32)
+    ml = torch.empty((batch * kv_heads * splits, 2, g_pad), device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    _decode_attention_kernel[(batch, kv_heads, splits)](
+        q, keys, values, mask, slot, partial, ml, head_dim ** -0.5, splits,
+        keys.stride(0), keys.stride(1), keys.stride(2), mask.stride(0),
+        KV_HEADS=kv_heads, GROUPS=groups, G_PAD=g_pad, HD=head_dim, SPLIT=split, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, num_warps=4)
+    out = torch.empty_like(q)
+    _decode_combine_kernel[(batch, kv_heads, groups)](
+        partial, ml, out, splits, KV_HEADS=kv_heads, GROUPS=groups, G_PAD=g_pad, HD=head_dim,
+        S_PAD=triton.next_power_of_2(splits), num_warps=4)
+    return out

@@ -1,0 +1,134 @@
+"""Fused elementwise kernels for the fast path: Triton on CUDA, the same arithmetic in torch elsewhere.
+
+Each function rounds where HF's modules round (bf16/fp16 results of each torch op, float32 where HF
+upcasts), so fusing changes launch counts, not answers. The torch versions run on the CPU (and where
+Triton is missing); the Triton versions are checked against them by `benchmarks/gpu.py --check-kernels`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and triton_available()
+
+
+# ---- torch reference versions (HF's arithmetic) ------------------------------------------------------
+def add_rms_norm_torch(hidden, delta, weight, eps):
+    if delta is not None:
+        hidden = hidden + delta
+    variance = hidden.float().pow(2).mean(-1, keepdim=True)
+    return hidden, weight * (hidden.float() * torch.rsqrt(variance + eps)).to(hidden.dtype)
+
+
+def rope_store_torch(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
+    batch, head_dim = qkv.shape[0], keys.shape[-1]
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    cos, sin = angles.cos().to(qkv.dtype), angles.sin().to(qkv.dtype)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    q = qkv[:, :q_size].view(batch, heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(batch, kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].view(batch, kv_heads, head_dim)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    keys.index_copy_(2, slot, k[:, :, None])
+    values.index_copy_(2, slot, v[:, :, None])
+    return q
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def silu_mul_torch(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def vision_qkv_torch(qkv, cos, sin, heads, length=None):
+    """[seq, 3*dim] -> q, k (rotated in float32, as HF's apply_rotary_pos_emb_vision) and v, each
+    [seq // length, heads, length, hd]: one row per image when all images have `length` patches."""
+    seq = qkv.shape[0]
+    length = length or seq
+    q, k, v = qkv.reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    q = _rotate(q.float(), cos, sin).to(qkv.dtype)
+    k = _rotate(k.float(), cos, sin).to(qkv.dtype)
+    return tuple(x.reshape(seq // length, length, heads, -1).transpose(1, 2) for x in (q, k, v))
+
+
+def decode_attention_torch(q, keys, values, mask, slot):
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def quick_gelu_torch(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------
+def add_rms_norm(hidden, delta, weight, eps):
+    """(hidden + delta, RMSNorm(hidden + delta) * weight); on CUDA the sum is written into `hidden`."""
+    if not _use_triton(hidden):
+        return add_rms_norm_torch(hidden, delta, weight, eps)
+    from . import _triton
+
+    return _triton.add_rms_norm(hidden, delta, weight, eps)
+
+
+def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
+    """Rotate the step's q and k (text positions), write k and v at `slot` of the cache; q is [B, heads, hd]."""
+    head_dim = keys.shape[-1]
+    if not _use_triton(qkv) or head_dim & (head_dim - 1):
+        return rope_store_torch(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads)
+    from . import _triton
+
+    return _triton.rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads)
+
+
+def silu_mul(gate_up):
+    if not _use_triton(gate_up):
+        return silu_mul_torch(gate_up)
+    from . import _triton
+
+    return _triton.silu_mul(gate_up)
+
+
+def vision_qkv(qkv, cos, sin, heads, length=None):
+    if not _use_triton(qkv):
+        return vision_qkv_torch(qkv, cos, sin, heads, length)
+    from . import _triton
+
+    return _triton.vision_qkv(qkv, cos, sin, heads, length)
+
+
+def quick_gelu(x):
+    if not _use_triton(x):
+        return quick_gelu_torch(x)
+    from . import _triton
+
+    return _triton.quick_gelu(x)
+
+
+def decode_attention(q, keys, values, mask, slot):
+    """One decode step's attention: q [B, kv_heads, groups, hd] (the query heads that share a K/V head)
+    against the static cache [B, kv_heads, size, hd], additive mask [B, 1, 1, size], keys 0..slot written."""
+    head_dim = q.shape[-1]
+    if not _use_triton(q) or head_dim & (head_dim - 1) or head_dim < 16:
+        return decode_attention_torch(q, keys, values, mask, slot)
+    from . import _triton
+
+    return _triton.decode_attention(q, keys, values, mask, slot)
