@@ -123,6 +123,11 @@ def check_kernels() -> dict:
                 at = torch.tensor([filled - 1], device="cuda")
                 compare(f"decode_attention {tag} b{batch} cache{size}",
                         _triton.decode_attention(q, k, v, mask, at), kernels.decode_attention_torch(q, k, v, mask, at))
+        qkv = torch.randn(3, 1250, 2048, device="cuda", dtype=dtype)
+        angles = torch.randn(3, 1250, 64, device="cuda") * 100
+        cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+        compare(f"rope_prefill {tag}", _triton.rope_prefill(qkv, cos, sin, 12, 2),
+                kernels.rope_prefill_torch(qkv, cos, sin, 12, 2))
         x = torch.randn(4920 * 2, 3840, device="cuda", dtype=dtype)
         angles = torch.randn(4920 * 2, 40, device="cuda") * 30
         cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)

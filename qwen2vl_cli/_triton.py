@@ -13,7 +13,7 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _add_rms_kernel(h_ptr, d_ptr, w_ptr, o_ptr, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_kernel(h_ptr, d_ptr, w_ptr, s_ptr, o_ptr, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -22,7 +22,7 @@ def _add_rms_kernel(h_ptr, d_ptr, w_ptr, o_ptr, n, eps, HAS_DELTA: tl.constexpr,
     if HAS_DELTA:
         d = tl.load(d_ptr + row * n + cols, mask=mask, other=0.0)
         h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
-        tl.store(h_ptr + row * n + cols, h, mask=mask)
+        tl.store(s_ptr + row * n + cols, h, mask=mask)
     x = h.to(tl.float32)
     variance = tl.sum(x * x, axis=0) / n
     y = (x * libdevice.rsqrt(variance + eps)).to(dt)
@@ -30,15 +30,16 @@ def _add_rms_kernel(h_ptr, d_ptr, w_ptr, o_ptr, n, eps, HAS_DELTA: tl.constexpr,
     tl.store(o_ptr + row * n + cols, (w.to(tl.float32) * y.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(hidden, delta, weight, eps):
+def add_rms_norm(hidden, delta, weight, eps, inplace=False):
     n = hidden.shape[-1]
     hidden = hidden.contiguous()
+    total = hidden if inplace or delta is None else torch.empty_like(hidden)
     out = torch.empty_like(hidden)
     block = triton.next_power_of_2(n)
     _add_rms_kernel[(hidden.numel() // n,)](
-        hidden, delta.contiguous() if delta is not None else hidden, weight, out, n, eps,
+        hidden, delta.contiguous() if delta is not None else hidden, weight, total, out, n, eps,
         HAS_DELTA=delta is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
-    return hidden, out
+    return total, out
 
 
 @triton.jit
@@ -74,6 +75,47 @@ def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
         qkv, positions, inv_freq, slot, q, keys, values, qkv.stride(0), keys.stride(0), keys.stride(1),
         keys.stride(2), HEADS=heads, KV_HEADS=kv_heads, HD=head_dim, num_warps=1)
     return q
+
+
+@triton.jit
+def _rope_prefill_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, rows, length,
+                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Prompt tokens: rotate q and k (HF's bf16 rounding) and lay q, k, v out as [B, heads, L, hd]."""
+    r = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    d = tl.arange(0, HD)
+    inside = (r < rows)[:, None]
+    dt = q_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + r[:, None] * HD + d[None, :], mask=inside, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + r[:, None] * HD + d[None, :], mask=inside, other=0.0).to(tl.float32)
+    base = qkv_ptr + r[:, None] * ((HEADS + 2 * KV_HEADS) * HD) + h * HD
+    x = tl.load(base + d[None, :], mask=inside, other=0.0).to(tl.float32)
+    partner = tl.load(base + ((d + HALF) % HD)[None, :], mask=inside, other=0.0).to(tl.float32)
+    rotated = tl.where((d < HALF)[None, :], -partner, partner)
+    out = ((x * cos).to(dt).to(tl.float32) + (rotated * sin).to(dt).to(tl.float32)).to(dt)
+    b, t = r // length, r % length
+    if h < HEADS:
+        tl.store(q_ptr + ((b * HEADS + h) * length + t)[:, None] * HD + d[None, :], out, mask=inside)
+    else:
+        kv = h - HEADS
+        offset = ((b * KV_HEADS + kv) * length + t)[:, None] * HD + d[None, :]
+        tl.store(k_ptr + offset, out, mask=inside)
+        tl.store(v_ptr + offset, tl.load(base + KV_HEADS * HD + d[None, :], mask=inside, other=0.0), mask=inside)
+
+
+def rope_prefill(qkv, cos, sin, heads, kv_heads):
+    batch, length = qkv.shape[:2]
+    head_dim = cos.shape[-1]
+    q = torch.empty((batch, heads, length, head_dim), device=qkv.device, dtype=qkv.dtype)
+    k = torch.empty((batch, kv_heads, length, head_dim), device=qkv.device, dtype=qkv.dtype)
+    v = torch.empty_like(k)
+    block_s = 16
+    rows = batch * length
+    _rope_prefill_kernel[(triton.cdiv(rows, block_s), heads + kv_heads)](
+        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k, v, rows, length,
+        HEADS=heads, KV_HEADS=kv_heads, HD=head_dim, BLOCK_S=block_s, num_warps=4)
+    return q, k, v
 
 
 @triton.jit

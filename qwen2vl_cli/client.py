@@ -67,7 +67,7 @@ class RemoteSession:
     def load(self) -> "RemoteSession":
         return self
 
-    def prepare(self, requests: list[ChatRequest]):
+    def prepare(self, requests: list[ChatRequest], on_device: bool = False):
         return None
 
     def body(self, request: ChatRequest, stream: bool) -> dict:

@@ -38,6 +38,7 @@ class FastDecoder:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.lock = threading.Lock()
         install_vision(model)
+        install_text(model, self.layers)
 
     def _fuse(self, layer) -> dict:
         """One weight for q/k/v and one for gate/up; the HF modules keep views of them (no extra memory)."""
@@ -70,7 +71,7 @@ class FastDecoder:
         hidden, delta = self.language.embed_tokens(tokens), None
         q_size, groups = self.heads * self.head_dim, self.heads // self.kv_heads
         for index, w in enumerate(self.layers):
-            hidden, x = kernels.add_rms_norm(hidden, delta, w["norm1"], self.eps)
+            hidden, x = kernels.add_rms_norm(hidden, delta, w["norm1"], self.eps, inplace=True)
             qkv = F.linear(x, w["qkv"], w["bias"])
             q = kernels.rope_store(qkv, positions, self.inv_freq, slot, keys[index], values[index],
                                    self.heads, self.kv_heads)
@@ -78,7 +79,7 @@ class FastDecoder:
             grouped = q.view(batch, self.kv_heads, groups, self.head_dim)
             attended = kernels.decode_attention(grouped, keys[index], values[index], mask, slot)
             hidden, x = kernels.add_rms_norm(hidden, F.linear(attended.reshape(batch, q_size), w["o"]),
-                                             w["norm2"], self.eps)
+                                             w["norm2"], self.eps, inplace=True)
             delta = F.linear(kernels.silu_mul(F.linear(x, w["gate_up"])), w["down"])
         _, x = kernels.add_rms_norm(hidden, delta, self.language.norm.weight, self.eps)
         return self.model.lm_head(x).argmax(-1)
@@ -147,6 +148,75 @@ class FastDecoder:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = _Graph(self, batch, size)
         return self.graphs[key]
+
+
+def install_text(model, fused: list[dict]) -> None:
+    """The language model's layers with the fused kernels: one QKV and one gate/up product, rotary and the
+    split into heads in one kernel, residual add and RMSNorm in one, SiLU*mul in one. Same arithmetic as
+    HF's layer (which it replaces for every forward: the prefill, and `generate` when it is used)."""
+    import inspect
+    import types
+
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as stock
+
+    language = model.model.language_model
+    layers = language.layers
+    if (getattr(language, "_qwen2vl_fast", False) or stock.is_flash_attention_requested(language.config)
+            or not inspect.getsource(type(layers[0]).forward).rstrip().endswith("return hidden_states")):
+        return  # another layer contract than the one this mirrors: keep the stock code
+    text = model.config.text_config
+    section = _mrope_section(text)
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    merged: dict = {}  # the forward's cos/sin (one pair shared by all layers) -> M-RoPE sections merged
+
+    def rope(cos, sin):
+        if cos.dim() == 3:  # transformers that merge the sections in the rotary module already
+            return cos, sin
+        if merged.get("key") is not cos:
+            pick = lambda t: torch.cat([m[i % 3] for i, m in enumerate(t.split(section * 2, dim=-1))], -1)  # noqa: E731
+            merged.update(key=cos, value=(pick(cos), pick(sin)))
+        return merged["value"]
+
+    for layer, w in zip(layers, fused):
+        original = layer.forward
+
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, position_embeddings=None, *, _original=original, _w=w, **kwargs):
+            if position_embeddings is None or (position_embeddings[0].dim() == 4 and not section):
+                return _original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache,
+                                 position_embeddings=position_embeddings, **kwargs)
+            attention = self.self_attn
+            batch, length, _ = hidden_states.shape
+            eps = self.input_layernorm.variance_epsilon
+            _, x = kernels.add_rms_norm(hidden_states, None, _w["norm1"], eps)
+            q, k, v = kernels.rope_prefill(F.linear(x, _w["qkv"], _w["bias"]), *rope(*position_embeddings),
+                                           heads, kv_heads)
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, attention.layer_idx)
+            if attention_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=attention.scaling,
+                                                     enable_gqa=heads != kv_heads)
+            else:
+                if attention_mask.dtype != torch.bool and attention_mask.dtype != q.dtype:
+                    attention_mask = attention_mask.to(q.dtype)
+                k, v = (stock.repeat_kv(t, heads // kv_heads) for t in (k, v))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[..., :k.shape[-2]],
+                                                     scale=attention.scaling)
+            out = F.linear(out.transpose(1, 2).reshape(batch, length, -1), _w["o"])
+            hidden_states, x = kernels.add_rms_norm(hidden_states, out, _w["norm2"], eps)
+            return hidden_states + F.linear(kernels.silu_mul(F.linear(x, _w["gate_up"])), _w["down"])
+
+        layer.forward = types.MethodType(forward, layer)
+    language._qwen2vl_fast = True
+
+
+def _mrope_section(text_config) -> list[int]:
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, dict) and value.get("mrope_section"):
+            return list(value["mrope_section"])
+    return []
 
 
 def install_vision(model) -> None:

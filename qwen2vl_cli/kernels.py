@@ -54,6 +54,18 @@ def _rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def rope_prefill_torch(qkv, cos, sin, heads, kv_heads):
+    """[B, L, (heads + 2 kv) * hd] + merged M-RoPE cos/sin [B, L, hd] -> rotated q, k and v, [B, heads, L, hd]."""
+    batch, length = qkv.shape[:2]
+    head_dim = cos.shape[-1]
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    q = qkv[..., :q_size].view(batch, length, heads, head_dim).transpose(1, 2)
+    k = qkv[..., q_size:q_size + kv_size].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    v = qkv[..., q_size + kv_size:].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
 def silu_mul_torch(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -80,13 +92,13 @@ def quick_gelu_torch(x):
 
 
 # ---- dispatch ----------------------------------------------------------------------------------------
-def add_rms_norm(hidden, delta, weight, eps):
-    """(hidden + delta, RMSNorm(hidden + delta) * weight); on CUDA the sum is written into `hidden`."""
+def add_rms_norm(hidden, delta, weight, eps, inplace=False):
+    """(hidden + delta, RMSNorm(hidden + delta) * weight); `inplace` lets the sum overwrite `hidden`."""
     if not _use_triton(hidden):
         return add_rms_norm_torch(hidden, delta, weight, eps)
     from . import _triton
 
-    return _triton.add_rms_norm(hidden, delta, weight, eps)
+    return _triton.add_rms_norm(hidden, delta, weight, eps, inplace)
 
 
 def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
@@ -97,6 +109,15 @@ def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
     from . import _triton
 
     return _triton.rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads)
+
+
+def rope_prefill(qkv, cos, sin, heads, kv_heads):
+    head_dim = cos.shape[-1]
+    if not _use_triton(qkv) or head_dim & (head_dim - 1):
+        return rope_prefill_torch(qkv, cos, sin, heads, kv_heads)
+    from . import _triton
+
+    return _triton.rope_prefill(qkv, cos, sin, heads, kv_heads)
 
 
 def silu_mul(gate_up):

@@ -138,6 +138,7 @@ class ModelSession:
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self.fast = None  # FastDecoder, built on first greedy use where enabled
+        self._prepare_stream = None  # CUDA stream for GPU-side preprocessing
         self._streams = None  # one long-lived thread generates streamed answers: per-thread GPU caches stay warm
 
     # ---- loading -------------------------------------------------------------------------------
@@ -174,6 +175,10 @@ class ModelSession:
             raise ModelLoadError(self.spec.model, explain_load_failure(self.spec.model, exc)) from exc
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
+        import copy
+
+        # answers are decoded with a copy: decoding never waits for a batch being tokenized on another thread
+        self.detokenizer = copy.deepcopy(self.processor.tokenizer)
         self.device = device
         self.load_s = time.perf_counter() - start
         return self
@@ -230,16 +235,38 @@ class ModelSession:
             kwargs["do_sample_frames"] = False
         elif images and on_device and self.device and self.device.startswith("cuda"):
             kwargs["device"] = self.device
-        with self.tokenizer_lock:
-            inputs = self.processor(
-                text=[self.prompt_text(r) for r in requests], images=images or None, videos=videos or None,
-                padding=True, return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
+        texts = [self.prompt_text(r) for r in requests]
+        if "device" in kwargs:  # on a side stream, so that it runs beside the generation in flight
+            import torch
+
+            stream = self._side_stream()
+            with torch.cuda.stream(stream), self.tokenizer_lock:
+                inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                                        do_resize=False, **kwargs)
+            stream.synchronize()
+        else:
+            with self.tokenizer_lock:
+                inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
+                                        return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
         if self.device and self.device.startswith("cuda"):
             inputs = inputs.__class__({k: v if v.is_cuda else v.pin_memory() for k, v in inputs.items()})
         return inputs
 
+    def _side_stream(self):
+        import torch
+
+        if self._prepare_stream is None:
+            self._prepare_stream = torch.cuda.Stream(device=self.device)
+        return self._prepare_stream
+
     def to_device(self, inputs):
-        return inputs.to(self.model.device, non_blocking=True)
+        import torch
+
+        moved = inputs.to(self.model.device, non_blocking=True)
+        for value in moved.values():
+            if value.is_cuda:  # made on the side stream: keep its memory until this stream is done with it
+                value.record_stream(torch.cuda.current_stream(value.device))
+        return moved
 
     def generate_kwargs(self, options: GenerationOptions) -> dict:
         """generate() arguments: greedy unless sampling was asked for."""
@@ -295,7 +322,7 @@ class ModelSession:
         start = time.perf_counter()
         inputs = self.to_device(self.prepare([request], on_device=True))
         prompt_len = inputs["input_ids"].shape[1]
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.detokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _Stop()
         outcome: dict[str, Any] = {}
         first_token: list[float] = []
@@ -359,8 +386,7 @@ class ModelSession:
                 break
         else:
             reason = "length" if len(ids) >= options.max_new_tokens else "stop"
-        with self.tokenizer_lock:
-            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.detokenizer.decode(ids, skip_special_tokens=True)
         return Completion(text, prompt_tokens, len(ids), reason, first_token_s, total_s)
 
 
