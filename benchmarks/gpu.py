@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -52,27 +51,83 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def seed_recipe(model, processor, paths: list[Path], batch: int) -> tuple[float, list[list[int]]]:
+def load_stock(checkpoint: Path, dtype: str):
+    """The checkpoint as the seed recipe loads it: plain transformers, none of qwen2vl's changes."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype), attn_implementation="sdpa", device_map="cuda").eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def _conversation(path: Path) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image", "image": f"file://{path}", "max_pixels": MAX_PIXELS},
+        {"type": "text", "text": "Describe this image."}]}]
+
+
+def seed_recipe(model, processor, paths: list[Path], batch: int, new_tokens: int = NEW_TOKENS
+                ) -> tuple[float, list[list[int]]]:
     """The model card's recipe, `batch` images per generate call; returns (seconds, generated ids)."""
     import torch
     from qwen_vl_utils import process_vision_info
 
-    processor.tokenizer.padding_side = "left"
     outputs = []
     synchronize()
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
-        conversations = [[{"role": "user", "content": [
-            {"type": "image", "image": f"file://{p}", "max_pixels": MAX_PIXELS},
-            {"type": "text", "text": "Describe this image."}]}] for p in paths[i:i + batch]]
+        conversations = [_conversation(p) for p in paths[i:i + batch]]
         texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         images, _ = process_vision_info(conversations)
         inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to("cuda")
         with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            ids = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         outputs += ids[:, inputs.input_ids.shape[1]:].tolist()
     synchronize()
     return time.perf_counter() - start, outputs
+
+
+def seed_stream(model, processor, path: Path) -> tuple[float, float]:
+    """The seed recipe streaming one answer: (time to first token, decode tokens/s); the image is decoded
+    and resized before the clock starts, as for qwen2vl's measurement."""
+    import torch
+    from qwen_vl_utils import process_vision_info
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.calls, self.tokens, self.first = 0, 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls >= 2:  # the first call carries the prompt
+                self.first = self.first or time.perf_counter()
+                self.tokens += value.numel()
+
+        def end(self):
+            synchronize()
+            self.done = time.perf_counter()
+
+    conversation = _conversation(path)
+    images, _ = process_vision_info([conversation])
+    clock = Clock()
+    start = time.perf_counter()
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, return_tensors="pt").to("cuda")
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                       streamer=clock)
+    return clock.first - start, (clock.tokens - 1) / (clock.done - clock.first)
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, str]:
+    """(share of token positions that agree, 'identical/total' answers)."""
+    same = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(ours, theirs))
+    total = max(1, sum(len(y) for y in theirs))
+    return round(same / total, 4), f"{sum(x == y for x, y in zip(ours, theirs))}/{len(theirs)}"
 
 
 def check_kernels() -> dict:
@@ -126,8 +181,9 @@ def check_kernels() -> dict:
         qkv = torch.randn(3, 1250, 2048, device="cuda", dtype=dtype)
         angles = torch.randn(3, 1250, 64, device="cuda") * 100
         cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
-        compare(f"rope_prefill {tag}", _triton.rope_prefill(qkv, cos, sin, 12, 2),
-                kernels.rope_prefill_torch(qkv, cos, sin, 12, 2))
+        for part, ours, reference in zip("qkv", _triton.rope_prefill(qkv, cos, sin, 12, 2),
+                                         kernels.rope_prefill_torch(qkv, cos, sin, 12, 2)):
+            compare(f"rope_prefill {tag} {part}", ours, reference)
         x = torch.randn(4920 * 2, 3840, device="cuda", dtype=dtype)
         angles = torch.randn(4920 * 2, 40, device="cuda") * 30
         cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
@@ -189,7 +245,6 @@ def breakdown(session, request, requests, profile_path: Path | None = None) -> d
             lambda: model.model.visual(big["pixel_values"], grid_thw=big["image_grid_thw"]), 3) / count, 2)
         out[f"prefill_ms_per_image_batch{count}"] = round(cuda_ms(
             lambda: model(**big, use_cache=True, logits_to_keep=1), 3) / count, 2)
-        del big
     for (batch, size), graph in session.fast.graphs.items():
         if graph.graph is not None:
             out[f"decode_step_ms_batch{batch}_cache{size}"] = round(cuda_ms(
@@ -213,7 +268,7 @@ def main() -> None:
     parser.add_argument("--session-batch-size", type=int, default=None, help="qwen2vl's (default: from free memory)")
     parser.add_argument("--seed-images", type=int, default=64, help="images for the (slow) seed recipe")
     parser.add_argument("--json-out", default=None)
-    parser.add_argument("--check-float32", action="store_true", help="also compare fast path and generate in float32")
+    parser.add_argument("--check-float32", action="store_true", help="also compare qwen2vl and the seed recipe in float32")
     parser.add_argument("--check-kernels", action="store_true", help="compare the Triton kernels with torch's")
     parser.add_argument("--breakdown", action="store_true", help="time the parts: preprocessing, vision, prefill, step")
     parser.add_argument("--skip-seed", action="store_true", help="leave out the (slow) seed recipe")
@@ -242,37 +297,43 @@ def main() -> None:
     checkpoint = build_checkpoint(work / "ckpt", args.model_size, std=0.02, dtype="bfloat16", device="cuda")
     report["checkpoint_build_s"] = round(time.perf_counter() - start, 1)
     paths = make_photos(work / "photos", args.images)
+    same_paths = paths[:16]  # the answers compared token by token
+
+    # ---- the seed recipe, on a model loaded by plain transformers ------------------------------
+    stock, stock_processor = load_stock(checkpoint, "bfloat16")
+    seed_stream(stock, stock_processor, paths[1])  # warm-up
+    ttft, rate = min((seed_stream(stock, stock_processor, paths[0]) for _ in range(2)), key=lambda r: r[0])
+    report["seed_ttft_ms_batch1"], report["seed_decode_tokens_per_s_batch1"] = round(ttft * 1000, 1), round(rate, 1)
+    _, stock_ids = seed_recipe(stock, stock_processor, same_paths, 16)
+    if not args.skip_seed:
+        seconds, _ = seed_recipe(stock, stock_processor, paths[:8], 1)
+        report["seed_per_image_images_per_s"] = round(8 / seconds, 2)
+        torch.cuda.reset_peak_memory_stats()
+        seconds, _ = seed_recipe(stock, stock_processor, paths[:args.seed_images], args.batch_size)
+        report["seed_batched_images_per_s"] = round(args.seed_images / seconds, 2)
+        report["seed_batched_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del stock
+    torch.cuda.empty_cache()
 
     # ---- qwen2vl's session path ---------------------------------------------------------------
-    torch.cuda.empty_cache()
     session = ModelSession(ModelSpec(model=str(checkpoint), device="cuda", dtype="bfloat16", attn="sdpa"))
     start = time.perf_counter()
     session.load()
     synchronize()
     report["load_s"] = round(time.perf_counter() - start, 2)
-    session.model.generation_config.min_new_tokens = NEW_TOKENS  # equal work: every answer 128 tokens ...
-    session.model.generation_config.eos_token_id = [151935]  # ... (the fast path reads eos; this id is unused)
-    options = GenerationOptions(max_new_tokens=NEW_TOKENS)
+    session.model.generation_config.eos_token_id = [151935]  # an unused id: every answer is 128 tokens, as
+    options = GenerationOptions(max_new_tokens=NEW_TOKENS)  # min_new_tokens makes them in the seed recipe
     image = resolve_image(str(paths[0]), ImageOptions(max_pixels=MAX_PIXELS))
     request = ChatRequest("Describe this image.", [Media("image", str(paths[0]), image)], generation=options)
     start = time.perf_counter()
-    list(session.stream(request))  # warm-up: kernels, allocator
+    list(session.stream(request))  # warm-up: kernels, CUDA graph
     report["warmup_s"] = round(time.perf_counter() - start, 2)
     torch.cuda.reset_peak_memory_stats()
-    stream_runs = []
-    for _ in range(3):
-        events = list(session.stream(request))
-        done: Completion = events[-1]
-        stream_runs.append(done)
-    best = min(stream_runs, key=lambda c: c.total_s)
-    report["ttft_ms_batch1"] = round(best.first_token_s * 1000, 1)
+    runs = [list(session.stream(request))[-1] for _ in range(3)]
+    best: Completion = min(runs, key=lambda c: c.total_s)
+    report["ttft_ms_batch1"] = round(min(c.first_token_s for c in runs) * 1000, 1)
     report["decode_tokens_per_s_batch1"] = round((best.completion_tokens - 1) / (best.total_s - best.first_token_s), 1)
     report["peak_gib_batch1"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    os.environ["QWEN2VL_FASTPATH"] = "off"  # the same request through plain generate, for comparison
-    plain = min((list(session.stream(request))[-1] for _ in range(2)), key=lambda c: c.total_s)
-    os.environ.pop("QWEN2VL_FASTPATH")
-    report["plain_ttft_ms_batch1"] = round(plain.first_token_s * 1000, 1)
-    report["plain_decode_tokens_per_s_batch1"] = round((plain.completion_tokens - 1) / (plain.total_s - plain.first_token_s), 1)
 
     torch.cuda.reset_peak_memory_stats()
     items = [BatchItem(str(p)) for p in paths]
@@ -295,82 +356,53 @@ def main() -> None:
     report["session_batch_size"] = args.session_batch_size or auto_batch_size(session, config)
     report["session_batch_failed"] = summary.failed
     report["session_batch_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    session_ids = {
-        str(p): session.processor.tokenizer(texts[str(p)], add_special_tokens=False).input_ids
-        for p in paths[: args.seed_images] if texts.get(str(p)) is not None}
     if args.breakdown:
         resolved = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
-            str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=options) for p in paths[:16]]
+            str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=options) for p in same_paths]
         report["breakdown"] = breakdown(session, request, resolved,
                                         Path(args.json_out).with_suffix(".prof.txt") if args.json_out else None)
         print(json.dumps(report["breakdown"], indent=1), flush=True)
 
-    # fast path vs plain generate on the very same batch: the like-for-like correctness check
-    same = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(str(p), ImageOptions(max_pixels=MAX_PIXELS)))],
-                        generation=options) for p in paths[:16]]
-    fast = session.generate_batch(same)
-    os.environ["QWEN2VL_FASTPATH"] = "off"
-    plain_batch = session.generate_batch(same)
-    os.environ.pop("QWEN2VL_FASTPATH")
-    tokenize = lambda text: session.processor.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    pairs = [(tokenize(a.text), tokenize(b.text)) for a, b in zip(fast, plain_batch)]
-    report["token_agreement_fast_vs_generate_same_batch"] = round(
-        sum(sum(x == y for x, y in zip(a, b)) for a, b in pairs) / max(1, sum(len(b) for _, b in pairs)), 4)
-    report["identical_answers_fast_vs_generate"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
-
-    if args.check_float32:  # the same comparison in float32: rounding cannot flip greedy choices there
-        del fast, plain_batch
+    # ---- same answers: qwen2vl batch vs the seed recipe batched, on the same 16 photos ----------
+    tokenizer = session.processor.tokenizer
+    tokenize = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    ours = [tokenize(texts[str(p)]) for p in same_paths]
+    theirs = [tokenize(stock_processor.tokenizer.decode(ids, skip_special_tokens=True)) for ids in stock_ids]
+    report["token_agreement_bf16"], report["identical_answers_bf16"] = agreement(ours, theirs)
+    if args.check_float32:  # the same in float32, where rounding rarely flips a greedy choice
+        del session
+        torch.cuda.empty_cache()
+        stock32, processor32 = load_stock(checkpoint, "float32")
+        _, theirs32 = seed_recipe(stock32, processor32, same_paths, 16, new_tokens=64)
+        del stock32
+        torch.cuda.empty_cache()
         session32 = ModelSession(ModelSpec(model=str(checkpoint), device="cuda", dtype="float32", attn="sdpa")).load()
         session32.model.generation_config.eos_token_id = [151935]
-        short = [ChatRequest(r.prompt, r.media, generation=GenerationOptions(max_new_tokens=64)) for r in same]
-        fast32 = session32.generate_batch(short)
-        os.environ["QWEN2VL_FASTPATH"] = "off"
-        plain32 = session32.generate_batch(short)
-        os.environ.pop("QWEN2VL_FASTPATH")
-        report["identical_answers_fast_vs_generate_float32"] = f"{sum(a.text == b.text for a, b in zip(fast32, plain32))}/{len(short)}"
-        del session32, fast32, plain32
-        torch.cuda.empty_cache()
-
-    # ---- the seed recipe ------------------------------------------------------------------------
-    model, processor = session.model, session.processor
-    if args.skip_seed:
-        seed_paths = []
-        report.update(seed_per_image_images_per_s=None, seed_batched_images_per_s=None, seed_batched_peak_gib=None)
-    else:
-        seed_paths = paths[: args.seed_images]
-        seconds, _ = seed_recipe(model, processor, seed_paths[:8], 1)
-        report["seed_per_image_images_per_s"] = round(8 / seconds, 2)
-        torch.cuda.reset_peak_memory_stats()
-        seconds, seed_ids = seed_recipe(model, processor, seed_paths, args.batch_size)
-        report["seed_batched_images_per_s"] = round(len(seed_paths) / seconds, 2)
-        report["seed_batched_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    agree = total = 0
-    for path, ids in zip(seed_paths, seed_ids if seed_paths else []):
-        ours = session_ids.get(str(path), [])
-        seed_text = processor.tokenizer.decode(ids, skip_special_tokens=True)
-        seed_tokens = processor.tokenizer(seed_text, add_special_tokens=False).input_ids
-        total += max(len(seed_tokens), 1)
-        agree += sum(a == b for a, b in zip(ours, seed_tokens))
-    report["token_agreement_session_vs_seed"] = round(agree / max(total, 1), 4)
+        short = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
+            str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=GenerationOptions(max_new_tokens=64))
+            for p in same_paths]
+        ours32 = [tokenize(c.text) for c in session32.generate_batch(short)]
+        theirs32 = [tokenize(processor32.tokenizer.decode(ids, skip_special_tokens=True)) for ids in theirs32]
+        report["token_agreement_float32"], report["identical_answers_float32"] = agreement(ours32, theirs32)
 
     rows = [
         ("model load (local safetensors)", f"{report['load_s']} s"),
-        ("warm-up (first request)", f"{report['warmup_s']} s"),
+        ("warm-up (first request: kernels, CUDA graph)", f"{report['warmup_s']} s"),
         ("time to first token, 1230-token image", f"{report['ttft_ms_batch1']} ms "
-                                                   f"(plain generate {report['plain_ttft_ms_batch1']} ms)"),
+                                                   f"(seed recipe {report['seed_ttft_ms_batch1']} ms)"),
         ("decode, batch 1", f"{report['decode_tokens_per_s_batch1']} tokens/s "
-                            f"(plain generate {report['plain_decode_tokens_per_s_batch1']})"),
-        ("seed recipe, one image per generate", f"{report['seed_per_image_images_per_s']} images/s"),
-        (f"seed recipe, batch {args.batch_size}", f"{report['seed_batched_images_per_s']} images/s, "
-                                                   f"{report['seed_batched_peak_gib']} GiB peak"),
+                            f"(seed recipe {report['seed_decode_tokens_per_s_batch1']})"),
         (f"qwen2vl batch, batch {report['session_batch_size']}", f"{report['session_batch_images_per_s']} images/s, "
                                                     f"{report['session_batch_peak_gib']} GiB peak"),
-        ("token agreement, fast path vs generate, same batch of 16",
-         f"{report['token_agreement_fast_vs_generate_same_batch']:.2%} "
-         f"({report['identical_answers_fast_vs_generate']} answers identical)"),
-        *([("answers identical, fast path vs generate, float32 on the GPU",
-            report["identical_answers_fast_vs_generate_float32"])] if args.check_float32 else []),
-        ("token agreement, qwen2vl batch vs seed recipe", f"{report['token_agreement_session_vs_seed']:.2%}"),
+        *([("seed recipe, one image per generate", f"{report['seed_per_image_images_per_s']} images/s"),
+           (f"seed recipe, batch {args.batch_size}", f"{report['seed_batched_images_per_s']} images/s, "
+                                                      f"{report['seed_batched_peak_gib']} GiB peak")]
+          if not args.skip_seed else []),
+        ("same 16 photos, qwen2vl batch vs seed recipe, bf16",
+         f"{report['token_agreement_bf16']:.2%} of tokens ({report['identical_answers_bf16']} answers identical)"),
+        *([("the same in float32 (64 tokens)", f"{report['token_agreement_float32']:.2%} of tokens "
+                                                f"({report['identical_answers_float32']} answers identical)")]
+          if args.check_float32 else []),
     ]
     print(f"\n{report['gpu']}, driver {report['driver']}, torch {report['torch']}, "
           f"transformers {report['transformers']}; {report['model']}")

@@ -22,12 +22,8 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and triton_available()
-
-
 # ---- torch reference versions (HF's arithmetic) ------------------------------------------------------
-def add_rms_norm_torch(hidden, delta, weight, eps):
+def add_rms_norm_torch(hidden, delta, weight, eps, inplace=False):  # the sum is a new tensor here either way
     if delta is not None:
         hidden = hidden + delta
     variance = hidden.float().pow(2).mean(-1, keepdim=True)
@@ -92,64 +88,59 @@ def quick_gelu_torch(x):
 
 
 # ---- dispatch ----------------------------------------------------------------------------------------
+_broken: list[str] = []  # why Triton failed, once; everything then runs the torch versions
+
+
+def _run(name: str, fallback, *args, triton_ok: bool = True):
+    """The Triton version of `name` for CUDA tensors, else (or if Triton cannot compile here) `fallback`."""
+    if triton_ok and not _broken and args[0].is_cuda and triton_available():
+        try:
+            from . import _triton
+
+            return getattr(_triton, name)(*args)
+        except Exception as exc:  # noqa: BLE001 - a missing compiler or an old GPU: stay correct, run slower
+            import sys
+
+            _broken.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            print(f"qwen2vl: warning: fused GPU kernels unavailable ({_broken[0]}); using plain torch ops",
+                  file=sys.stderr)
+    return fallback(*args)
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
 def add_rms_norm(hidden, delta, weight, eps, inplace=False):
     """(hidden + delta, RMSNorm(hidden + delta) * weight); `inplace` lets the sum overwrite `hidden`."""
-    if not _use_triton(hidden):
-        return add_rms_norm_torch(hidden, delta, weight, eps)
-    from . import _triton
-
-    return _triton.add_rms_norm(hidden, delta, weight, eps, inplace)
+    return _run("add_rms_norm", add_rms_norm_torch, hidden, delta, weight, eps, inplace)
 
 
 def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
     """Rotate the step's q and k (text positions), write k and v at `slot` of the cache; q is [B, heads, hd]."""
-    head_dim = keys.shape[-1]
-    if not _use_triton(qkv) or head_dim & (head_dim - 1):
-        return rope_store_torch(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads)
-    from . import _triton
-
-    return _triton.rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads)
+    return _run("rope_store", rope_store_torch, qkv, positions, inv_freq, slot, keys, values, heads, kv_heads,
+                triton_ok=_power_of_two(keys.shape[-1]))
 
 
 def rope_prefill(qkv, cos, sin, heads, kv_heads):
-    head_dim = cos.shape[-1]
-    if not _use_triton(qkv) or head_dim & (head_dim - 1):
-        return rope_prefill_torch(qkv, cos, sin, heads, kv_heads)
-    from . import _triton
-
-    return _triton.rope_prefill(qkv, cos, sin, heads, kv_heads)
+    return _run("rope_prefill", rope_prefill_torch, qkv, cos, sin, heads, kv_heads,
+                triton_ok=_power_of_two(cos.shape[-1]))
 
 
 def silu_mul(gate_up):
-    if not _use_triton(gate_up):
-        return silu_mul_torch(gate_up)
-    from . import _triton
-
-    return _triton.silu_mul(gate_up)
+    return _run("silu_mul", silu_mul_torch, gate_up)
 
 
 def vision_qkv(qkv, cos, sin, heads, length=None):
-    if not _use_triton(qkv):
-        return vision_qkv_torch(qkv, cos, sin, heads, length)
-    from . import _triton
-
-    return _triton.vision_qkv(qkv, cos, sin, heads, length)
+    return _run("vision_qkv", vision_qkv_torch, qkv, cos, sin, heads, length)
 
 
 def quick_gelu(x):
-    if not _use_triton(x):
-        return quick_gelu_torch(x)
-    from . import _triton
-
-    return _triton.quick_gelu(x)
+    return _run("quick_gelu", quick_gelu_torch, x)
 
 
 def decode_attention(q, keys, values, mask, slot):
     """One decode step's attention: q [B, kv_heads, groups, hd] (the query heads that share a K/V head)
     against the static cache [B, kv_heads, size, hd], additive mask [B, 1, 1, size], keys 0..slot written."""
-    head_dim = q.shape[-1]
-    if not _use_triton(q) or head_dim & (head_dim - 1) or head_dim < 16:
-        return decode_attention_torch(q, keys, values, mask, slot)
-    from . import _triton
-
-    return _triton.decode_attention(q, keys, values, mask, slot)
+    return _run("decode_attention", decode_attention_torch, q, keys, values, mask, slot,
+                triton_ok=_power_of_two(q.shape[-1]))

@@ -1,0 +1,79 @@
+"""The fast path's pieces against HF's own modules (on the CPU; the GPU's Triton kernels are checked against
+these same torch versions by `benchmarks/gpu.py --check-kernels`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from transformers.models.qwen2_vl import modeling_qwen2_vl as stock
+
+from qwen2vl_cli import kernels
+
+from .conftest import noise_image
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_references_are_hfs_arithmetic(dtype):
+    """Bit for bit: each torch version rounds where HF's modules round."""
+    torch.manual_seed(1)
+    hidden, delta = torch.randn(3, 5, 64, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
+    norm = stock.Qwen2VLRMSNorm(64, eps=1e-6).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(64)).to(dtype)
+    total, normed = kernels.add_rms_norm_torch(hidden, delta, norm.weight, 1e-6)
+    assert torch.equal(total, hidden + delta) and torch.equal(normed, norm(hidden + delta))
+
+    gate_up = torch.randn(4, 2 * 48, dtype=dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(kernels.silu_mul_torch(gate_up), ACT2FN["silu"](gate) * up)
+
+    x = torch.randn(4, 96, dtype=dtype) * 3
+    assert torch.equal(kernels.quick_gelu_torch(x), ACT2FN["quick_gelu"](x))
+
+    # prompt rotary: q/k/v split into heads, HF's apply_rotary_pos_emb
+    heads, kv_heads, head_dim, length = 4, 2, 16, 7
+    qkv = torch.randn(2, length, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    angles = torch.randn(2, length, head_dim // 2) * 50
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    q, k, v = kernels.rope_prefill_torch(qkv, cos, sin, heads, kv_heads)
+    split = lambda t, n: t.view(2, length, n, head_dim).transpose(1, 2)  # noqa: E731
+    q_ref, k_ref = stock.apply_rotary_pos_emb(split(qkv[..., :64], heads), split(qkv[..., 64:96], kv_heads), cos, sin)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, split(qkv[..., 96:], kv_heads))
+
+    # vision rotary (float32 inside, as HF), laid out per image for one attention call
+    seq, vheads, vdim = 12, 2, 16
+    vqkv = torch.randn(seq, 3 * vheads * vdim, dtype=dtype)
+    vangles = torch.randn(seq, vdim // 2) * 20
+    vcos, vsin = torch.cat([vangles.cos()] * 2, -1), torch.cat([vangles.sin()] * 2, -1)
+    q, k, v = kernels.vision_qkv_torch(vqkv, vcos, vsin, vheads, length=6)
+    q_all, k_all, v_all = vqkv.reshape(seq, 3, vheads, vdim).permute(1, 0, 2, 3).unbind(0)
+    q_ref, k_ref = stock.apply_rotary_pos_emb_vision(q_all, k_all, vcos, vsin)
+    per_image = lambda t: t.reshape(2, 6, vheads, vdim).transpose(1, 2)  # noqa: E731
+    assert torch.equal(q, per_image(q_ref)) and torch.equal(k, per_image(k_ref)) and torch.equal(v, per_image(v_all))
+
+
+def test_fast_modules_keep_the_models_answers(tiny_model):
+    """The patched vision tower and text layers: same logits (float32 rounding) and the same greedy answers,
+    for a padded batch of images of different sizes, and for two images of one size (one attention call)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from qwen2vl_cli.fastpath import FastDecoder
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    processor.tokenizer.padding_side = "left"
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    text = "<|vision_start|><|image_pad|><|vision_end|>"
+    batches = [
+        ([noise_image(84, 112, 1), noise_image(56, 56, 2)], [text + "What is this?", text + "Describe it in detail."]),
+        ([noise_image(84, 56, 3), noise_image(84, 56, 4)], [text + "Compare.", text + "Compare."]),
+    ]
+    inputs = [processor(text=t, images=i, padding=True, return_tensors="pt") for i, t in batches]
+    with torch.inference_mode():
+        before = [(model(**x).logits, model.generate(**x, max_new_tokens=10, do_sample=False)) for x in inputs]
+        FastDecoder(model)
+        assert model.model.visual._qwen2vl_fast and model.model.language_model._qwen2vl_fast
+        after = [(model(**x).logits, model.generate(**x, max_new_tokens=10, do_sample=False)) for x in inputs]
+    for (logits, ids), (new_logits, new_ids) in zip(before, after):
+        assert torch.allclose(logits, new_logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
+        assert torch.equal(ids, new_ids)
+    assert not torch.equal(before[0][1][0], before[0][1][1])  # the two answers differ: the test can fail
