@@ -13,6 +13,17 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
+def _rounded(x, dt: tl.constexpr):
+    """x (float32) rounded to `dt` and back, as a torch op with a `dt` result rounds. For bf16 this is done
+    with integer arithmetic: the compiler folds a plain float round trip away (seen in the rotary kernels)."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000  # round to nearest, ties to even
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _add_rms_kernel(h_ptr, d_ptr, w_ptr, s_ptr, o_ptr, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -51,13 +62,13 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
     dt = q_ptr.dtype.element_ty
     d = tl.arange(0, HD)
     angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_ptr + (d % HALF))
-    cos = libdevice.cos(angle).to(dt).to(tl.float32)
-    sin = libdevice.sin(angle).to(dt).to(tl.float32)
+    cos = _rounded(libdevice.cos(angle), dt)
+    sin = _rounded(libdevice.sin(angle), dt)
     base = qkv_ptr + b * qkv_row + h * HD
     x = tl.load(base + d).to(tl.float32)
     partner = tl.load(base + (d + HALF) % HD).to(tl.float32)
     rotated = tl.where(d < HALF, -partner, partner)
-    out = ((x * cos).to(dt).to(tl.float32) + (rotated * sin).to(dt).to(tl.float32)).to(dt)
+    out = (_rounded(x * cos, dt) + _rounded(rotated * sin, dt)).to(dt)
     if h < HEADS:
         tl.store(q_ptr + (b * HEADS + h) * HD + d, out)
     else:
@@ -93,7 +104,7 @@ def _rope_prefill_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, rows, l
     x = tl.load(base + d[None, :], mask=inside, other=0.0).to(tl.float32)
     partner = tl.load(base + ((d + HALF) % HD)[None, :], mask=inside, other=0.0).to(tl.float32)
     rotated = tl.where((d < HALF)[None, :], -partner, partner)
-    out = ((x * cos).to(dt).to(tl.float32) + (rotated * sin).to(dt).to(tl.float32)).to(dt)
+    out = (_rounded(x * cos, dt) + _rounded(rotated * sin, dt)).to(dt)
     b, t = r // length, r % length
     if h < HEADS:
         tl.store(q_ptr + ((b * HEADS + h) * length + t)[:, None] * HD + d[None, :], out, mask=inside)
@@ -126,7 +137,7 @@ def _silu_mul_kernel(gu_ptr, o_ptr, n, BLOCK: tl.constexpr):
     dt = o_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * n + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * n + n + cols, mask=mask, other=0.0).to(tl.float32)
-    s = (g / (1.0 + libdevice.exp(-g))).to(dt).to(tl.float32)
+    s = _rounded(g / (1.0 + libdevice.exp(-g)), dt)
     tl.store(o_ptr + row * n + cols, (s * u).to(dt), mask=mask)
 
 
@@ -183,8 +194,8 @@ def _quick_gelu_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     mask = offsets < n
     dt = o_ptr.dtype.element_ty
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    scaled = (1.702 * x).to(dt).to(tl.float32)
-    s = (1.0 / (1.0 + libdevice.exp(-scaled))).to(dt).to(tl.float32)
+    scaled = _rounded(1.702 * x, dt)
+    s = _rounded(1.0 / (1.0 + libdevice.exp(-scaled)), dt)
     tl.store(o_ptr + offsets, (x * s).to(dt), mask=mask)
 
 
