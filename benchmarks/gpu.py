@@ -272,6 +272,7 @@ def main() -> None:
     parser.add_argument("--check-kernels", action="store_true", help="compare the Triton kernels with torch's")
     parser.add_argument("--breakdown", action="store_true", help="time the parts: preprocessing, vision, prefill, step")
     parser.add_argument("--skip-seed", action="store_true", help="leave out the (slow) seed recipe")
+    parser.add_argument("--cprofile", action="store_true", help="where the host's time goes up to a first token")
     args = parser.parse_args()
 
     import torch
@@ -356,6 +357,22 @@ def main() -> None:
     report["session_batch_size"] = args.session_batch_size or auto_batch_size(session, config)
     report["session_batch_failed"] = summary.failed
     report["session_batch_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.cprofile and args.json_out:
+        import cProfile
+        import io
+        import pstats
+
+        first_only = ChatRequest(request.prompt, request.media, generation=GenerationOptions(max_new_tokens=1))
+        list(session.stream(first_only))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            list(session.stream(first_only))
+        profiler.disable()
+        text = io.StringIO()
+        for order in ("tottime", "cumulative"):
+            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(45)
+        Path(args.json_out).with_suffix(".cprofile.txt").write_text(text.getvalue())
     if args.breakdown:
         resolved = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
             str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=options) for p in same_paths]
