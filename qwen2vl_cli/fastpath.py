@@ -1,11 +1,14 @@
-"""Fast greedy decoding for Qwen2-VL: HF's own forward for the prefill (vision tower, M-RoPE, the
-prompt), then a decode step written against the same weights with a static KV cache, fused QKV and
-gate/up projections, grouped-query attention without copying K/V, and, on CUDA, the whole step
-captured once in a CUDA graph and replayed for every token.
+"""The GPU fast path for Qwen2-VL, over the loaded model's own weights:
+
+- FastDecoder: greedy decoding with a static KV cache, fused QKV and gate/up projections and the fused
+  kernels of kernels.py; on CUDA the whole step is one CUDA graph that feeds itself (next token,
+  position, cache slot) and is replayed for every token while the host reads tokens one step behind.
+- install_vision / install_text: the vision tower and the language model's layers, same arithmetic with
+  fewer kernels and no host syncs, used by every forward (the prefill, and `generate` when it runs).
 
 It follows HF's arithmetic (RMSNorm in float32, RoPE cos/sin in float32 cast to the model dtype, text
-positions plus rope_deltas), so greedy answers equal `model.generate`'s; tests check that in float32.
-Sampling and repetition penalties stay on `generate`.
+positions plus rope_deltas), so greedy answers equal `model.generate`'s: tests check that in float32 on
+the CPU, the benchmark on the GPU. Sampling and repetition penalties stay on `generate`.
 """
 
 from __future__ import annotations
@@ -161,8 +164,12 @@ def install_text(model, fused: list[dict]) -> None:
 
     language = model.model.language_model
     layers = language.layers
+    try:
+        returns_tensor = inspect.getsource(type(layers[0]).forward).rstrip().endswith("return hidden_states")
+    except (OSError, TypeError):  # no source to read: assume nothing
+        returns_tensor = False
     if (getattr(language, "_qwen2vl_fast", False) or stock.is_flash_attention_requested(language.config)
-            or not inspect.getsource(type(layers[0]).forward).rstrip().endswith("return hidden_states")):
+            or not returns_tensor):
         return  # another layer contract than the one this mirrors: keep the stock code
     text = model.config.text_config
     section = _mrope_section(text)

@@ -98,6 +98,8 @@ def _run(name: str, fallback, *args, triton_ok: bool = True):
             from . import _triton
 
             return getattr(_triton, name)(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller's to handle (the batch runner splits the batch)
         except Exception as exc:  # noqa: BLE001 - a missing compiler or an old GPU: stay correct, run slower
             import sys
 
