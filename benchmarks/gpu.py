@@ -307,8 +307,13 @@ def main() -> None:
     report["seed_ttft_ms_batch1"], report["seed_decode_tokens_per_s_batch1"] = round(ttft * 1000, 1), round(rate, 1)
     _, stock_ids = seed_recipe(stock, stock_processor, same_paths, 16)
     if not args.skip_seed:
-        seconds, _ = seed_recipe(stock, stock_processor, paths[:8], 1)
+        seconds, alone_ids = seed_recipe(stock, stock_processor, paths[:8], 1)
         report["seed_per_image_images_per_s"] = round(8 / seconds, 2)
+        # the recipe against itself, one image per call vs 16 per call: bf16's own spread in answers
+        decoded = lambda rows: [stock_processor.tokenizer(stock_processor.tokenizer.decode(  # noqa: E731
+            ids, skip_special_tokens=True), add_special_tokens=False).input_ids for ids in rows]
+        report["seed_alone_vs_batched_agreement_bf16"], report["seed_alone_vs_batched_identical_bf16"] = agreement(
+            decoded(alone_ids), decoded(stock_ids[:8]))
         torch.cuda.reset_peak_memory_stats()
         seconds, _ = seed_recipe(stock, stock_processor, paths[:args.seed_images], args.batch_size)
         report["seed_batched_images_per_s"] = round(args.seed_images / seconds, 2)
@@ -419,6 +424,9 @@ def main() -> None:
            (f"seed recipe, batch {args.batch_size}", f"{report['seed_batched_images_per_s']} images/s, "
                                                       f"{report['seed_batched_peak_gib']} GiB peak")]
           if not args.skip_seed else []),
+        *([("the seed recipe against itself, 8 photos one by one vs in a batch of 16, bf16",
+            f"{report['seed_alone_vs_batched_agreement_bf16']:.2%} of tokens "
+            f"({report['seed_alone_vs_batched_identical_bf16']} answers identical)")] if not args.skip_seed else []),
         ("same 16 photos, qwen2vl batch vs seed recipe, bf16",
          f"{report['token_agreement_bf16']:.2%} of tokens ({report['identical_answers_bf16']} answers identical)"),
         *([("the same in float32 (64 tokens)", f"{report['token_agreement_float32']:.2%} of tokens "
