@@ -2,7 +2,7 @@
 
 - FastDecoder: greedy decoding with a static KV cache, fused QKV and gate/up projections and the fused
   kernels of kernels.py; on CUDA the whole step is one CUDA graph that feeds itself (next token,
-  position, cache slot) and is replayed for every token while the host reads tokens one step behind.
+  position, cache slot) and is replayed for every token while the host reads tokens a few steps behind.
 - install_vision / install_text: the vision tower and the language model's layers, same arithmetic with
   fewer kernels and no host syncs, used by every forward (the prefill, and `generate` when it runs).
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import kernels
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
+AHEAD = 3  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
 
 
 class FastDecoder:
@@ -94,7 +95,8 @@ class FastDecoder:
         """Greedy tokens after the prompt, as `model.generate` returns them: [B, L + new], pad after EOS.
 
         The graph feeds itself (next token, position and cache slot stay on the GPU), and the host reads
-        each step's tokens one step late, so the GPU always has the next step queued.
+        each step's tokens a few steps late, so the GPU always has steps queued, even while another
+        thread (the batch runner preparing the next batch) holds the interpreter for a while.
         """
         from transformers import DynamicCache
 
@@ -122,7 +124,8 @@ class FastDecoder:
                     if stop is not None and stop.is_set():
                         break
                     events.append(graph.advance(host[step]))
-                    if step >= 1 and self._consume(host, events, rows, finished, eos_ids, streamer):
+                    unread = len(events) - (len(rows) - 1)
+                    if unread > AHEAD and self._consume(host, events, rows, finished, eos_ids, streamer):
                         break
                 while len(rows) - 1 < len(events) and not all(finished):
                     self._consume(host, events, rows, finished, eos_ids, streamer)
