@@ -1,8 +1,5 @@
 """Triton versions of kernels.py's functions (CUDA only; imported on first use).
 
-Sizes that change from request to request (sequence lengths, splits) are not specialized on, so each
-kernel compiles once per session (in the warm-up), not again in the middle of a batch run.
-
 Every intermediate that HF's torch ops round to the model dtype is rounded here too (`.to(dt)`), and
 float32 work stays float32, so results match the torch versions up to the order of a row's sum.
 """
@@ -91,7 +88,7 @@ def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
     return q
 
 
-@triton.jit(do_not_specialize=["rows", "length"])
+@triton.jit
 def _rope_prefill_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, rows, length,
                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Prompt tokens: rotate q and k (HF's bf16 rounding) and lay q, k, v out as [B, heads, L, hd]."""
@@ -153,7 +150,7 @@ def silu_mul(gate_up):
     return out
 
 
-@triton.jit(do_not_specialize=["seq", "length"])
+@triton.jit
 def _vision_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, seq, length,
                        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
@@ -191,7 +188,7 @@ def vision_qkv(qkv, cos, sin, heads, length=None):
     return q, k, v
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def _quick_gelu_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -210,7 +207,7 @@ def quick_gelu(x):
     return out
 
 
-@triton.jit(do_not_specialize=["splits", "k_b", "mask_b"])
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, out_ptr, ml_ptr, scale, splits,
                              k_b, k_h, k_s, mask_b,
                              KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr,
@@ -256,7 +253,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, out_ptr, m
     tl.store(ml_ptr + (row * 2 + 1) * G_PAD + g, l_i)
 
 
-@triton.jit(do_not_specialize=["splits"])
+@triton.jit
 def _decode_combine_kernel(out_ptr, ml_ptr, o_ptr, splits, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr,
                            G_PAD: tl.constexpr, HD: tl.constexpr, S_PAD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
