@@ -1,5 +1,9 @@
 """Triton versions of kernels.py's functions (CUDA only; imported on first use).
 
+Sizes that bound only the row dimension (prompt and image lengths) are not specialized on, so the
+prefill kernels compile once, not again for each new batch shape; bounds of the contiguous dimension
+stay specialized (their divisibility decides how wide the loads are).
+
 Every intermediate that HF's torch ops round to the model dtype is rounded here too (`.to(dt)`), and
 float32 work stays float32, so results match the torch versions up to the order of a row's sum.
 """
@@ -88,7 +92,7 @@ def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
     return q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "length"])  # row-dimension bounds only
 def _rope_prefill_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, rows, length,
                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Prompt tokens: rotate q and k (HF's bf16 rounding) and lay q, k, v out as [B, heads, L, hd]."""
@@ -150,7 +154,7 @@ def silu_mul(gate_up):
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq", "length"])  # row-dimension bounds only
 def _vision_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, seq, length,
                        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
