@@ -7,6 +7,7 @@ server all build. torch and transformers are imported only when a session loads.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -175,8 +176,6 @@ class ModelSession:
             raise ModelLoadError(self.spec.model, explain_load_failure(self.spec.model, exc)) from exc
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
-        import copy
-
         # answers are decoded with a copy: decoding never waits for a batch being tokenized on another thread
         self.detokenizer = copy.deepcopy(self.processor.tokenizer)
         self.device = device
@@ -224,8 +223,8 @@ class ModelSession:
     def prepare(self, requests: list[ChatRequest], on_device: bool = False):
         """Tokenize and patchify a batch of requests (left padding); safe from a worker thread.
 
-        On the CPU by default (pinned for a quick copy); `on_device` normalizes and patchifies images on
-        the GPU instead, which saves the wait when nothing else is running (one streamed answer).
+        On the CPU by default (pinned for a quick copy). `on_device` normalizes and patchifies images on
+        the GPU, on a side stream so that it runs beside a generation in flight; it is done on return.
         """
         images = [m.data for r in requests for m in r.media if m.kind == "image"]
         videos = [m.data for r in requests for m in r.media if m.kind == "video"]
@@ -235,19 +234,15 @@ class ModelSession:
             kwargs["do_sample_frames"] = False
         elif images and on_device and self.device and self.device.startswith("cuda"):
             kwargs["device"] = self.device
-        texts = [self.prompt_text(r) for r in requests]
-        if "device" in kwargs:  # on a side stream, so that it runs beside the generation in flight
-            import torch
+        import torch
 
-            stream = self._side_stream()
-            with torch.cuda.stream(stream), self.tokenizer_lock:
-                inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
-                                        do_resize=False, **kwargs)
+        texts = [self.prompt_text(r) for r in requests]
+        stream = self._side_stream() if "device" in kwargs else None
+        with torch.cuda.stream(stream), self.tokenizer_lock:  # (no stream: no-op)
+            inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
+                                    return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
+        if stream is not None:
             stream.synchronize()
-        else:
-            with self.tokenizer_lock:
-                inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
-                                        return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
         if self.device and self.device.startswith("cuda"):
             inputs = inputs.__class__({k: v if v.is_cuda else v.pin_memory() for k, v in inputs.items()})
         return inputs
