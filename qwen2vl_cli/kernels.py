@@ -109,7 +109,7 @@ def _run(name: str, fallback, *args, triton_ok: bool = True):
     return fallback(*args)
 
 
-def _power_of_two(n: int) -> bool:
+def _triton_head_dim(n: int) -> bool:  # a power of two the kernels tile (tl.dot needs >= 16)
     return n >= 16 and n & (n - 1) == 0
 
 
@@ -121,12 +121,12 @@ def add_rms_norm(hidden, delta, weight, eps, inplace=False):
 def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
     """Rotate the step's q and k (text positions), write k and v at `slot` of the cache; q is [B, heads, hd]."""
     return _run("rope_store", rope_store_torch, qkv, positions, inv_freq, slot, keys, values, heads, kv_heads,
-                triton_ok=_power_of_two(keys.shape[-1]))
+                triton_ok=_triton_head_dim(keys.shape[-1]))
 
 
 def rope_prefill(qkv, cos, sin, heads, kv_heads):
     return _run("rope_prefill", rope_prefill_torch, qkv, cos, sin, heads, kv_heads,
-                triton_ok=_power_of_two(cos.shape[-1]))
+                triton_ok=_triton_head_dim(cos.shape[-1]))
 
 
 def silu_mul(gate_up):
@@ -145,4 +145,4 @@ def decode_attention(q, keys, values, mask, slot):
     """One decode step's attention: q [B, kv_heads, groups, hd] (the query heads that share a K/V head)
     against the static cache [B, kv_heads, size, hd], additive mask [B, 1, 1, size], keys 0..slot written."""
     return _run("decode_attention", decode_attention_torch, q, keys, values, mask, slot,
-                triton_ok=_power_of_two(q.shape[-1]))
+                triton_ok=_triton_head_dim(q.shape[-1]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Annotated
 
@@ -46,10 +45,6 @@ def parse_bytes(value: str | int | None) -> int | None:
     unit = (match.group(2) or "b").lower()[:1]
     scale = {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit]
     return int(float(match.group(1)) * scale)
-
-
-def default_model_for_help() -> str:
-    return os.environ.get("QWEN2VL_MODEL") or "Qwen/Qwen2-VL-2B-Instruct"
 
 
 # ---- model ---------------------------------------------------------------------------------------
