@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .prefill import Prefill
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
 AHEAD = 3  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
@@ -43,6 +44,7 @@ class FastDecoder:
         self.lock = threading.Lock()
         install_vision(model)
         install_text(model, self.layers)
+        self.prefill = Prefill(model, self.use_graphs)
 
     def _fuse(self, layer) -> dict:
         """One weight for q/k/v and one for gate/up; the HF modules keep views of them (no extra memory)."""
@@ -104,8 +106,12 @@ class FastDecoder:
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             batch, length = input_ids.shape
             cache = DynamicCache(config=self.model.config)
-            out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            first = out.logits[:, -1].argmax(-1)
+            if self.prefill.applies(inputs):
+                logits, delta = self.prefill.run(inputs, cache)
+            else:
+                logits = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                delta = self._rope_delta(inputs)
+            first = logits.argmax(-1)
             rows = [first.tolist()]
             if streamer is not None:
                 streamer.put(input_ids.cpu())
@@ -115,9 +121,9 @@ class FastDecoder:
             if limit > 0 and not all(finished):
                 size = -(-(length + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
                 graph = self._graph_for(batch, size)
-                positions = attention.sum(-1) + self.model.model.rope_deltas.reshape(-1).to(attention.device)
+                positions = attention.sum(-1) + delta.reshape(-1).to(attention.device)
                 graph.start(cache, attention, length, first, positions, eos_ids, pad_id)
-                del cache, out
+                del cache, logits
                 host = torch.empty((limit, batch), dtype=torch.long, pin_memory=self.device.type == "cuda")
                 events: list = []
                 for step in range(limit):
@@ -132,6 +138,13 @@ class FastDecoder:
             if streamer is not None:
                 streamer.end()
             return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device).T], dim=1)
+
+    def _rope_delta(self, inputs):
+        """Next position = real tokens so far + delta, as the model's forward goes on after its prefill."""
+        if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+            # text only: the model numbers every column, padding included (and keeps no rope_deltas)
+            return inputs["input_ids"].shape[1] - inputs["attention_mask"].sum(-1)
+        return self.model.model.rope_deltas
 
     @staticmethod
     def _consume(host, events, rows, finished, eos_ids, streamer) -> bool:

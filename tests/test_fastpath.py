@@ -77,3 +77,52 @@ def test_fast_modules_keep_the_models_answers(tiny_model):
         assert torch.allclose(logits, new_logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
         assert torch.equal(ids, new_ids)
     assert not torch.equal(before[0][1][0], before[0][1][1])  # the two answers differ: the test can fail
+
+
+def test_prefill_equals_the_models_forward(tiny_model):
+    """One conversation's prefill (positions worked out on the CPU, image features put in place) gives the
+    model forward's last logits, its rope delta and its cache: two images of different sizes, and text only."""
+    from transformers import AutoProcessor, DynamicCache, Qwen2VLForConditionalGeneration
+
+    from qwen2vl_cli.fastpath import FastDecoder
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    decoder = FastDecoder(model)
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    cases = [processor(text=f"{image}and{image}Compare them.", images=[noise_image(84, 112, 5), noise_image(56, 56, 6)],
+                       return_tensors="pt"),
+             processor(text="Tell me a story.", return_tensors="pt")]
+    assert decoder.prefill.supported and all(decoder.prefill.applies(x) for x in cases)
+    with torch.inference_mode():
+        for inputs in cases:
+            theirs_cache, ours_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+            model.model.rope_deltas = None
+            theirs = model(**inputs, past_key_values=theirs_cache, use_cache=True).logits[:, -1]
+            theirs_delta = model.model.rope_deltas if "pixel_values" in inputs else torch.zeros(1, 1, dtype=torch.long)
+            ours, delta = decoder.prefill.run(inputs, ours_cache)
+            assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+            assert torch.equal(ours.argmax(-1), theirs.argmax(-1)) and torch.equal(delta, theirs_delta)
+            for mine, reference in zip(ours_cache.layers, theirs_cache.layers):
+                assert torch.allclose(mine.keys, reference.keys, atol=1e-5)
+                assert torch.allclose(mine.values, reference.values, atol=1e-5)
+    assert not torch.equal(cases[0]["input_ids"][0, :4], cases[1]["input_ids"][0, :4])
+
+
+def test_text_only_answer_after_an_image_equals_generate(tiny_model, monkeypatch):
+    """A text-only prompt decodes from its own positions, not the previous image prompt's rope delta
+    (a served session mixes the two), alone and in a padded batch."""
+    from qwen2vl_cli.session import ChatRequest, GenerationOptions, Media, ModelSession, ModelSpec
+
+    session = ModelSession(ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")).load()
+    options = GenerationOptions(max_new_tokens=12)
+    picture = ChatRequest("Describe.", [Media("image", "x", noise_image(112, 84, 7))], generation=options)
+    texts = [ChatRequest("Tell me a story about a cat.", generation=options),
+             ChatRequest("Why?", generation=options)]
+
+    def answers(fast: str):
+        monkeypatch.setenv("QWEN2VL_FASTPATH", fast)
+        session.generate_batch([picture])
+        return [c.text for c in session.generate_batch(texts[:1]) + session.generate_batch(texts)]
+
+    assert answers("on") == answers("off")

@@ -1,0 +1,129 @@
+"""The prompt's forward pass (the prefill) for the fast path, when one conversation of images and text is
+answered (the time to first token of `describe`, `ask` and a served chat).
+
+Same arithmetic as the model's own forward, in an order that never makes the host wait for the GPU
+between the vision tower and the language model: the M-RoPE positions and the image tokens' places are
+worked out on the CPU from the token ids, so the host queues the language model's layers while the GPU
+is still in the vision tower. The vision tower is replayed from a CUDA graph for an image size seen
+before (captured the second time that size comes, so a one-off command never pays for the capture);
+the graph removes the host's cost of launching its ~400 kernels.
+
+Batches, videos, flash-attention models and transformers releases without precomputed vision inputs
+(`transformers.vision_utils`) keep the model's own forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter, OrderedDict
+
+import torch
+
+VISION_GRAPHS = 3  # image sizes whose vision-tower graphs are kept (each holds its activations, ~0.2 GB at 1230 tokens)
+
+
+class Prefill:
+    """`applies(inputs)` says whether this prefill serves a batch; `run(inputs, cache)` does it."""
+
+    def __init__(self, model, use_graphs: bool) -> None:
+        self.model = model
+        self.use_graphs = use_graphs
+        self.graphs: OrderedDict[tuple, _VisionGraph] = OrderedDict()
+        self.seen: Counter = Counter()
+        self.supported = _supported(model)
+
+    def applies(self, inputs) -> bool:
+        return (self.supported and inputs["input_ids"].shape[0] == 1 and inputs.get("pixel_values_videos") is None
+                and (inputs.get("pixel_values") is None or inputs.get("mm_token_type_ids") is not None))
+
+    def run(self, inputs, cache):
+        """Logits of the prompt's last token [1, vocab] and the M-RoPE delta [1, 1] (position = index + delta);
+        the prompt's keys and values land in `cache` (a DynamicCache)."""
+        model = self.model.model
+        language = model.language_model
+        ids = inputs["input_ids"]
+        host_ids = ids.cpu()  # small, and nothing big is queued yet
+        length = ids.shape[1]
+        hidden = language.embed_tokens(ids)
+        if inputs.get("pixel_values") is not None:
+            grid = inputs["image_grid_thw"].cpu()
+            features = self._vision(inputs["pixel_values"], grid)
+            slots = (host_ids[0] == self.model.config.image_token_id).nonzero().squeeze(1)
+            if slots.numel() != features.shape[0]:
+                raise ValueError(f"Image features and image tokens do not match, tokens: {slots.numel()}, "
+                                 f"features: {features.shape[0]}")
+            hidden[0].index_copy_(0, _to(slots, ids.device), features.to(hidden.dtype))
+            positions, delta = model.get_rope_index(host_ids, inputs["mm_token_type_ids"].cpu(), image_grid_thw=grid)
+        else:
+            positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+            delta = torch.zeros((1, 1), dtype=torch.long)
+        model.rope_deltas = delta = _to(delta, ids.device)
+        embeddings = language.rotary_emb(hidden, _to(positions, ids.device))
+        for layer in language.layers:  # the fast layers of fastpath.install_text (no mask: causal, unpadded)
+            hidden = layer.forward(hidden, position_embeddings=embeddings, past_key_values=cache, use_cache=True)
+        return self.model.lm_head(language.norm(hidden[:, -1:]))[:, -1], delta
+
+    def _vision(self, pixel_values, grid):
+        """The vision tower's merged features [image tokens, hidden], from a graph once the size comes again."""
+        from transformers import vision_utils
+
+        visual = self.model.model.visual
+        pixel_values = pixel_values.to(visual.dtype)
+        key = (tuple(map(tuple, grid.tolist())), pixel_values.dtype)
+        positions = _to(vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size), pixel_values.device)
+        cu_seqlens = vision_utils.get_vision_cu_seqlens(grid)
+
+        def tower(pixels):  # precomputed positions and boundaries (on the CPU) keep it free of host syncs
+            return visual(pixels, grid_thw=grid, position_ids=positions, cu_seqlens=cu_seqlens).pooler_output
+
+        if not (self.use_graphs and pixel_values.is_cuda):
+            return tower(pixel_values)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key](pixel_values)
+        self.seen[key] += 1
+        if self.seen[key] < 2:
+            return tower(pixel_values)
+        if len(self.graphs) >= VISION_GRAPHS:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = graph = _VisionGraph(tower, pixel_values, positions)
+        return graph(pixel_values)
+
+
+class _VisionGraph:
+    """The vision tower for one image size, captured once (static input and output buffers)."""
+
+    def __init__(self, tower, example, positions) -> None:
+        self.pixels, self.positions = example.clone(), positions  # the graph reads both
+        stream = torch.cuda.Stream(device=example.device)
+        stream.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            tower(self.pixels)
+        torch.cuda.current_stream(example.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = tower(self.pixels)
+
+    def __call__(self, pixel_values):
+        self.pixels.copy_(pixel_values)
+        self.graph.replay()
+        return self.out  # overwritten by the next replay: the caller copies it into the prompt at once
+
+
+def _to(tensor, device):
+    """A small CPU tensor on `device` without blocking the host (pinned first where that helps)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _supported(model) -> bool:
+    """This transformers takes precomputed vision positions, and the fast vision and text layers are in."""
+    try:
+        from transformers import vision_utils  # noqa: F401 - transformers >= 5.x with precomputable vision inputs
+
+        source = inspect.getsource(type(model.model.visual).forward)
+    except (ImportError, OSError, TypeError):
+        return False
+    return ("kwargs=kwargs" in source and getattr(model.model.visual, "_qwen2vl_fast", False)
+            and getattr(model.model.language_model, "_qwen2vl_fast", False))
