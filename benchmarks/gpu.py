@@ -251,7 +251,7 @@ def breakdown(session, request, requests, profile_path: Path | None = None) -> d
         for graphs in (False, True):
             prefill.use_graphs = graphs
             name = "graph" if graphs else "eager"
-            run = lambda: prefill.run(inputs, DynamicCache(config=model.config))  # noqa: E731
+            run = lambda: prefill.run(inputs, DynamicCache(config=model.config), prepared)  # noqa: E731
             run(), run()
             out[f"prefill_{name}_ms"] = cuda_ms(run)
             synchronize()

@@ -93,12 +93,13 @@ class FastDecoder:
     # ---- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, inputs, max_new_tokens: int, eos_ids: set[int], pad_id: int, streamer=None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, host=None):
         """Greedy tokens after the prompt, as `model.generate` returns them: [B, L + new], pad after EOS.
 
         The graph feeds itself (next token, position and cache slot stay on the GPU), and the host reads
         each step's tokens a few steps late, so the GPU always has steps queued, even while another
         thread (the batch runner preparing the next batch) holds the interpreter for a while.
+        `host`: the inputs before their copy to the GPU (the prefill reads token ids there).
         """
         from transformers import DynamicCache
 
@@ -107,7 +108,7 @@ class FastDecoder:
             batch, length = input_ids.shape
             cache = DynamicCache(config=self.model.config)
             if self.prefill.applies(inputs):
-                logits, delta = self.prefill.run(inputs, cache)
+                logits, delta = self.prefill.run(inputs, cache, host)
             else:
                 logits = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
                 delta = self._rope_delta(inputs)

@@ -15,6 +15,7 @@ Batches, videos, flash-attention models and transformers releases without precom
 from __future__ import annotations
 
 import inspect
+import threading
 from collections import Counter, OrderedDict
 
 import torch
@@ -23,7 +24,8 @@ VISION_GRAPHS = 3  # image sizes whose vision-tower graphs are kept (each holds 
 
 
 class Prefill:
-    """`applies(inputs)` says whether this prefill serves a batch; `run(inputs, cache)` does it."""
+    """`applies(inputs)` says whether this prefill serves a batch; `run(inputs, cache)` does it. `start` may
+    launch the vision tower earlier, while the prompt is still being tokenized."""
 
     def __init__(self, model, use_graphs: bool) -> None:
         self.model = model
@@ -31,29 +33,42 @@ class Prefill:
         self.graphs: OrderedDict[tuple, _VisionGraph] = OrderedDict()
         self.seen: Counter = Counter()
         self.supported = _supported(model)
+        self.early: tuple | None = None  # (pixel_values, grid, features) from `start`
+        self.lock = threading.Lock()
+
+    def start(self, image_inputs) -> None:
+        """The image processor's output for one conversation: run the vision tower now (the GPU works while
+        the host tokenizes); `run` picks the features up when its pixel values are these."""
+        pixels = image_inputs.get("pixel_values")
+        if self.supported and pixels is not None:
+            grid = image_inputs["image_grid_thw"].cpu()
+            self.early = (pixels, grid, self._vision(pixels, grid))
 
     def applies(self, inputs) -> bool:
         return (self.supported and inputs["input_ids"].shape[0] == 1 and inputs.get("pixel_values_videos") is None
                 and (inputs.get("pixel_values") is None or inputs.get("mm_token_type_ids") is not None))
 
-    def run(self, inputs, cache):
+    def run(self, inputs, cache, host=None):
         """Logits of the prompt's last token [1, vocab] and the M-RoPE delta [1, 1] (position = index + delta);
-        the prompt's keys and values land in `cache` (a DynamicCache)."""
+        the prompt's keys and values land in `cache` (a DynamicCache). `host`: the inputs before their copy
+        to the GPU, where token ids are read without waiting for the GPU."""
         model = self.model.model
         language = model.language_model
-        ids = inputs["input_ids"]
-        host_ids = ids.cpu()  # small, and nothing big is queued yet
+        host = inputs if host is None else host
+        ids, host_ids = inputs["input_ids"], host["input_ids"].cpu()
+        types = host["mm_token_type_ids"].cpu() if "mm_token_type_ids" in host else None
         length = ids.shape[1]
+        pixels = inputs.get("pixel_values")
+        if pixels is not None:  # first, so the GPU starts on the vision tower while the host goes on
+            grid, features = self._features(pixels, host)
         hidden = language.embed_tokens(ids)
-        if inputs.get("pixel_values") is not None:
-            grid = inputs["image_grid_thw"].cpu()
-            features = self._vision(inputs["pixel_values"], grid)
+        if pixels is not None:
             slots = (host_ids[0] == self.model.config.image_token_id).nonzero().squeeze(1)
             if slots.numel() != features.shape[0]:
                 raise ValueError(f"Image features and image tokens do not match, tokens: {slots.numel()}, "
                                  f"features: {features.shape[0]}")
             hidden[0].index_copy_(0, _to(slots, ids.device), features.to(hidden.dtype))
-            positions, delta = model.get_rope_index(host_ids, inputs["mm_token_type_ids"].cpu(), image_grid_thw=grid)
+            positions, delta = model.get_rope_index(host_ids, types, image_grid_thw=grid)
         else:
             positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
             delta = torch.zeros((1, 1), dtype=torch.long)
@@ -63,8 +78,21 @@ class Prefill:
             hidden = layer.forward(hidden, position_embeddings=embeddings, past_key_values=cache, use_cache=True)
         return self.model.lm_head(language.norm(hidden[:, -1:]))[:, -1], delta
 
+    def _features(self, pixels, host):
+        """(grid on the CPU, the vision tower's features): those `start` made for these pixels, or new ones."""
+        early = self.early
+        if early is not None and early[0] is pixels:
+            self.early = None
+            return early[1], early[2]
+        grid = host["image_grid_thw"].cpu()
+        return grid, self._vision(pixels, grid)
+
     def _vision(self, pixel_values, grid):
         """The vision tower's merged features [image tokens, hidden], from a graph once the size comes again."""
+        with self.lock:
+            return self._vision_locked(pixel_values, grid)
+
+    def _vision_locked(self, pixel_values, grid):
         from transformers import vision_utils
 
         visual = self.model.model.visual
@@ -107,7 +135,7 @@ class _VisionGraph:
     def __call__(self, pixel_values):
         self.pixels.copy_(pixel_values)
         self.graph.replay()
-        return self.out  # overwritten by the next replay: the caller copies it into the prompt at once
+        return self.out.clone()  # the graph's own buffer is overwritten by its next replay
 
 
 def _to(tensor, device):

@@ -7,6 +7,7 @@ server all build. torch and transformers are imported only when a session loads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -220,11 +221,13 @@ class ModelSession:
         return self.processor.apply_chat_template(
             request.messages(), tokenize=False, add_generation_prompt=True, add_vision_id=request.vision_ids)
 
-    def prepare(self, requests: list[ChatRequest], on_device: bool = False):
+    def prepare(self, requests: list[ChatRequest], on_device: bool = False, on_images=None):
         """Tokenize and patchify a batch of requests (left padding); safe from a worker thread.
 
         On the CPU by default (pinned for a quick copy). `on_device` normalizes and patchifies images on
-        the GPU, on a side stream so that it runs beside a generation in flight; it is done on return.
+        the GPU: on a side stream, so that it runs beside a generation in flight (it is done on return),
+        or on the current stream when `on_images` is given. `on_images(image_inputs)` is called as soon as
+        the images are processed, before the prompt is tokenized: the fast path starts the vision tower.
         """
         images = [m.data for r in requests for m in r.media if m.kind == "image"]
         videos = [m.data for r in requests for m in r.media if m.kind == "video"]
@@ -237,8 +240,8 @@ class ModelSession:
         import torch
 
         texts = [self.prompt_text(r) for r in requests]
-        stream = self._side_stream() if "device" in kwargs else None
-        with torch.cuda.stream(stream), self.tokenizer_lock:  # (no stream: no-op)
+        stream = self._side_stream() if "device" in kwargs and on_images is None else None
+        with torch.cuda.stream(stream), self.tokenizer_lock, _after_images(self.processor, on_images):  # (no stream: no-op)
             inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
                                     return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
         if stream is not None:
@@ -290,21 +293,26 @@ class ModelSession:
         wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
         return wanted and not options.sampling and options.repetition_penalty in (None, 1.0)
 
-    def _generate(self, inputs, options: GenerationOptions, streamer=None, stop: "_Stop | None" = None):
-        """Prompt + new token ids for a batch: the fast decoder where it applies, else `model.generate`."""
+    def _fast_decoder(self):
+        if self.fast is None:
+            from .fastpath import FastDecoder
+
+            self.fast = FastDecoder(self.model)
+        return self.fast
+
+    def _generate(self, inputs, options: GenerationOptions, streamer=None, stop: "_Stop | None" = None, host=None):
+        """Prompt + new token ids for a batch: the fast decoder where it applies, else `model.generate`.
+        `host` is `inputs` as prepared, before the copy to the GPU (the fast path reads token ids there)."""
         import torch
         from transformers import StoppingCriteriaList
 
         if self.fast_path_enabled(options):
-            from .fastpath import FastDecoder
-
-            if self.fast is None:
-                self.fast = FastDecoder(self.model)
             eos = self.model.generation_config.eos_token_id
             eos_ids = set(eos if isinstance(eos, list) else [eos])
             pad = self.model.generation_config.pad_token_id
-            return self.fast.generate(inputs, options.max_new_tokens, eos_ids, min(eos_ids) if pad is None else pad,
-                                      streamer=streamer, stop=stop.event if stop else None)
+            return self._fast_decoder().generate(inputs, options.max_new_tokens, eos_ids,
+                                                 min(eos_ids) if pad is None else pad, streamer=streamer,
+                                                 stop=stop.event if stop else None, host=host)
         with torch.inference_mode():
             extra = {"stopping_criteria": StoppingCriteriaList([stop])} if stop else {}
             return self.model.generate(**inputs, streamer=streamer, **extra, **self.generate_kwargs(options))
@@ -315,8 +323,6 @@ class ModelSession:
 
         self.load()
         start = time.perf_counter()
-        inputs = self.to_device(self.prepare([request], on_device=True))
-        prompt_len = inputs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.detokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _Stop()
         outcome: dict[str, Any] = {}
@@ -330,9 +336,14 @@ class ModelSession:
 
         streamer.put = put
 
-        def run():
+        def run():  # on the generating thread: the vision tower starts while the prompt is tokenized
             try:
-                outcome["ids"] = self._generate(inputs, request.generation, streamer, stop)
+                fast = self.fast_path_enabled(request.generation)
+                prepared = self.prepare([request], on_device=True,
+                                        on_images=self._fast_decoder().prefill.start if fast else None)
+                inputs = self.to_device(prepared)
+                outcome["prompt_len"] = inputs["input_ids"].shape[1]
+                outcome["ids"] = self._generate(inputs, request.generation, streamer, stop, host=prepared)
             except BaseException as exc:  # surfaced in the caller's thread below
                 outcome["error"] = exc
                 streamer.end()
@@ -351,6 +362,7 @@ class ModelSession:
             running.result()
         if "error" in outcome:
             raise outcome["error"]
+        prompt_len = outcome["prompt_len"]
         new_ids = outcome["ids"][0, prompt_len:].tolist()
         yield self._completion(new_ids, prompt_len, request.generation,
                                first_token[0] if first_token else None, time.perf_counter() - start)
@@ -383,6 +395,27 @@ class ModelSession:
             reason = "length" if len(ids) >= options.max_new_tokens else "stop"
         text = self.detokenizer.decode(ids, skip_special_tokens=True)
         return Completion(text, prompt_tokens, len(ids), reason, first_token_s, total_s)
+
+
+@contextlib.contextmanager
+def _after_images(processor, callback):
+    """Within it, `processor(...)` calls callback(image_inputs) after processing the images, before it
+    tokenizes (transformers' ProcessorMixin does images first; without that step, no call is made)."""
+    process = getattr(processor, "_process_images", None)
+    if callback is None or process is None:
+        yield
+        return
+
+    def hooked(*args, **kwargs):
+        result = process(*args, **kwargs)
+        callback(result[0])
+        return result
+
+    processor._process_images = hooked
+    try:
+        yield
+    finally:
+        del processor._process_images
 
 
 _SESSIONS: dict[ModelSpec, ModelSession] = {}

@@ -126,3 +126,25 @@ def test_text_only_answer_after_an_image_equals_generate(tiny_model, monkeypatch
         return [c.text for c in session.generate_batch(texts[:1]) + session.generate_batch(texts)]
 
     assert answers("on") == answers("off")
+
+
+def test_streamed_answer_starts_the_vision_tower_before_tokenizing(tiny_model, monkeypatch):
+    """stream() runs the vision tower once, from the image processor's output (before the prompt is
+    tokenized), and its answer is generate's."""
+    from qwen2vl_cli.prefill import Prefill
+    from qwen2vl_cli.session import ChatRequest, Completion, GenerationOptions, Media, ModelSession, ModelSpec
+
+    session = ModelSession(ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")).load()
+    request = ChatRequest("Describe.", [Media("image", "x", noise_image(112, 84, 8))],
+                          generation=GenerationOptions(max_new_tokens=12))
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "off")
+    plain = list(session.stream(request))[-1]
+    calls: list[str] = []
+    original_vision, original_tokenize = Prefill._vision, session.processor.tokenizer.__class__.__call__
+    monkeypatch.setattr(Prefill, "_vision", lambda self, *a: calls.append("vision") or original_vision(self, *a))
+    monkeypatch.setattr(session.processor.tokenizer.__class__, "__call__",
+                        lambda self, *a, **k: calls.append("tokenize") or original_tokenize(self, *a, **k))
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    fast = list(session.stream(request))[-1]
+    assert isinstance(fast, Completion) and fast.text == plain.text and fast.prompt_tokens == plain.prompt_tokens
+    assert calls == ["vision", "tokenize"] and session.fast.prefill.early is None
