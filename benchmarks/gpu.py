@@ -130,6 +130,51 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, st
     return round(same / total, 4), f"{sum(x == y for x, y in zip(ours, theirs))}/{len(theirs)}"
 
 
+def ttft_timeline(session, request) -> dict:
+    """Host timestamps (ms from the call) of one streamed answer's steps up to its first token."""
+    from qwen2vl_cli.prefill import Prefill
+
+    marks: dict = {}
+    start = [0.0]
+
+    def mark(name):
+        while name in marks:  # a step that comes again
+            name += "'"
+        marks[name] = round((time.perf_counter() - start[0]) * 1000, 2)
+
+    def wrap(owner, attribute, name):
+        original = getattr(owner, attribute)
+
+        def wrapped(*args, **kwargs):
+            mark(f"{name} called")
+            result = original(*args, **kwargs)
+            mark(f"{name} returned")
+            return result
+
+        setattr(owner, attribute, wrapped)
+        return original
+
+    tokenizer = session.processor.tokenizer
+    saved = [(Prefill, "start", wrap(Prefill, "start", "vision start")),
+             (Prefill, "_vision", wrap(Prefill, "_vision", "vision")),
+             (Prefill, "run", wrap(Prefill, "run", "prefill")),
+             (type(tokenizer), "__call__", wrap(type(tokenizer), "__call__", "tokenize")),
+             (type(session.processor.image_processor), "__call__",
+              wrap(type(session.processor.image_processor), "__call__", "image processor")),
+             (type(session), "prepare", wrap(type(session), "prepare", "prepare"))]
+    try:
+        synchronize()
+        start[0] = time.perf_counter()
+        stream = session.stream(request)
+        next(stream)
+        mark("first piece")
+        list(stream)
+    finally:
+        for owner, attribute, original in saved:
+            setattr(owner, attribute, original)
+    return dict(sorted(marks.items(), key=lambda item: item[1]))
+
+
 def check_kernels() -> dict:
     """Each Triton kernel against its torch version (HF's arithmetic) on fresh random inputs."""
     import torch
@@ -228,7 +273,6 @@ def profile_table(fn, path: Path, title: str) -> None:
 def breakdown(session, request, requests, profile_path: Path | None = None) -> dict:
     """Where a first token's time goes, and one decode step's time at batch 1 and at a full batch."""
     import torch
-    from transformers import DynamicCache
 
     model = session.model
     out: dict = {}
@@ -251,7 +295,7 @@ def breakdown(session, request, requests, profile_path: Path | None = None) -> d
         for graphs in (False, True):
             prefill.use_graphs = graphs
             name = "graph" if graphs else "eager"
-            run = lambda: prefill.run(inputs, DynamicCache(config=model.config), prepared)  # noqa: E731
+            run = lambda: prefill.run(inputs, prepared)  # noqa: E731
             run(), run()
             out[f"prefill_{name}_ms"] = cuda_ms(run)
             synchronize()
@@ -259,9 +303,9 @@ def breakdown(session, request, requests, profile_path: Path | None = None) -> d
             run()
             out[f"prefill_{name}_host_ms"] = round((time.perf_counter() - start) * 1000, 2)  # before the GPU is done
             synchronize()
-            graph = next(iter(prefill.graphs.values()), None) if graphs else None
-            if graph is not None:
-                out["vision_graph_ms"] = cuda_ms(lambda: graph(inputs["pixel_values"]))
+            for (kind, _), graph in prefill.graphs.items() if graphs else ():
+                if kind == "vision":
+                    out["vision_graph_ms"] = cuda_ms(lambda: graph(inputs["pixel_values"]))
         big = session.to_device(session.prepare(requests))
         count = len(requests)
         out[f"vision_ms_per_image_batch{count}"] = round(cuda_ms(
@@ -279,8 +323,8 @@ def breakdown(session, request, requests, profile_path: Path | None = None) -> d
         with torch.inference_mode():
             profile_table(lambda: model(**inputs, use_cache=True, logits_to_keep=1), profile_path,
                           "prefill, one 1230-token image")
-            profile_table(lambda: prefill.run(inputs, DynamicCache(config=model.config)), profile_path,
-                          "qwen2vl's prefill (vision graph), one 1230-token image")
+            profile_table(lambda: prefill.run(inputs, prepared), profile_path,
+                          "qwen2vl's prefill (vision and text graphs), one 1230-token image")
             profile_table(lambda: session.prepare([request]), profile_path, "prepare (CPU)")
     return out
 
@@ -414,6 +458,8 @@ def main() -> None:
             pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(45)
         Path(args.json_out).with_suffix(".cprofile.txt").write_text(text.getvalue())
     if args.breakdown:
+        report["ttft_timeline"] = [ttft_timeline(session, request) for _ in range(2)]
+        print(json.dumps(report["ttft_timeline"], indent=1), flush=True)
         resolved = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
             str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=options) for p in same_paths]
         report["breakdown"] = breakdown(session, request, resolved,

@@ -106,12 +106,13 @@ class FastDecoder:
         with self.lock:
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             batch, length = input_ids.shape
-            cache = DynamicCache(config=self.model.config)
             if self.prefill.applies(inputs):
-                logits, delta = self.prefill.run(inputs, cache, host)
+                logits, prompt_kv, delta = self.prefill.run(inputs, host)
             else:
+                cache = DynamicCache(config=self.model.config)
                 logits = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-                delta = self._rope_delta(inputs)
+                delta, prompt_kv = self._rope_delta(inputs), [(layer.keys, layer.values) for layer in cache.layers]
+                del cache
             first = logits.argmax(-1)
             rows = [first.tolist()]
             if streamer is not None:
@@ -123,19 +124,19 @@ class FastDecoder:
                 size = -(-(length + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
                 graph = self._graph_for(batch, size)
                 positions = attention.sum(-1) + delta.reshape(-1).to(attention.device)
-                graph.start(cache, attention, length, first, positions, eos_ids, pad_id)
-                del cache, logits
-                host = torch.empty((limit, batch), dtype=torch.long, pin_memory=self.device.type == "cuda")
+                graph.start(prompt_kv, attention, length, first, positions, eos_ids, pad_id)
+                del prompt_kv, logits
+                pinned = torch.empty((limit, batch), dtype=torch.long, pin_memory=self.device.type == "cuda")
                 events: list = []
                 for step in range(limit):
                     if stop is not None and stop.is_set():
                         break
-                    events.append(graph.advance(host[step]))
+                    events.append(graph.advance(pinned[step]))
                     unread = len(events) - (len(rows) - 1)
-                    if unread > AHEAD and self._consume(host, events, rows, finished, eos_ids, streamer):
+                    if unread > AHEAD and self._consume(pinned, events, rows, finished, eos_ids, streamer):
                         break
                 while len(rows) - 1 < len(events) and not all(finished):
-                    self._consume(host, events, rows, finished, eos_ids, streamer)
+                    self._consume(pinned, events, rows, finished, eos_ids, streamer)
             if streamer is not None:
                 streamer.end()
             return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device).T], dim=1)
@@ -326,11 +327,12 @@ class _Graph:
         self.eos = torch.zeros(0, device=device, dtype=torch.long)
         self.graph = None
 
-    def start(self, cache, attention, length: int, first, positions, eos_ids: set[int], pad_id: int) -> None:
-        """Copy the prefill's K/V into the static cache (only the prompt's real tokens visible); set the inputs."""
-        for index, layer in enumerate(cache.layers):
-            self.keys[index][:, :, :length].copy_(layer.keys)
-            self.values[index][:, :, :length].copy_(layer.values)
+    def start(self, prompt_kv, attention, length: int, first, positions, eos_ids: set[int], pad_id: int) -> None:
+        """Copy the prefill's K/V (a (keys, values) pair per layer) into the static cache, only the prompt's
+        real tokens visible; set the inputs."""
+        for index, (keys, values) in enumerate(prompt_kv):
+            self.keys[index][:, :, :length].copy_(keys[:, :, :length])
+            self.values[index][:, :, :length].copy_(values[:, :, :length])
         self.mask.fill_(float("-inf"))
         self.mask[:, 0, 0, :length].masked_fill_(attention.bool(), 0.0)
         eos = torch.tensor(sorted(eos_ids), device=self.tokens.device)

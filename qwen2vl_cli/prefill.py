@@ -20,7 +20,8 @@ from collections import Counter, OrderedDict
 
 import torch
 
-VISION_GRAPHS = 3  # image sizes whose vision-tower graphs are kept (each holds its activations, ~0.2 GB at 1230 tokens)
+GRAPHS_KEPT = 3  # vision graphs (by image size) and text graphs (by prompt length) kept: each holds ~0.1-0.2 GB
+TEXT_BUCKET = 64  # text graphs serve prompt lengths rounded up to this
 
 
 class Prefill:
@@ -48,12 +49,11 @@ class Prefill:
         return (self.supported and inputs["input_ids"].shape[0] == 1 and inputs.get("pixel_values_videos") is None
                 and (inputs.get("pixel_values") is None or inputs.get("mm_token_type_ids") is not None))
 
-    def run(self, inputs, cache, host=None):
-        """Logits of the prompt's last token [1, vocab] and the M-RoPE delta [1, 1] (position = index + delta);
-        the prompt's keys and values land in `cache` (a DynamicCache). `host`: the inputs before their copy
-        to the GPU, where token ids are read without waiting for the GPU."""
+    def run(self, inputs, host=None):
+        """(logits of the prompt's last token [1, vocab], the prompt's (keys, values) per layer, M-RoPE delta
+        [1, 1] (position = index + delta)). `host`: the inputs before their copy to the GPU, where
+        token ids are read without waiting for the GPU."""
         model = self.model.model
-        language = model.language_model
         host = inputs if host is None else host
         ids, host_ids = inputs["input_ids"], host["input_ids"].cpu()
         types = host["mm_token_type_ids"].cpu() if "mm_token_type_ids" in host else None
@@ -61,7 +61,7 @@ class Prefill:
         pixels = inputs.get("pixel_values")
         if pixels is not None:  # first, so the GPU starts on the vision tower while the host goes on
             grid, features = self._features(pixels, host)
-        hidden = language.embed_tokens(ids)
+        hidden = model.language_model.embed_tokens(ids)
         if pixels is not None:
             slots = (host_ids[0] == self.model.config.image_token_id).nonzero().squeeze(1)
             if slots.numel() != features.shape[0]:
@@ -73,10 +73,40 @@ class Prefill:
             positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
             delta = torch.zeros((1, 1), dtype=torch.long)
         model.rope_deltas = delta = _to(delta, ids.device)
-        embeddings = language.rotary_emb(hidden, _to(positions, ids.device))
-        for layer in language.layers:  # the fast layers of fastpath.install_text (no mask: causal, unpadded)
+        key = ("text", -(-length // TEXT_BUCKET) * TEXT_BUCKET)
+        with self.lock:
+            if not self._graph_wanted(key, hidden):
+                return (*self.text(hidden, _to(positions, ids.device)), delta)
+            if key not in self.graphs:
+                self._keep(key, _TextGraph(self, key[1], hidden))
+            return (*self.graphs[key](hidden, positions), delta)
+
+    def text(self, hidden, positions, last=None):
+        """The language model over the prompt's embeddings (no mask: causal, unpadded, or padded at the end):
+        (logits at `last` (default: the last row), each layer's (keys, values)). `positions` [3, 1, L]."""
+        language = self.model.model.language_model
+        cache = _Keep()
+        embeddings = language.rotary_emb(hidden, positions)
+        for layer in language.layers:  # the fast layers of fastpath.install_text
             hidden = layer.forward(hidden, position_embeddings=embeddings, past_key_values=cache, use_cache=True)
-        return self.model.lm_head(language.norm(hidden[:, -1:]))[:, -1], delta
+        tail = hidden[:, -1:] if last is None else hidden.index_select(1, last)
+        return self.model.lm_head(language.norm(tail))[:, -1], cache.layers
+
+    def _graph_wanted(self, key, example) -> bool:
+        """Graphs on CUDA only, for shapes that came before (a one-off command never pays for a capture)."""
+        if not (self.use_graphs and example.is_cuda):
+            return False
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return True
+        self.seen[key] += 1
+        return self.seen[key] >= 2
+
+    def _keep(self, key, graph) -> None:
+        kind = [k for k in self.graphs if k[0] == key[0]]
+        if len(kind) >= GRAPHS_KEPT:
+            del self.graphs[kind[0]]
+        self.graphs[key] = graph
 
     def _features(self, pixels, host):
         """(grid on the CPU, the vision tower's features): those `start` made for these pixels, or new ones."""
@@ -97,25 +127,29 @@ class Prefill:
 
         visual = self.model.model.visual
         pixel_values = pixel_values.to(visual.dtype)
-        key = (tuple(map(tuple, grid.tolist())), pixel_values.dtype)
+        key = ("vision", tuple(map(tuple, grid.tolist())))
         positions = _to(vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size), pixel_values.device)
         cu_seqlens = vision_utils.get_vision_cu_seqlens(grid)
 
         def tower(pixels):  # precomputed positions and boundaries (on the CPU) keep it free of host syncs
             return visual(pixels, grid_thw=grid, position_ids=positions, cu_seqlens=cu_seqlens).pooler_output
 
-        if not (self.use_graphs and pixel_values.is_cuda):
+        if not self._graph_wanted(key, pixel_values):
             return tower(pixel_values)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-            return self.graphs[key](pixel_values)
-        self.seen[key] += 1
-        if self.seen[key] < 2:
-            return tower(pixel_values)
-        if len(self.graphs) >= VISION_GRAPHS:
-            self.graphs.popitem(last=False)
-        self.graphs[key] = graph = _VisionGraph(tower, pixel_values, positions)
-        return graph(pixel_values)
+        if key not in self.graphs:
+            self._keep(key, _VisionGraph(tower, pixel_values, positions))
+        return self.graphs[key](pixel_values)
+
+
+class _Keep:
+    """A cache for a prompt's one forward: keeps each layer's keys and values as they are (no copies)."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple] = []
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        self.layers.append((keys, values))
+        return keys, values
 
 
 class _VisionGraph:
@@ -136,6 +170,36 @@ class _VisionGraph:
         self.pixels.copy_(pixel_values)
         self.graph.replay()
         return self.out.clone()  # the graph's own buffer is overwritten by its next replay
+
+
+class _TextGraph:
+    """The language model for prompts of up to `size` tokens (batch 1), captured once. The prompt goes in at
+    the start of static buffers; the rows after it are padding, which causal attention keeps from the
+    prompt's rows, so the prompt's logits and keys/values are what an unpadded forward gives."""
+
+    def __init__(self, prefill: Prefill, size: int, example) -> None:
+        device = example.device
+        self.hidden = torch.zeros((1, size, example.shape[-1]), dtype=example.dtype, device=device)
+        self.positions = torch.zeros((3, 1, size), dtype=torch.long, device=device)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            prefill.text(self.hidden, self.positions, self.last)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.kv = prefill.text(self.hidden, self.positions, self.last)
+
+    def __call__(self, hidden, positions):
+        """(logits [1, vocab], (keys, values) per layer: views of the graph's buffers, valid until its next
+        replay) for the prompt's embeddings [1, L, hidden] and positions [3, 1, L] (CPU)."""
+        length = hidden.shape[1]
+        self.hidden[:, :length].copy_(hidden)
+        self.positions[..., :length].copy_(_to(positions, hidden.device))
+        self.last.fill_(length - 1)
+        self.graph.replay()
+        return self.logits.clone(), [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
 
 
 def _to(tensor, device):

@@ -81,7 +81,8 @@ def test_fast_modules_keep_the_models_answers(tiny_model):
 
 def test_prefill_equals_the_models_forward(tiny_model):
     """One conversation's prefill (positions worked out on the CPU, image features put in place) gives the
-    model forward's last logits, its rope delta and its cache: two images of different sizes, and text only."""
+    model forward's last logits, rope delta and keys/values: two images of different sizes, and text only.
+    Padded at the end, as the text graphs pad a prompt to their length, it gives the same again."""
     from transformers import AutoProcessor, DynamicCache, Qwen2VLForConditionalGeneration
 
     from qwen2vl_cli.fastpath import FastDecoder
@@ -94,18 +95,35 @@ def test_prefill_equals_the_models_forward(tiny_model):
                        return_tensors="pt"),
              processor(text="Tell me a story.", return_tensors="pt")]
     assert decoder.prefill.supported and all(decoder.prefill.applies(x) for x in cases)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # noqa: E731
     with torch.inference_mode():
         for inputs in cases:
-            theirs_cache, ours_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+            cache = DynamicCache(config=model.config)
             model.model.rope_deltas = None
-            theirs = model(**inputs, past_key_values=theirs_cache, use_cache=True).logits[:, -1]
+            theirs = model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
             theirs_delta = model.model.rope_deltas if "pixel_values" in inputs else torch.zeros(1, 1, dtype=torch.long)
-            ours, delta = decoder.prefill.run(inputs, ours_cache)
-            assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
-            assert torch.equal(ours.argmax(-1), theirs.argmax(-1)) and torch.equal(delta, theirs_delta)
-            for mine, reference in zip(ours_cache.layers, theirs_cache.layers):
-                assert torch.allclose(mine.keys, reference.keys, atol=1e-5)
-                assert torch.allclose(mine.values, reference.values, atol=1e-5)
+            ours, kv, delta = decoder.prefill.run(inputs)
+            assert close(ours, theirs) and torch.equal(ours.argmax(-1), theirs.argmax(-1))
+            assert torch.equal(delta, theirs_delta)
+            for (keys, values), layer in zip(kv, cache.layers, strict=True):
+                assert close(keys, layer.keys) and close(values, layer.values)
+
+            length = inputs["input_ids"].shape[1]  # the prompt at the start of longer buffers
+            hidden = model.model.language_model.embed_tokens(inputs["input_ids"])
+            if "pixel_values" in inputs:
+                features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+                hidden = hidden.masked_scatter(inputs["input_ids"][..., None] == model.config.image_token_id,
+                                               torch.cat(features.pooler_output))
+                positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                          image_grid_thw=inputs["image_grid_thw"])
+            else:
+                positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+            padded = torch.cat([hidden, torch.randn(1, 9, hidden.shape[-1])], dim=1)
+            padded_positions = torch.cat([positions, torch.zeros(3, 1, 9, dtype=torch.long)], dim=-1)
+            logits, padded_kv = decoder.prefill.text(padded, padded_positions, torch.tensor([length - 1]))
+            assert close(logits, theirs)
+            for (keys, values), layer in zip(padded_kv, cache.layers, strict=True):
+                assert close(keys[:, :, :length], layer.keys) and close(values[:, :, :length], layer.values)
     assert not torch.equal(cases[0]["input_ids"][0, :4], cases[1]["input_ids"][0, :4])
 
 
