@@ -312,6 +312,16 @@ def breakdown(session, request, requests, profile_path: Path | None = None) -> d
             lambda: model.model.visual(big["pixel_values"], grid_thw=big["image_grid_thw"]), 3) / count, 2)
         out[f"prefill_ms_per_image_batch{count}"] = round(cuda_ms(
             lambda: model(**big, use_cache=True, logits_to_keep=1), 3) / count, 2)
+    q = torch.randn(1, 16, 4920, 80, device="cuda", dtype=torch.bfloat16)  # one image's vision attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                out[f"vision_attention_{backend.name.lower()}_ms"] = round(cuda_ms(
+                    lambda: [torch.nn.functional.scaled_dot_product_attention(q, q, q) for _ in range(10)], 3) / 10, 3)
+        except RuntimeError as exc:
+            out[f"vision_attention_{backend.name.lower()}_ms"] = str(exc).splitlines()[0][:80]
     for (batch, size), graph in session.fast.graphs.items():
         if graph.graph is not None:
             out[f"decode_step_ms_batch{batch}_cache{size}"] = round(cuda_ms(
@@ -406,11 +416,15 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     prefill = session.fast.prefill
     prefill.use_graphs = False  # an image size the session has not seen twice: no vision graph yet
-    fresh = [list(session.stream(request))[-1].first_token_s for _ in range(3)]
-    report["ttft_ms_batch1_new_size"] = round(min(fresh) * 1000, 1)
+    fresh = [list(session.stream(request))[-1] for _ in range(3)]
+    fresh_answer = fresh[0]
+    report["ttft_ms_batch1_new_size"] = round(min(c.first_token_s for c in fresh) * 1000, 1)
     prefill.use_graphs = True
-    list(session.stream(request))  # (the second time this size comes: its vision graph is captured)
+    captured = list(session.stream(request))[-1]  # the second time this size comes: its graphs are captured
     runs = [list(session.stream(request))[-1] for _ in range(3)]
+    report["bf16_streamed_answer_with_graphs_vs_without"] = agreement(
+        [session.processor.tokenizer(c.text).input_ids for c in (captured, runs[0])],
+        [session.processor.tokenizer(fresh_answer.text).input_ids] * 2)
     best: Completion = min(runs, key=lambda c: c.total_s)
     report["ttft_ms_batch1"] = round(min(c.first_token_s for c in runs) * 1000, 1)
     report["decode_tokens_per_s_batch1"] = round((best.completion_tokens - 1) / (best.total_s - best.first_token_s), 1)
@@ -487,6 +501,9 @@ def main() -> None:
         ours32 = [tokenize(c.text) for c in session32.generate_batch(short)]
         theirs32 = [tokenize(processor32.tokenizer.decode(ids, skip_special_tokens=True)) for ids in theirs32]
         report["token_agreement_float32"], report["identical_answers_float32"] = agreement(ours32, theirs32)
+        # one streamed answer: new size (no graphs), then captured, then replayed: each the batch's answer
+        streamed = [list(session32.stream(short[0]))[-1].text for _ in range(3)]
+        report["float32_streamed_answers_equal_batch"] = [tokenize(text) == ours32[0] for text in streamed]
 
     rows = [
         ("model load (local safetensors)", f"{report['load_s']} s"),
