@@ -1,12 +1,15 @@
 """The prompt's forward pass (the prefill) for the fast path, when one conversation of images and text is
-answered (the time to first token of `describe`, `ask` and a served chat).
+answered: the time to first token of `describe`, `ask` and a served chat.
 
-Same arithmetic as the model's own forward, in an order that never makes the host wait for the GPU
-between the vision tower and the language model: the M-RoPE positions and the image tokens' places are
-worked out on the CPU from the token ids, so the host queues the language model's layers while the GPU
-is still in the vision tower. The vision tower is replayed from a CUDA graph for an image size seen
-before (captured the second time that size comes, so a one-off command never pays for the capture);
-the graph removes the host's cost of launching its ~400 kernels.
+Same arithmetic as the model's own forward, arranged so that the GPU never waits for the host:
+- the vision tower can start from the image processor's output while the prompt is still being tokenized
+  (`start`, called by the session),
+- the M-RoPE positions and the image tokens' places are worked out on the CPU from the token ids, so
+  nothing syncs between the vision tower and the language model,
+- the vision tower (per image size) and the language model (per prompt length, rounded up to 64; causal
+  attention keeps the padding after a prompt from changing it) are replayed from CUDA graphs once a shape
+  comes a second time (a one-off command never pays for a capture). A graph takes away the host's cost of
+  launching ~400 kernels one by one, which is longer than the language model's GPU time.
 
 Batches, videos, flash-attention models and transformers releases without precomputed vision inputs
 (`transformers.vision_utils`) keep the model's own forward.
@@ -22,10 +25,11 @@ import torch
 
 GRAPHS_KEPT = 3  # vision graphs (by image size) and text graphs (by prompt length) kept: each holds ~0.1-0.2 GB
 TEXT_BUCKET = 64  # text graphs serve prompt lengths rounded up to this
+GRAPH_MAX_TOKENS = 4096  # longer prompts and larger images keep the GPU busy without graphs
 
 
 class Prefill:
-    """`applies(inputs)` says whether this prefill serves a batch; `run(inputs, cache)` does it. `start` may
+    """`applies(inputs)` says whether this prefill serves a batch; `run(inputs, host)` does it. `start` may
     launch the vision tower earlier, while the prompt is still being tokenized."""
 
     def __init__(self, model, use_graphs: bool) -> None:
@@ -75,7 +79,7 @@ class Prefill:
         model.rope_deltas = delta = _to(delta, ids.device)
         key = ("text", -(-length // TEXT_BUCKET) * TEXT_BUCKET)
         with self.lock:
-            if not self._graph_wanted(key, hidden):
+            if not self._graph_wanted(key, hidden, key[1]):
                 return (*self.text(hidden, _to(positions, ids.device)), delta)
             if key not in self.graphs:
                 self._keep(key, _TextGraph(self, key[1], hidden))
@@ -92,9 +96,10 @@ class Prefill:
         tail = hidden[:, -1:] if last is None else hidden.index_select(1, last)
         return self.model.lm_head(language.norm(tail))[:, -1], cache.layers
 
-    def _graph_wanted(self, key, example) -> bool:
-        """Graphs on CUDA only, for shapes that came before (a one-off command never pays for a capture)."""
-        if not (self.use_graphs and example.is_cuda):
+    def _graph_wanted(self, key, example, tokens: int) -> bool:
+        """Graphs on CUDA, for shapes that came before (a one-off command never pays for a capture) and are
+        small enough that launching kernels one by one costs more than their memory is worth."""
+        if not (self.use_graphs and example.is_cuda and tokens <= GRAPH_MAX_TOKENS):
             return False
         if key in self.graphs:
             self.graphs.move_to_end(key)
@@ -134,7 +139,7 @@ class Prefill:
         def tower(pixels):  # precomputed positions and boundaries (on the CPU) keep it free of host syncs
             return visual(pixels, grid_thw=grid, position_ids=positions, cu_seqlens=cu_seqlens).pooler_output
 
-        if not self._graph_wanted(key, pixel_values):
+        if not self._graph_wanted(key, pixel_values, pixel_values.shape[0] // visual.spatial_merge_size ** 2):
             return tower(pixel_values)
         if key not in self.graphs:
             self._keep(key, _VisionGraph(tower, pixel_values, positions))
