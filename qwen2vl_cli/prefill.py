@@ -18,6 +18,7 @@ Batches, videos, flash-attention models and transformers releases without precom
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 from collections import Counter, OrderedDict
 
@@ -79,11 +80,10 @@ class Prefill:
         model.rope_deltas = delta = _to(delta, ids.device)
         key = ("text", -(-length // TEXT_BUCKET) * TEXT_BUCKET)
         with self.lock:
-            if not self._graph_wanted(key, hidden, key[1]):
+            graph = self._graph(key, hidden, key[1], lambda: _TextGraph(self, key[1], hidden))
+            if graph is None:
                 return (*self.text(hidden, _to(positions, ids.device)), delta)
-            if key not in self.graphs:
-                self._keep(key, _TextGraph(self, key[1], hidden))
-            return (*self.graphs[key](hidden, positions), delta)
+            return (*graph(hidden, positions), delta)
 
     def text(self, hidden, positions, last=None):
         """The language model over the prompt's embeddings (no mask: causal, unpadded, or padded at the end):
@@ -96,22 +96,30 @@ class Prefill:
         tail = hidden[:, -1:] if last is None else hidden.index_select(1, last)
         return self.model.lm_head(language.norm(tail))[:, -1], cache.layers
 
-    def _graph_wanted(self, key, example, tokens: int) -> bool:
-        """Graphs on CUDA, for shapes that came before (a one-off command never pays for a capture) and are
-        small enough that launching kernels one by one costs more than their memory is worth."""
+    def _graph(self, key, example, tokens: int, make):
+        """The graph for `key`, captured by `make()` where one is worth it: on CUDA, for a shape that came
+        before (a one-off command never pays for a capture), small enough that launching its kernels one
+        by one costs more than the graph's memory. None: run without."""
         if not (self.use_graphs and example.is_cuda and tokens <= GRAPH_MAX_TOKENS):
-            return False
+            return None
         if key in self.graphs:
             self.graphs.move_to_end(key)
-            return True
+            return self.graphs[key]
         self.seen[key] += 1
-        return self.seen[key] >= 2
-
-    def _keep(self, key, graph) -> None:
+        if self.seen[key] < 2:
+            return None
+        try:
+            graph = make()
+        except RuntimeError as exc:  # a capture this GPU or build cannot do: stay correct without graphs
+            self.use_graphs = False
+            print(f"qwen2vl: warning: CUDA graphs unavailable for prompts ({str(exc).splitlines()[0]}); "
+                  "running without", file=sys.stderr)
+            return None
         kind = [k for k in self.graphs if k[0] == key[0]]
         if len(kind) >= GRAPHS_KEPT:
             del self.graphs[kind[0]]
         self.graphs[key] = graph
+        return graph
 
     def _features(self, pixels, host):
         """(grid on the CPU, the vision tower's features): those `start` made for these pixels, or new ones."""
@@ -139,11 +147,9 @@ class Prefill:
         def tower(pixels):  # precomputed positions and boundaries (on the CPU) keep it free of host syncs
             return visual(pixels, grid_thw=grid, position_ids=positions, cu_seqlens=cu_seqlens).pooler_output
 
-        if not self._graph_wanted(key, pixel_values, pixel_values.shape[0] // visual.spatial_merge_size ** 2):
-            return tower(pixel_values)
-        if key not in self.graphs:
-            self._keep(key, _VisionGraph(tower, pixel_values, positions))
-        return self.graphs[key](pixel_values)
+        tokens = pixel_values.shape[0] // visual.spatial_merge_size ** 2
+        graph = self._graph(key, pixel_values, tokens, lambda: _VisionGraph(tower, pixel_values, positions))
+        return tower(pixel_values) if graph is None else graph(pixel_values)
 
 
 class _Keep:
@@ -220,7 +226,7 @@ def _supported(model) -> bool:
         from transformers import vision_utils  # noqa: F401 - transformers >= 5.x with precomputable vision inputs
 
         source = inspect.getsource(type(model.model.visual).forward)
-    except (ImportError, OSError, TypeError):
+    except (ImportError, OSError, TypeError, AttributeError):  # an older transformers, another model layout
         return False
     return ("kwargs=kwargs" in source and getattr(model.model.visual, "_qwen2vl_fast", False)
             and getattr(model.model.language_model, "_qwen2vl_fast", False))

@@ -166,3 +166,35 @@ def test_streamed_answer_starts_the_vision_tower_before_tokenizing(tiny_model, m
     fast = list(session.stream(request))[-1]
     assert isinstance(fast, Completion) and fast.text == plain.text and fast.prompt_tokens == plain.prompt_tokens
     assert calls == ["vision", "tokenize"] and session.fast.prefill.early is None
+
+
+def test_prefill_graphs_are_made_for_shapes_seen_twice(tiny_model, capsys):
+    """Graph policy: none for a shape's first time (a one-off command never pays for a capture), captured
+    the second time and then reused, three per kind kept, none for large shapes, and a capture that fails
+    turns graphs off with one warning instead of failing the request."""
+    from types import SimpleNamespace
+
+    from qwen2vl_cli.prefill import GRAPH_MAX_TOKENS, GRAPHS_KEPT, Prefill
+
+    prefill = Prefill(SimpleNamespace(model=None), use_graphs=True)
+    cuda = SimpleNamespace(is_cuda=True)
+    made: list = []
+    make = lambda key: lambda: made.append(key) or f"graph {key}"  # noqa: E731
+    assert prefill._graph(("text", 64), cuda, 64, make(64)) is None and not made
+    assert prefill._graph(("text", 64), cuda, 64, make(64)) == "graph 64" and made == [64]
+    assert prefill._graph(("text", 64), cuda, 64, make(64)) == "graph 64" and made == [64]
+    assert prefill._graph(("text", 64), SimpleNamespace(is_cuda=False), 64, make(64)) is None
+    big = GRAPH_MAX_TOKENS + 64
+    assert [prefill._graph(("text", big), cuda, big, make(big)) for _ in range(2)] == [None, None]
+    for size in range(128, 128 + 64 * GRAPHS_KEPT, 64):
+        prefill._graph(("text", size), cuda, size, make(size))
+        prefill._graph(("text", size), cuda, size, make(size))
+    assert ("text", 64) not in prefill.graphs and len(prefill.graphs) == GRAPHS_KEPT
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    prefill._graph(("vision", 1), cuda, 1, broken)
+    assert prefill._graph(("vision", 1), cuda, 1, broken) is None and not prefill.use_graphs
+    assert capsys.readouterr().err.count("warning: CUDA graphs unavailable") == 1
+    assert prefill._graph(("text", 128), cuda, 128, make(128)) is None  # off from now on
