@@ -36,7 +36,7 @@ class Prefill:
     def __init__(self, model, use_graphs: bool) -> None:
         self.model = model
         self.use_graphs = use_graphs
-        self.graphs: OrderedDict[tuple, _VisionGraph] = OrderedDict()
+        self.graphs: OrderedDict[tuple, _VisionGraph | _TextGraph] = OrderedDict()
         self.seen: Counter = Counter()
         self.supported = _supported(model)
         self.early: tuple | None = None  # (pixel_values, grid, features) from `start`
@@ -168,14 +168,7 @@ class _VisionGraph:
 
     def __init__(self, tower, example, positions) -> None:
         self.pixels, self.positions = example.clone(), positions  # the graph reads both
-        stream = torch.cuda.Stream(device=example.device)
-        stream.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-            tower(self.pixels)
-        torch.cuda.current_stream(example.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = tower(self.pixels)
+        self.graph, self.out = _captured(lambda: tower(self.pixels), example.device)
 
     def __call__(self, pixel_values):
         self.pixels.copy_(pixel_values)
@@ -193,14 +186,8 @@ class _TextGraph:
         self.hidden = torch.zeros((1, size, example.shape[-1]), dtype=example.dtype, device=device)
         self.positions = torch.zeros((3, 1, size), dtype=torch.long, device=device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            prefill.text(self.hidden, self.positions, self.last)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, self.kv = prefill.text(self.hidden, self.positions, self.last)
+        self.graph, (self.logits, self.kv) = _captured(lambda: prefill.text(self.hidden, self.positions, self.last),
+                                                       device)
 
     def __call__(self, hidden, positions):
         """(logits [1, vocab], (keys, values) per layer: views of the graph's buffers, valid until its next
@@ -211,6 +198,20 @@ class _TextGraph:
         self.last.fill_(length - 1)
         self.graph.replay()
         return self.logits.clone(), [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
+
+
+def _captured(fn, device):
+    """(a CUDA graph of fn(), fn's outputs in the graph's memory), after a warm-up on a side stream, as
+    capture requires."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def _to(tensor, device):
