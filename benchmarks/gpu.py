@@ -510,7 +510,7 @@ def main() -> None:
         ("warm-up (first request: kernels, CUDA graph)", f"{report['warmup_s']} s"),
         ("time to first token, 1230-token image", f"{report['ttft_ms_batch1']} ms "
                                                    f"(seed recipe {report['seed_ttft_ms_batch1']} ms)"),
-        ("the same, an image size not seen before (no vision graph)", f"{report['ttft_ms_batch1_new_size']} ms"),
+        ("the same, a size not seen twice before (no graphs yet)", f"{report['ttft_ms_batch1_new_size']} ms"),
         ("decode, batch 1", f"{report['decode_tokens_per_s_batch1']} tokens/s "
                             f"(seed recipe {report['seed_decode_tokens_per_s_batch1']})"),
         (f"qwen2vl batch, batch {report['session_batch_size']}", f"{report['session_batch_images_per_s']} images/s, "
