@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .prefill import Prefill
+from .prefill import Prefill, captured
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
 AHEAD = 3  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
@@ -368,15 +368,9 @@ class _Graph:
         return event
 
     def _capture(self) -> None:
-        """Warm up on a side stream (as CUDA graphs require; the inputs are put back after), then record."""
+        """Record the step (after prefill.captured's warm-up, which writes the K/V and mask of the step about
+        to run: harmless), then put the inputs the warm-up moved on back."""
         saved = [t.clone() for t in (self.tokens, self.positions, self.slot, self.finished)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # writes the K/V and mask of the step about to run: harmless
-            self._advance()
-        torch.cuda.current_stream().wait_stream(stream)
+        self.graph, _ = captured(self._advance, self.tokens.device)
         for buffer, value in zip((self.tokens, self.positions, self.slot, self.finished), saved):
             buffer.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._advance()

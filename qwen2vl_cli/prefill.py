@@ -168,7 +168,7 @@ class _VisionGraph:
 
     def __init__(self, tower, example, positions) -> None:
         self.pixels, self.positions = example.clone(), positions  # the graph reads both
-        self.graph, self.out = _captured(lambda: tower(self.pixels), example.device)
+        self.graph, self.out = captured(lambda: tower(self.pixels), example.device)
 
     def __call__(self, pixel_values):
         self.pixels.copy_(pixel_values)
@@ -186,7 +186,7 @@ class _TextGraph:
         self.hidden = torch.zeros((1, size, example.shape[-1]), dtype=example.dtype, device=device)
         self.positions = torch.zeros((3, 1, size), dtype=torch.long, device=device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph, (self.logits, self.kv) = _captured(lambda: prefill.text(self.hidden, self.positions, self.last),
+        self.graph, (self.logits, self.kv) = captured(lambda: prefill.text(self.hidden, self.positions, self.last),
                                                        device)
 
     def __call__(self, hidden, positions):
@@ -200,9 +200,9 @@ class _TextGraph:
         return self.logits.clone(), [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
 
 
-def _captured(fn, device):
-    """(a CUDA graph of fn(), fn's outputs in the graph's memory), after a warm-up on a side stream, as
-    capture requires."""
+def captured(fn, device):
+    """(a CUDA graph of fn(), fn's outputs in the graph's memory), after one eager run of fn on a side
+    stream, as capture requires (that run's effects stay)."""
     stream = torch.cuda.Stream(device=device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
