@@ -8,7 +8,12 @@
 
 It follows HF's arithmetic (RMSNorm in float32, RoPE cos/sin in float32 cast to the model dtype, text
 positions plus rope_deltas), so greedy answers equal `model.generate`'s: tests check that in float32 on
-the CPU, the benchmark on the GPU. Sampling and repetition penalties stay on `generate`.
+the CPU, the GPU suite (tests/gpu) on CUDA. Sampling and repetition penalties stay on `generate`.
+
+It reaches into transformers' internals (layer forwards, the cache, M-RoPE positions), which change between
+releases. So the contract is checked where it matters, at load: FastDecoder runs a few probe prompts
+through the stock model and through the fast path, and where the logits differ (or anything fails) it takes
+its patches off and raises ContractError; the session then answers with the stock code. Never a wrong answer.
 """
 
 from __future__ import annotations
@@ -19,16 +24,28 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .prefill import Prefill, captured
+from .prefill import Prefill, captured, rope_index
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
 AHEAD = 3  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
+# the contract check's largest relative error of logits, [half precision, float32]: rounding stays far under
+# these; a cache left empty or positions off by a token give errors of order 1
+CONTRACT_TOLERANCE = {False: 0.05, True: 1e-3}
+
+
+class ContractError(RuntimeError):
+    """transformers' model or processor does not behave as the fast path expects: use the stock code."""
 
 
 class FastDecoder:
     """Greedy decoding over a loaded Qwen2VLForConditionalGeneration; `generate` mirrors HF's contract."""
 
-    def __init__(self, model, use_graphs: bool | None = None) -> None:
+    def __init__(self, model, probes=(), use_graphs: bool | None = None) -> None:
+        """Patch `model` for the fast path, then check the contract with transformers on `probes` (pairs of
+        inputs on the device and as prepared): on each, the prompt's logits and the next step's must be the
+        stock model's. Where they are not, or the check fails, the patches come off and ContractError says why."""
+        import inspect
+
         self.model = model
         text = model.config.text_config
         self.language = model.model.language_model
@@ -39,12 +56,40 @@ class FastDecoder:
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.inv_freq = self.language.rotary_emb.inv_freq.float().to(self.device)
-        self.layers = [self._fuse(layer) for layer in self.language.layers]
+        # newer transformers (5.24) call the forward's past_key_values `cache` (the old name is deprecated)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        references = [_reference(model, inputs, self.cache_arg) for inputs, _ in probes]  # the stock code
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.lock = threading.Lock()
+        self.layers = [self._fuse(layer) for layer in self.language.layers]
         install_vision(model)
         install_text(model, self.layers)
         self.prefill = Prefill(model, self.use_graphs)
+        self.errors: list[float] = []  # per probe: the larger relative error of its two logits
+        try:
+            for (inputs, host), reference in zip(probes, references):
+                self.errors.append(self._check(inputs, host, reference))
+        except Exception as exc:  # noqa: BLE001 - any failure here means the contract is not the one we know
+            uninstall(model)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ContractError(f"{type(exc).__name__}: {first}") from exc
+        tolerance = CONTRACT_TOLERANCE[self.dtype == torch.float32]
+        if self.errors and max(self.errors) > tolerance:
+            uninstall(model)
+            raise ContractError(f"its answers differ from transformers' (relative error {max(self.errors):.2g} "
+                                f"> {tolerance:g})")
+
+    @torch.inference_mode()
+    def _check(self, inputs, host, reference) -> float:
+        """The fast path's prefill and first decode step on one probe, against the stock model's logits."""
+        logits, prompt_kv, delta = self._prefill(inputs, host)
+        attention = inputs["attention_mask"]
+        batch, length = inputs["input_ids"].shape
+        graph = _Graph(self, batch, CACHE_BLOCK)
+        graph.start(prompt_kv, attention, length, reference["next"], attention.sum(-1) + delta.reshape(-1),
+                    {-1}, 0)
+        second = self._step_logits(graph.tokens, graph.positions, graph.slot, graph.keys, graph.values, graph.mask)
+        return max(_relative(logits, reference["logits"]), _relative(second, reference["second"]))
 
     def _fuse(self, layer) -> dict:
         """One weight for q/k/v and one for gate/up; the HF modules keep views of them (no extra memory)."""
@@ -68,7 +113,11 @@ class FastDecoder:
 
     # ---- one decode step (pure tensor work: capturable) -----------------------------------------
     def _step(self, tokens, positions, slot, keys, values, mask):
-        """tokens [B], positions [B], slot [1] -> next greedy tokens [B]; writes K/V at `slot`.
+        """tokens [B], positions [B], slot [1] -> next greedy tokens [B]; writes K/V at `slot`."""
+        return self._step_logits(tokens, positions, slot, keys, values, mask).argmax(-1)
+
+    def _step_logits(self, tokens, positions, slot, keys, values, mask):
+        """One decode step's logits [B, vocab] (see _step).
 
         `mask` is additive ([B, 1, 1, size]: 0 where visible, -inf elsewhere); this step's slot opens.
         """
@@ -88,7 +137,7 @@ class FastDecoder:
                                              w["norm2"], self.eps, inplace=True)
             delta = F.linear(kernels.silu_mul(F.linear(x, w["gate_up"])), w["down"])
         _, x = kernels.add_rms_norm(hidden, delta, self.language.norm.weight, self.eps)
-        return self.model.lm_head(x).argmax(-1)
+        return self.model.lm_head(x)
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -101,18 +150,10 @@ class FastDecoder:
         thread (the batch runner preparing the next batch) holds the interpreter for a while.
         `host`: the inputs before their copy to the GPU (the prefill reads token ids there).
         """
-        from transformers import DynamicCache
-
         with self.lock:
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             batch, length = input_ids.shape
-            if self.prefill.applies(inputs):
-                logits, prompt_kv, delta = self.prefill.run(inputs, host)
-            else:
-                cache = DynamicCache(config=self.model.config)
-                logits = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-                delta, prompt_kv = self._rope_delta(inputs), [(layer.keys, layer.values) for layer in cache.layers]
-                del cache
+            logits, prompt_kv, delta = self._prefill(inputs, host)
             first = logits.argmax(-1)
             rows = [first.tolist()]
             if streamer is not None:
@@ -141,12 +182,19 @@ class FastDecoder:
                 streamer.end()
             return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device).T], dim=1)
 
-    def _rope_delta(self, inputs):
-        """Next position = real tokens so far + delta, as the model's forward goes on after its prefill."""
-        if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
-            # text only: the model numbers every column, padding included (and keeps no rope_deltas)
-            return inputs["input_ids"].shape[1] - inputs["attention_mask"].sum(-1)
-        return self.model.model.rope_deltas
+    def _prefill(self, inputs, host=None):
+        """The prompt's forward: (logits of its last token [B, vocab], (keys, values) per layer, M-RoPE delta
+        [B, 1]: a new token's position is its index + delta). One conversation takes prefill.Prefill; a batch
+        (or a video) the model's own forward, given the positions that decoding goes on from (rope_index)."""
+        if self.prefill.applies(inputs):
+            return self.prefill.run(inputs, host)
+        from transformers import DynamicCache
+
+        positions, delta = rope_index(self.model, inputs if host is None else host)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(**inputs, position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
+                            **{self.cache_arg: cache}).logits[:, -1]
+        return logits, [(layer.keys, layer.values) for layer in cache.layers], delta.to(self.device)
 
     @staticmethod
     def _consume(host, events, rows, finished, eos_ids, streamer) -> bool:
@@ -169,6 +217,37 @@ class FastDecoder:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = _Graph(self, batch, size)
         return self.graphs[key]
+
+
+@torch.inference_mode()
+def _reference(model, inputs, cache_arg: str) -> dict:
+    """The stock model on a probe: the prompt's last logits, its greedy next token, and the logits after that
+    token (one forward over the longer prompt, which is what a correct cache must reproduce)."""
+    from transformers import DynamicCache
+
+    logits = model(**inputs, use_cache=True, **{cache_arg: DynamicCache(config=model.config)}).logits[:, -1]
+    token = logits.argmax(-1)
+    longer, column = dict(inputs), token[:, None]
+    extra = {"input_ids": column, "attention_mask": torch.ones_like(column), "mm_token_type_ids": torch.zeros_like(column)}
+    for key, value in extra.items():
+        if key in inputs:
+            longer[key] = torch.cat([inputs[key], value.to(inputs[key].dtype)], dim=1)
+    second = model(**longer).logits[:, -1]
+    model.model.rope_deltas = None  # no state of the probe's is left for the next forward
+    return {"logits": logits, "next": token, "second": second}
+
+
+def _relative(value, reference) -> float:
+    value, reference = value.float(), reference.float()
+    return float((value - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+def uninstall(model) -> None:
+    """Put the stock forwards back (the fused weights stay: the HF modules hold views of them, same values)."""
+    visual, language = model.model.visual, model.model.language_model
+    for module in (visual.patch_embed, *visual.blocks, *language.layers):
+        module.__dict__.pop("forward", None)
+    visual._qwen2vl_fast = language._qwen2vl_fast = False
 
 
 def install_text(model, fused: list[dict]) -> None:
@@ -205,20 +284,20 @@ def install_text(model, fused: list[dict]) -> None:
     for layer, w in zip(layers, fused):
         original = layer.forward
 
-        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                    use_cache=False, position_embeddings=None, *, _original=original, _w=w, **kwargs):
-            if position_embeddings is None or (position_embeddings[0].dim() == 4 and not section):
-                return _original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache,
-                                 position_embeddings=position_embeddings, **kwargs)
+        def forward(self, hidden_states, *args, _original=original, _w=w, **kwargs):
+            embeddings = kwargs.get("position_embeddings")
+            if args or embeddings is None or (embeddings[0].dim() == 4 and not section):
+                return _original(hidden_states, *args, **kwargs)  # a call this does not mirror
+            store = kwargs.get("cache")  # newer transformers (5.24); before, past_key_values
+            store = kwargs.get("past_key_values") if store is None else store
+            attention_mask = kwargs.get("attention_mask")
             attention = self.self_attn
             batch, length, _ = hidden_states.shape
             eps = self.input_layernorm.variance_epsilon
             _, x = kernels.add_rms_norm(hidden_states, None, _w["norm1"], eps)
-            q, k, v = kernels.rope_prefill(F.linear(x, _w["qkv"], _w["bias"]), *rope(*position_embeddings),
-                                           heads, kv_heads)
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, attention.layer_idx)
+            q, k, v = kernels.rope_prefill(F.linear(x, _w["qkv"], _w["bias"]), *rope(*embeddings), heads, kv_heads)
+            if store is not None:
+                k, v = store.update(k, v, attention.layer_idx)
             if attention_mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=attention.scaling,
                                                      enable_gqa=heads != kv_heads)

@@ -45,8 +45,8 @@ class Prefill:
     def start(self, image_inputs) -> None:
         """The image processor's output for one conversation: run the vision tower now (the GPU works while
         the host tokenizes); `run` picks the features up when its pixel values are these."""
-        pixels = image_inputs.get("pixel_values")
-        if self.supported and pixels is not None:
+        pixels = image_inputs.get("pixel_values") if hasattr(image_inputs, "get") else None
+        if self.supported and pixels is not None and pixels.device == self.model.model.visual.device:
             grid = image_inputs["image_grid_thw"].cpu()
             self.early = (pixels, grid, self._vision(pixels, grid))
 
@@ -61,7 +61,6 @@ class Prefill:
         model = self.model.model
         host = inputs if host is None else host
         ids, host_ids = inputs["input_ids"], host["input_ids"].cpu()
-        types = host["mm_token_type_ids"].cpu() if "mm_token_type_ids" in host else None
         length = ids.shape[1]
         pixels = inputs.get("pixel_values")
         if pixels is not None:  # first, so the GPU starts on the vision tower while the host goes on
@@ -73,10 +72,7 @@ class Prefill:
                 raise ValueError(f"Image features and image tokens do not match, tokens: {slots.numel()}, "
                                  f"features: {features.shape[0]}")
             hidden[0].index_copy_(0, _to(slots, ids.device), features.to(hidden.dtype))
-            positions, delta = model.get_rope_index(host_ids, types, image_grid_thw=grid)
-        else:
-            positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
-            delta = torch.zeros((1, 1), dtype=torch.long)
+        positions, delta = rope_index(self.model, host)
         model.rope_deltas = delta = _to(delta, ids.device)
         key = ("text", -(-length // TEXT_BUCKET) * TEXT_BUCKET)
         with self.lock:
@@ -214,10 +210,26 @@ def captured(fn, device):
     return graph, out
 
 
+def rope_index(model, host):
+    """(M-RoPE positions [3, B, L], delta [B, 1]) of a prepared prompt batch, on the CPU: the one place that
+    numbers prompts, for the prefill, the batched forward and the decoding after both (a new token's position
+    is its index + delta). transformers' own get_rope_index, from the host copy of the token ids; a prompt
+    without images or videos gets text positions from it too (counted over real tokens, as `generate` does)."""
+    ids = host["input_ids"].cpu()
+    types = host.get("mm_token_type_ids")
+    types = torch.zeros_like(ids) if types is None else types.cpu()
+    grids = {key: host[key].cpu() for key in ("image_grid_thw", "video_grid_thw") if host.get(key) is not None}
+    attention = host.get("attention_mask")
+    positions, delta = model.model.get_rope_index(ids, types, attention_mask=None if attention is None else attention.cpu(),
+                                                  **grids)
+    return positions.contiguous(), delta.reshape(-1, 1).contiguous()
+
+
 def _to(tensor, device):
-    """A small CPU tensor on `device` without blocking the host (pinned first where that helps)."""
+    """A small CPU tensor on `device` without blocking the host (pinned first where that helps; pinning needs
+    a tensor of its own memory, not an expanded view)."""
     if device.type == "cuda":
-        tensor = tensor.pin_memory()
+        tensor = tensor.contiguous().pin_memory()
     return tensor.to(device, non_blocking=True)
 
 

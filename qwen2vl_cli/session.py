@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class ModelSession:
         self.device: str | None = None
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
-        self.fast = None  # FastDecoder, built on first greedy use where enabled
+        self.fast = None  # FastDecoder, built on first greedy use where enabled; False: its contract check failed
         self._prepare_stream = None  # CUDA stream for GPU-side preprocessing
         self._streams = None  # one long-lived thread generates streamed answers: per-thread GPU caches stay warm
 
@@ -288,17 +289,29 @@ class ModelSession:
 
     # ---- generation ----------------------------------------------------------------------------
     def fast_path_enabled(self, options: GenerationOptions) -> bool:
-        """The static-cache decoder serves greedy decoding: by default on CUDA, QWEN2VL_FASTPATH=on|off forces it."""
+        """The static-cache decoder serves greedy decoding: by default on CUDA, QWEN2VL_FASTPATH=on|off forces it;
+        never where its contract check with this transformers failed (the stock code answers then)."""
         setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
         wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
-        return wanted and not options.sampling and options.repetition_penalty in (None, 1.0)
+        return (wanted and not options.sampling and options.repetition_penalty in (None, 1.0)
+                and self._fast_decoder() is not None)
 
     def _fast_decoder(self):
+        """The FastDecoder, built on first use and checked against the stock model on probe prompts; None
+        (with one note on stderr) where that check fails."""
         if self.fast is None:
-            from .fastpath import FastDecoder
+            import transformers
 
-            self.fast = FastDecoder(self.model)
-        return self.fast
+            from .fastpath import ContractError, FastDecoder
+
+            probes = [(self.to_device(prepared), prepared) for prepared in map(self.prepare, _contract_probes())]
+            try:
+                self.fast = FastDecoder(self.model, probes)
+            except ContractError as exc:
+                self.fast = False
+                print(f"qwen2vl: note: the fast path is off with transformers {transformers.__version__} ({exc}); "
+                      "answering with transformers' generate", file=sys.stderr)
+        return self.fast or None
 
     def _generate(self, inputs, options: GenerationOptions, streamer=None, stop: "_Stop | None" = None, host=None):
         """Prompt + new token ids for a batch: the fast decoder where it applies, else `model.generate`.
@@ -338,9 +351,10 @@ class ModelSession:
 
         def run():  # on the generating thread: the vision tower starts while the prompt is tokenized
             try:
-                fast = self.fast_path_enabled(request.generation)
+                # the vision tower starts early only where the prefill will take it: no video beside the images
+                early = self.fast_path_enabled(request.generation) and all(m.kind == "image" for m in request.media)
                 prepared = self.prepare([request], on_device=True,
-                                        on_images=self._fast_decoder().prefill.start if fast else None)
+                                        on_images=self.fast.prefill.start if early else None)
                 inputs = self.to_device(prepared)
                 outcome["prompt_len"] = inputs["input_ids"].shape[1]
                 outcome["ids"] = self._generate(inputs, request.generation, streamer, stop, host=prepared)
@@ -416,6 +430,23 @@ def _after_images(processor, callback):
         yield
     finally:
         del processor._process_images
+
+
+def _contract_probes() -> list[list[ChatRequest]]:
+    """Prompts the fast path is checked on at load (fastpath.FastDecoder): one image, a padded batch of an
+    image and a text-only prompt (the model's own forward), and text alone (the prefill's text path)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def image(width: int, height: int) -> Media:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        return Media("image", "probe", Image.fromarray(pixels))
+
+    return [[ChatRequest("Describe this image.", [image(56, 56)])],
+            [ChatRequest("What is in this picture?", [image(84, 56)]), ChatRequest("Hi.")],
+            [ChatRequest("Write a haiku about GPUs.")]]
 
 
 _SESSIONS: dict[ModelSpec, ModelSession] = {}

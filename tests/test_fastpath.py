@@ -100,7 +100,7 @@ def test_prefill_equals_the_models_forward(tiny_model):
         for inputs in cases:
             cache = DynamicCache(config=model.config)
             model.model.rope_deltas = None
-            theirs = model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+            theirs = model(**inputs, use_cache=True, **{decoder.cache_arg: cache}).logits[:, -1]
             theirs_delta = model.model.rope_deltas if "pixel_values" in inputs else torch.zeros(1, 1, dtype=torch.long)
             ours, kv, delta = decoder.prefill.run(inputs)
             assert close(ours, theirs) and torch.equal(ours.argmax(-1), theirs.argmax(-1))
@@ -157,12 +157,13 @@ def test_streamed_answer_starts_the_vision_tower_before_tokenizing(tiny_model, m
                           generation=GenerationOptions(max_new_tokens=12))
     monkeypatch.setenv("QWEN2VL_FASTPATH", "off")
     plain = list(session.stream(request))[-1]
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    assert session._fast_decoder(), "the fast path's contract check failed"  # its probe prompts are not counted
     calls: list[str] = []
     original_vision, original_tokenize = Prefill._vision, session.processor.tokenizer.__class__.__call__
     monkeypatch.setattr(Prefill, "_vision", lambda self, *a: calls.append("vision") or original_vision(self, *a))
     monkeypatch.setattr(session.processor.tokenizer.__class__, "__call__",
                         lambda self, *a, **k: calls.append("tokenize") or original_tokenize(self, *a, **k))
-    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
     fast = list(session.stream(request))[-1]
     assert isinstance(fast, Completion) and fast.text == plain.text and fast.prompt_tokens == plain.prompt_tokens
     assert calls == ["vision", "tokenize"] and session.fast.prefill.early is None
@@ -198,3 +199,59 @@ def test_prefill_graphs_are_made_for_shapes_seen_twice(tiny_model, capsys):
     assert prefill._graph(("vision", 1), cuda, 1, broken) is None and not prefill.use_graphs
     assert capsys.readouterr().err.count("warning: CUDA graphs unavailable") == 1
     assert prefill._graph(("text", 128), cuda, 128, make(128)) is None  # off from now on
+
+
+def test_a_broken_contract_steps_aside_for_the_stock_code(cli, images, monkeypatch):
+    """transformers 5.24 renamed the layers' cache argument, and the fast layers silently left the cache empty:
+    wrong answers, exit 0. Reproduced here on any version (fast layers that drop the cache), the load-time
+    check must catch it: one note on stderr, the stock forwards back, generate's answers."""
+    from qwen2vl_cli import fastpath
+    from qwen2vl_cli import session as session_module
+
+    expected = cli("describe", images["a"], "-n", "16")
+    batch_expected = cli("batch", images["a"], images["b"], "-n", "16", "-b", "2").stdout
+    original = fastpath.install_text
+
+    def install_dropping_the_cache(model, fused):
+        original(model, fused)
+        for layer in model.model.language_model.layers:
+            patched = layer.forward
+            layer.forward = lambda *a, _p=patched, **k: _p(*a, **{n: v for n, v in k.items()
+                                                                  if n not in ("cache", "past_key_values")})
+
+    monkeypatch.setattr(fastpath, "install_text", install_dropping_the_cache)
+    monkeypatch.setattr(session_module, "_SESSIONS", {})
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    result = cli("describe", images["a"], "-n", "16")
+    session = next(iter(session_module._SESSIONS.values()))
+    assert session.fast is False
+    assert result.exit_code == 0 and result.stdout == expected.stdout
+    assert result.stderr.count("the fast path is off") == 1
+    assert all("forward" not in layer.__dict__ for layer in session.model.model.language_model.layers)
+    assert not session.model.model.visual._qwen2vl_fast
+    batch = cli("batch", images["a"], images["b"], "-n", "16", "-b", "2")
+    assert batch.stdout == batch_expected and "fast path" not in batch.stderr  # said once per session
+
+
+def test_images_beside_a_video_do_not_start_the_vision_tower_early(cli, images, tmp_path, monkeypatch):
+    """With a video in the conversation the prefill does not apply (the model's forward runs the vision tower),
+    so the early start must not run: on CUDA it ran on CPU pixels (the processor keeps images on the CPU
+    beside videos) and failed with a device mismatch; here it was wasted work. Same answer as generate."""
+    from qwen2vl_cli import session as session_module
+    from qwen2vl_cli.prefill import Prefill
+
+    from .test_video import make_video
+
+    clip = make_video(tmp_path / "clip.mp4", frames=20)
+    args = ("ask", images["a"], "--video", clip, "-q", "Same place?", "--vision-ids", "-n", "12", "--nframes", "4")
+    expected = cli(*args)
+    assert expected.exit_code == 0, expected.stderr
+    monkeypatch.setattr(session_module, "_SESSIONS", {})
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    cli("ask", "-q", "Hello.", "-n", "2")  # the fast decoder is built (and its probes run) before counting
+    starts: list = []
+    original = Prefill.start
+    monkeypatch.setattr(Prefill, "start", lambda self, inputs: starts.append(1) or original(self, inputs))
+    result = cli(*args)
+    assert result.exit_code == 0 and result.stdout == expected.stdout
+    assert starts == []

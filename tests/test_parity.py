@@ -146,7 +146,7 @@ def test_fast_path_answers_equal_generate(cli, images, monkeypatch, tmp_path):
     fast_single = cli("describe", images["a"], "-n", "24")
     fast_batch = cli("batch", *sources, "-n", "24", "-b", "4")
     session = next(iter(session_module._SESSIONS.values()))
-    assert session.fast is not None, "the fast path was not used"
+    assert session.fast, "the fast path was not used"
     assert fast_single.stdout == plain_single
     by_source = lambda text: sorted(map(json.loads, text.splitlines()), key=lambda r: r["source"])  # noqa: E731
     assert by_source(fast_batch.stdout) == by_source(plain_batch)
