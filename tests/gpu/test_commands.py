@@ -1,0 +1,110 @@
+"""Every README example and seed conversation form through the commands in-process, bf16 (the default on
+CUDA): each answers, with the documented exit code, no traceback, and nothing on stdout but the answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _ok(result, what: str) -> str:
+    assert result.exit_code == 0, f"{what}: exit {result.exit_code}: {result.stderr}"
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr, result.stderr
+    assert result.stdout.strip(), f"{what}: no answer"
+    return result.stdout
+
+
+@pytest.mark.parametrize("name, args", [
+    ("describe", ("describe", "{photo}")),
+    ("describe two images", ("describe", "{photo}", "{tall}", "-p", "Which is sharper?")),
+    ("ask", ("ask", "{wide}", "-q", "What is the peak value?")),
+    ("vision ids", ("ask", "{photo}", "{tall}", "-q", "Compare them.", "--vision-ids")),
+    ("text only", ("ask", "-q", "Write a haiku about GPUs.")),
+    ("system message", ("ask", "{photo}", "-q", "What is it?", "--system", "You are a terse art critic.")),
+    ("no stream", ("describe", "{photo}", "--no-stream")),
+    ("video", ("video", "{clip}")),
+    ("video window", ("video", "{clip}", "-q", "When does it change?", "--fps", "1", "--start", "1", "--end", "3", "-v")),
+    ("frame directory", ("video", "{frames}", "--nframes", "4")),
+    ("frame glob", ("video", "{frames}/frame*.png")),
+    ("image and video", ("ask", "{photo}", "--video", "{clip}", "-q", "Is this photo from the video?", "--vision-ids")),
+    ("tiny image", ("describe", "{tiny}")),
+    ("huge image", ("describe", "{huge}")),
+    ("sampling", ("describe", "{photo}", "-t", "0.7", "--top-p", "0.9", "--seed", "3")),
+    ("repetition penalty", ("describe", "{photo}", "--repetition-penalty", "1.2")),
+])
+def test_readme_examples_answer(gpu_cli, media, name, args):
+    argv = [a.format(**media) for a in args]
+    text = _ok(gpu_cli(*argv, "-n", "24"), name)
+    as_json = gpu_cli(*argv, "-n", "24", "--json")
+    record = json.loads(_ok(as_json, name + " --json"))  # stdout is the JSON and nothing else
+    assert record["text"] and record["usage"]["completion_tokens"] > 0
+    if "-t" not in argv:  # greedy: the same answer streamed and as JSON
+        assert record["text"] == text.rstrip("\n")
+
+
+def test_stdin_and_data_uri_equal_the_path(gpu_cli, media):
+    import base64
+
+    path = _ok(gpu_cli("describe", media["photo"], "-n", "16"), "path")
+    raw = media["photo"].read_bytes()
+    assert _ok(gpu_cli("describe", "-", "-n", "16", input=raw), "stdin") == path
+    uri = "data:image/jpeg;base64," + base64.b64encode(raw).decode()
+    assert _ok(gpu_cli("describe", uri, "-n", "16"), "data URI") == path
+
+
+def test_sampling_is_reproducible_with_a_seed(gpu_cli, media):
+    args = ("describe", media["photo"], "-n", "24", "-t", "0.8", "--seed", "7")
+    assert _ok(gpu_cli(*args), "sampled") == _ok(gpu_cli(*args), "sampled again")
+
+
+def test_graphs_do_not_change_the_answer(gpu_cli, media):
+    """bf16, one session: the first answer runs without graphs, the second captures them, the third replays."""
+    answers = [_ok(gpu_cli("describe", media["wide"], "-n", "48"), "describe") for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2]
+    texts = [_ok(gpu_cli("ask", "-q", "Write a haiku about GPUs.", "-n", "48"), "text only") for _ in range(3)]
+    assert texts[0] == texts[1] == texts[2]
+
+
+@pytest.mark.parametrize("setting", [("--dtype", "float16"), ("--attn", "eager"), ("QWEN2VL_FASTPATH", "off")])
+def test_other_settings_answer(gpu_cli, media, setting):
+    name, value = setting
+    env = {name: value} if name.isupper() else None
+    args = () if env else setting
+    for argv in (("describe", media["photo"]), ("ask", "-q", "Write a haiku about GPUs."),
+                 ("ask", media["photo"], "--video", media["frames"], "-q", "Same place?")):
+        _ok(gpu_cli(*argv, *args, "-n", "16", env=env), f"{setting} {argv[0]}")
+
+
+def test_twenty_minute_video_at_the_defaults(gpu_cli, media, measured):
+    result = gpu_cli("video", media["long"], "-n", "16", "--json")
+    record = json.loads(_ok(result, "20-minute video"))
+    facts = record["videos"][0]
+    measured("video_tokens", facts["tokens"])
+    measured("prompt_tokens", record["usage"]["prompt_tokens"])
+    assert facts["duration_s"] == 1200 and facts["tokens"] <= 24576
+
+
+def test_batch_of_mixed_sizes_with_a_bad_file(gpu_cli, media, tmp_path, measured):
+    names = ["photo", "tall", "tiny", "wide", "huge", "corrupt"]
+    out = tmp_path / "captions.jsonl"
+    result = gpu_cli("batch", *(media[n] for n in names), "-o", out, "-n", "24")
+    assert result.exit_code == 5, result.stderr  # finished, one item failed
+    records = {r["source"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(records) == len(names)
+    assert records[str(media["corrupt"])]["error"] and not records[str(media["corrupt"])]["text"]
+    good = [records[str(media[n])] for n in names[:-1]]
+    assert all(r["error"] is None and r["text"] for r in good)
+    alone = _ok(gpu_cli("describe", media["tall"], "-n", "24", "-p", "Describe this image."), "alone")
+    measured("batch_equals_alone_tall", records[str(media["tall"])]["text"] == alone.rstrip("\n"))
+    rerun = gpu_cli("batch", *(media[n] for n in names), "-o", out, "-n", "24")
+    assert rerun.exit_code in (0, 5) and len(out.read_text().splitlines()) == len(names)  # resumed, no duplicates
+
+
+def test_fast_path_contract_holds_here(checkpoint, measured):
+    """The load-time contract check passes with this transformers (the fast path is on), and says how close."""
+    from qwen2vl_cli.session import GenerationOptions, ModelSpec, get_session
+
+    session = get_session(ModelSpec(model=str(checkpoint))).load()
+    assert session.fast_path_enabled(GenerationOptions()), "the fast path stepped aside"
+    measured("contract_relative_errors", [round(e, 5) for e in session.fast.errors])
