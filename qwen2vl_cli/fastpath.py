@@ -28,9 +28,9 @@ from .prefill import Prefill, captured, rope_index
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
 AHEAD = 3  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
-# the contract check's largest relative error of logits, [half precision, float32]: rounding stays far under
-# these; a cache left empty or positions off by a token give errors of order 1
-CONTRACT_TOLERANCE = {False: 0.05, True: 1e-3}
+# the contract check's largest relative error of logits, {float32: ..., half precision: ...}. Rounding: 0 on the
+# CPU in float32; 0.003-0.036 in bf16 on the H100 (random-weight 2B). A cache left empty: see tests/gpu.
+CONTRACT_TOLERANCE = {True: 1e-3, False: 0.25}
 
 
 class ContractError(RuntimeError):

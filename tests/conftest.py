@@ -4,6 +4,7 @@ HTTP server, and a CliRunner wrapper that keeps stdout and stderr apart."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -94,6 +96,39 @@ def run_process(*args: str, input: bytes | None = None, env: dict | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "qwen2vl_cli", *map(str, args)], input=input,
                           capture_output=True, env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def start_server(model, state_dir, *extra, wait=True):
+    """A real `qwen2vl serve` subprocess on `model`; (process, URL) once /health answers."""
+    env = {**os.environ, "QWEN2VL_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "-m", str(model), "--port", "0",
+                                *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    if not wait:
+        return process, None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        states = list(state_dir.glob(f"{process.pid}.json"))
+        if states:
+            url = json.loads(states[0].read_text())["url"]
+            try:
+                if httpx.get(url + "/health", timeout=1, headers=_auth(extra)).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not start")
+
+
+def _auth(extra) -> dict:
+    extra = list(map(str, extra))
+    return {"Authorization": f"Bearer {extra[extra.index('--api-key') + 1]}"} if "--api-key" in extra else {}
+
+
+def stop(process):
+    process.terminate()
+    process.wait(timeout=30)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

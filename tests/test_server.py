@@ -13,41 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import ROOT, run_process
+from .conftest import ROOT, run_process, start_server, stop
 
 openai = pytest.importorskip("openai")
-
-
-def start_server(tiny_model, state_dir, *extra, wait=True):
-    env = {**os.environ, "QWEN2VL_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "-m", str(tiny_model), "--port", "0",
-                                *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    if not wait:
-        return process, None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert process.poll() is None, process.stderr.read().decode()
-        states = list(state_dir.glob(f"{process.pid}.json"))
-        if states:
-            url = json.loads(states[0].read_text())["url"]
-            try:
-                if httpx.get(url + "/health", timeout=1, headers=_auth(extra)).status_code == 200:
-                    return process, url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not start")
-
-
-def _auth(extra) -> dict:
-    extra = list(map(str, extra))
-    return {"Authorization": f"Bearer {extra[extra.index('--api-key') + 1]}"} if "--api-key" in extra else {}
-
-
-def stop(process):
-    process.terminate()
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,10 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("gpu-media")
     paths: dict[str, Path] = {}
+    # small ones keep the random model's answers varied (with hundreds of image tokens it repeats one token)
     for name, (width, height, seed) in {"photo": (448, 336, 1), "tall": (280, 420, 2), "tiny": (20, 20, 3),
-                                        "wide": (1280, 960, 4), "huge": (4032, 3024, 5)}.items():
+                                        "wide": (1280, 960, 4), "huge": (4032, 3024, 5),
+                                        "small": (112, 84, 6), "small_tall": (84, 112, 7)}.items():
         paths[name] = folder / f"{name}.jpg"
         image = noise_image(width // 8 or 1, height // 8 or 1, seed).resize((width, height))  # photo-like
         image.save(paths[name], quality=90)
@@ -131,6 +133,11 @@ def media(tmp_path_factory) -> dict[str, Path]:
     for i in range(1, 9):
         noise_image(28, 21, 100 + i).resize((224, 168)).save(frames / f"frame{i}.png")
     paths["frames"] = frames
+    small_frames = folder / "small-frames"
+    small_frames.mkdir()
+    for i in range(1, 5):
+        noise_image(112, 84, 200 + i).save(small_frames / f"frame{i}.png")
+    paths["small_frames"] = small_frames
     paths["clip"] = make_video(folder / "clip.mp4", frames=40, fps=10, width=320, height=240)
     paths["long"] = make_video(folder / "long.mp4", frames=1200, fps=1, width=640, height=480, noise=False)
     return paths

@@ -100,11 +100,3 @@ def test_batch_of_mixed_sizes_with_a_bad_file(gpu_cli, media, tmp_path, measured
     rerun = gpu_cli("batch", *(media[n] for n in names), "-o", out, "-n", "24")
     assert rerun.exit_code in (0, 5) and len(out.read_text().splitlines()) == len(names)  # resumed, no duplicates
 
-
-def test_fast_path_contract_holds_here(checkpoint, measured):
-    """The load-time contract check passes with this transformers (the fast path is on), and says how close."""
-    from qwen2vl_cli.session import GenerationOptions, ModelSpec, get_session
-
-    session = get_session(ModelSpec(model=str(checkpoint))).load()
-    assert session.fast_path_enabled(GenerationOptions()), "the fast path stepped aside"
-    measured("contract_relative_errors", [round(e, 5) for e in session.fast.errors])

@@ -9,8 +9,7 @@ import json
 import httpx
 import pytest
 
-from ..conftest import run_process
-from ..test_server import start_server, stop
+from ..conftest import run_process, start_server, stop
 
 
 @pytest.fixture(scope="module")

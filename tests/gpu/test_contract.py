@@ -1,0 +1,47 @@
+"""The fast path's load-time contract check on the GPU, in bf16: it passes with this transformers, and a
+real break (the layers leaving the cache empty, as with transformers 5.24 before the fix) is caught with a
+margin over bf16 rounding."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from .conftest import DEVICE
+
+
+def test_the_contract_holds_here(checkpoint, measured):
+    from qwen2vl_cli.fastpath import CONTRACT_TOLERANCE
+    from qwen2vl_cli.session import GenerationOptions, ModelSpec, get_session
+
+    session = get_session(ModelSpec(model=str(checkpoint), device=DEVICE)).load()
+    assert session.fast_path_enabled(GenerationOptions()), "the fast path stepped aside"
+    measured("relative_errors", [round(e, 5) for e in session.fast.errors])
+    half = session.fast.dtype.is_floating_point and session.fast.dtype.itemsize == 2
+    assert max(session.fast.errors) < CONTRACT_TOLERANCE[not half] / 2  # a margin under the tolerance
+
+
+def test_an_empty_cache_is_caught(checkpoint, measured, monkeypatch):
+    from qwen2vl_cli import fastpath
+    from qwen2vl_cli.session import ModelSession, ModelSpec, _contract_probes
+
+    session = ModelSession(ModelSpec(model=str(checkpoint), device=DEVICE)).load()
+    original = fastpath.install_text
+
+    def install_dropping_the_cache(model, fused):
+        original(model, fused)
+        for layer in model.model.language_model.layers:
+            patched = layer.forward
+            layer.forward = lambda *a, _p=patched, **k: _p(*a, **{n: v for n, v in k.items()
+                                                                  if n not in ("cache", "past_key_values")})
+
+    monkeypatch.setattr(fastpath, "install_text", install_dropping_the_cache)
+    single = [probe for probe in _contract_probes() if len(probe) == 1]  # the batch probe fails outright
+    probes = [(session.to_device(prepared), prepared) for prepared in map(session.prepare, single)]
+    with pytest.raises(fastpath.ContractError) as caught:
+        fastpath.FastDecoder(session.model, probes)
+    error = re.search(r"relative error ([0-9.e+-]+)", str(caught.value))
+    measured("relative_error_with_an_empty_cache", float(error.group(1)) if error else str(caught.value))
+    assert all("forward" not in layer.__dict__ for layer in session.model.model.language_model.layers)
+    session.unload()
