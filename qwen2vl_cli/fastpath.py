@@ -434,12 +434,12 @@ class _Graph:
 
     def advance(self, host_row):
         """Run one step and copy its tokens into `host_row`; returns the event to wait on (None on the CPU)."""
+        if self.decoder.use_graphs and self.graph is None:
+            self._capture()  # where that fails, graphs are off from here on
         if not self.decoder.use_graphs:
             self._advance()
             host_row.copy_(self.tokens)
             return None
-        if self.graph is None:
-            self._capture()
         self.graph.replay()
         host_row.copy_(self.tokens, non_blocking=True)
         event = torch.cuda.Event()
@@ -448,8 +448,17 @@ class _Graph:
 
     def _capture(self) -> None:
         """Record the step (after prefill.captured's warm-up, which writes the K/V and mask of the step about
-        to run: harmless), then put the inputs the warm-up moved on back."""
+        to run: harmless), then put the inputs the warm-up moved on back. Where this GPU or build cannot
+        capture it: one warning, and graphs off for the decoder."""
         saved = [t.clone() for t in (self.tokens, self.positions, self.slot, self.finished)]
-        self.graph, _ = captured(self._advance, self.tokens.device)
-        for buffer, value in zip((self.tokens, self.positions, self.slot, self.finished), saved):
-            buffer.copy_(value)
+        try:
+            self.graph, _ = captured(self._advance, self.tokens.device)
+        except RuntimeError as exc:
+            import sys
+
+            self.decoder.use_graphs = False
+            print(f"qwen2vl: warning: CUDA graphs unavailable for decoding ({str(exc).splitlines()[0]}); "
+                  "running without", file=sys.stderr)
+        finally:
+            for buffer, value in zip((self.tokens, self.positions, self.slot, self.finished), saved):
+                buffer.copy_(value)

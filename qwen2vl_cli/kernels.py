@@ -101,6 +101,8 @@ def _run(name: str, fallback, *args, triton_ok: bool = True):
         except torch.cuda.OutOfMemoryError:
             raise  # the caller's to handle (the batch runner splits the batch)
         except Exception as exc:  # noqa: BLE001 - a missing compiler or an old GPU: stay correct, run slower
+            if torch.cuda.is_current_stream_capturing():
+                raise  # the CUDA-graph capture failed, not Triton: the capture's caller falls back
             import sys
 
             _broken.append(f"{type(exc).__name__}: {exc}".splitlines()[0])

@@ -198,14 +198,16 @@ class _TextGraph:
 
 def captured(fn, device):
     """(a CUDA graph of fn(), fn's outputs in the graph's memory), after one eager run of fn on a side
-    stream, as capture requires (that run's effects stay)."""
+    stream, as capture requires (that run's effects stay). Thread-local capture: the batch runner's producer
+    thread keeps preparing images on the GPU (host-to-device copies on its own stream) meanwhile, which the
+    default global mode counts as an error in the capture."""
     stream = torch.cuda.Stream(device=device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 

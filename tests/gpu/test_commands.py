@@ -100,3 +100,20 @@ def test_batch_of_mixed_sizes_with_a_bad_file(gpu_cli, media, tmp_path, measured
     rerun = gpu_cli("batch", *(media[n] for n in names), "-o", out, "-n", "24")
     assert rerun.exit_code in (0, 5) and len(out.read_text().splitlines()) == len(names)  # resumed, no duplicates
 
+
+
+def test_batch_captures_graphs_while_the_next_batch_is_prepared(gpu_cli, tmp_path):
+    """Batches of 1280x960 photos: the first batch captures a decode graph while the producer thread copies
+    the next batch's images to the GPU. A capture must not fail (it did with transformers 5.24, whose image
+    processor copies to the GPU itself) and must not turn the fused kernels or graphs off."""
+    from ..conftest import noise_image
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(160):  # the benchmark's photos; the default batch size (64 on an H100)
+        noise_image(80, 60, 300 + index).resize((1280, 960)).save(folder / f"{index:03d}.jpg", quality=90)
+    result = gpu_cli("batch", folder, "-n", "16", "--max-pixels", str(1280 * 28 * 28))
+    assert result.exit_code == 0, result.stderr
+    assert "unavailable" not in result.stderr, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 160 and all(r["error"] is None and r["text"] for r in records)
