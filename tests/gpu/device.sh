@@ -6,6 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 result=${1:?usage: device.sh RESULT.json [pytest args...]}
 shift
+rm -rf /tmp/site  # a warm machine keeps the last run's packages: start from exactly what was carried
 if compgen -G ".whl/*/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*/*.whl || exit 1
