@@ -102,7 +102,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A full-size random-weight Qwen2-VL (the real configuration), built on the GPU once."""
     from qwen2vl_cli.checkpoint import build_checkpoint
 
-    folder = Path(os.environ.get("QWEN2VL_GPU_CHECKPOINT") or tmp_path_factory.mktemp("gpu-checkpoint"))
+    folder = Path(os.environ.get("QWEN2VL_GPU_CHECKPOINT") or tmp_path_factory.mktemp("gpu-checkpoint")) / SIZE
     marker = folder / "qwen2vl_random_checkpoint.json"
     if marker.exists() and json.loads(marker.read_text())["size"] == SIZE:
         return folder
