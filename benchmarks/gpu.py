@@ -69,9 +69,10 @@ def _conversation(path: Path) -> list[dict]:
         {"type": "text", "text": "Describe this image."}]}]
 
 
-def seed_recipe(model, processor, paths: list[Path], batch: int, new_tokens: int = NEW_TOKENS
-                ) -> tuple[float, list[list[int]]]:
-    """The model card's recipe, `batch` images per generate call; returns (seconds, generated ids)."""
+def seed_recipe(model, processor, paths: list[Path], batch: int, new_tokens: int = NEW_TOKENS,
+                margins: list | None = None) -> tuple[float, list[list[int]]]:
+    """The model card's recipe, `batch` images per generate call; returns (seconds, generated ids).
+    `margins`, when given, gets each answer's per-step gap between its top two logits."""
     import torch
     from qwen_vl_utils import process_vision_info
 
@@ -84,8 +85,12 @@ def seed_recipe(model, processor, paths: list[Path], batch: int, new_tokens: int
         images, _ = process_vision_info(conversations)
         inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to("cuda")
         with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        outputs += ids[:, inputs.input_ids.shape[1]:].tolist()
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 output_scores=margins is not None, return_dict_in_generate=True)
+        outputs += out.sequences[:, inputs.input_ids.shape[1]:].tolist()
+        if margins is not None:  # [answers, steps]
+            top = torch.stack([step.float().topk(2).values for step in out.scores], dim=1)
+            margins += (top[..., 0] - top[..., 1]).tolist()
     synchronize()
     return time.perf_counter() - start, outputs
 
@@ -121,6 +126,14 @@ def seed_stream(model, processor, path: Path) -> tuple[float, float]:
         model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                        streamer=clock)
     return clock.first - start, (clock.tokens - 1) / (clock.done - clock.first)
+
+
+def divergence(ours: str, ids: list[int], margins: list[float], tokenizer) -> dict:
+    """The first step where the seed's answer (ids) stops being a prefix of ours, with its top-2 margin there."""
+    for step in range(len(ids)):
+        if not ours.startswith(tokenizer.decode(ids[: step + 1], skip_special_tokens=True).rstrip("\ufffd")):
+            return {"step": step, "seed_top2_margin": round(margins[step], 5)}
+    return {"step": len(ids)}
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, str]:
@@ -493,7 +506,8 @@ def main() -> None:
         del session
         torch.cuda.empty_cache()
         stock32, processor32 = load_stock(checkpoint, "float32")
-        _, theirs32 = seed_recipe(stock32, processor32, same_paths, 16, new_tokens=64)
+        margins: list = []
+        _, ids32 = seed_recipe(stock32, processor32, same_paths, 16, new_tokens=64, margins=margins)
         del stock32
         torch.cuda.empty_cache()
         session32 = ModelSession(ModelSpec(model=str(checkpoint), device="cuda", dtype="float32", attn="sdpa")).load()
@@ -501,9 +515,15 @@ def main() -> None:
         short = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
             str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=GenerationOptions(max_new_tokens=64))
             for p in same_paths]
-        ours32 = [tokenize(c.text) for c in session32.generate_batch(short)]
-        theirs32 = [tokenize(processor32.tokenizer.decode(ids, skip_special_tokens=True)) for ids in theirs32]
+        texts32 = [c.text for c in session32.generate_batch(short)]
+        ours32 = [tokenize(text) for text in texts32]
+        theirs32 = [tokenize(processor32.tokenizer.decode(ids, skip_special_tokens=True)) for ids in ids32]
         report["token_agreement_float32"], report["identical_answers_float32"] = agreement(ours32, theirs32)
+        report["float32_differences"] = [  # where an answer leaves the seed's, and the seed's top-2 gap there
+            {"photo": row, **divergence(texts32[row], ids32[row], margins[row], processor32.tokenizer)}
+            for row in range(len(ids32)) if ours32[row] != theirs32[row]]
+        report["float32_seed_median_top2_margin"] = round(sorted(m for row in margins for m in row)[
+            len(margins) * len(margins[0]) // 2], 4)
         # one streamed answer: new size (no graphs), then captured, then replayed: each the batch's answer
         streamed = [list(session32.stream(short[0]))[-1].text for _ in range(3)]
         report["float32_streamed_answers_equal_batch"] = [tokenize(text) == ours32[0] for text in streamed]
