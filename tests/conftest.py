@@ -91,6 +91,23 @@ def cli(tiny_model):
     return run
 
 
+def break_the_fast_layers_cache(monkeypatch) -> None:
+    """Makes the fast path's text layers drop the cache argument (under either name), as they did with
+    transformers 5.24 before the fix: the prompt's keys never reach the cache, answers go wrong silently."""
+    from qwen2vl_cli import fastpath
+
+    original = fastpath.install_text
+
+    def install_dropping_the_cache(model, fused):
+        original(model, fused)
+        for layer in model.model.language_model.layers:
+            patched = layer.forward
+            layer.forward = lambda *a, _p=patched, **k: _p(*a, **{n: v for n, v in k.items()
+                                                                  if n not in ("cache", "past_key_values")})
+
+    monkeypatch.setattr(fastpath, "install_text", install_dropping_the_cache)
+
+
 def run_process(*args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 120):
     """Run `python -m qwen2vl_cli ARGS` in a real process."""
     full_env = {**os.environ, **(env or {})}

@@ -10,7 +10,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl as stock
 
 from qwen2vl_cli import kernels
 
-from .conftest import noise_image
+from .conftest import break_the_fast_layers_cache, noise_image
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -205,21 +205,11 @@ def test_a_broken_contract_steps_aside_for_the_stock_code(cli, images, monkeypat
     """transformers 5.24 renamed the layers' cache argument, and the fast layers silently left the cache empty:
     wrong answers, exit 0. Reproduced here on any version (fast layers that drop the cache), the load-time
     check must catch it: one note on stderr, the stock forwards back, generate's answers."""
-    from qwen2vl_cli import fastpath
     from qwen2vl_cli import session as session_module
 
     expected = cli("describe", images["a"], "-n", "16")
     batch_expected = cli("batch", images["a"], images["b"], "-n", "16", "-b", "2").stdout
-    original = fastpath.install_text
-
-    def install_dropping_the_cache(model, fused):
-        original(model, fused)
-        for layer in model.model.language_model.layers:
-            patched = layer.forward
-            layer.forward = lambda *a, _p=patched, **k: _p(*a, **{n: v for n, v in k.items()
-                                                                  if n not in ("cache", "past_key_values")})
-
-    monkeypatch.setattr(fastpath, "install_text", install_dropping_the_cache)
+    break_the_fast_layers_cache(monkeypatch)
     monkeypatch.setattr(session_module, "_SESSIONS", {})
     monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
     result = cli("describe", images["a"], "-n", "16")

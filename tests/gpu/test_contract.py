@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from ..conftest import break_the_fast_layers_cache
 from .conftest import DEVICE
 
 
@@ -27,16 +28,7 @@ def test_an_empty_cache_is_caught(checkpoint, measured, monkeypatch):
     from qwen2vl_cli.session import ModelSession, ModelSpec, _contract_probes
 
     session = ModelSession(ModelSpec(model=str(checkpoint), device=DEVICE)).load()
-    original = fastpath.install_text
-
-    def install_dropping_the_cache(model, fused):
-        original(model, fused)
-        for layer in model.model.language_model.layers:
-            patched = layer.forward
-            layer.forward = lambda *a, _p=patched, **k: _p(*a, **{n: v for n, v in k.items()
-                                                                  if n not in ("cache", "past_key_values")})
-
-    monkeypatch.setattr(fastpath, "install_text", install_dropping_the_cache)
+    break_the_fast_layers_cache(monkeypatch)
     single = [probe for probe in _contract_probes() if len(probe) == 1]  # the batch probe fails outright
     probes = [(session.to_device(prepared), prepared) for prepared in map(session.prepare, single)]
     with pytest.raises(fastpath.ContractError) as caught:
