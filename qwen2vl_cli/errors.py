@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import os
 
 
@@ -16,6 +17,7 @@ class ExitStatus(enum.IntEnum):
     MODEL = 4
     PARTIAL = 5
     SERVER = 6
+    OUTPUT = 7
     INTERRUPTED = 130
 
 
@@ -27,8 +29,12 @@ EXIT_STATUS_MEANINGS = {
     ExitStatus.MODEL: "the model could not be loaded (no such directory, not cached while offline, no GPU)",
     ExitStatus.PARTIAL: "batch: the run finished but some items failed (each has a record with its error)",
     ExitStatus.SERVER: "a server (--server, or a running session) could not be reached or failed to answer",
+    ExitStatus.OUTPUT: "the output could not be written (stdout closed or full, disk full, -o not writable)",
     ExitStatus.INTERRUPTED: "interrupted (Ctrl-C)",
 }
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 class Qwen2VLError(Exception):
@@ -66,6 +72,12 @@ class ServerError(Qwen2VLError):
     status = ExitStatus.SERVER
 
 
+class OutputError(Qwen2VLError):
+    """An answer or a record could not be written (stdout closed, disk full, an unwritable -o)."""
+
+    status = ExitStatus.OUTPUT
+
+
 def debug_enabled() -> bool:
     """True when QWEN2VL_DEBUG asks for tracebacks."""
     return os.environ.get("QWEN2VL_DEBUG", "").strip() not in ("", "0", "false", "no")
@@ -82,6 +94,9 @@ def describe_exception(exc: BaseException) -> tuple[str, ExitStatus]:
     name = type(exc).__name__
     if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
         return "GPU out of memory: lower --max-pixels, --batch-size or --max-new-tokens", ExitStatus.ERROR
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cannot write{where}: no space left on the device", ExitStatus.OUTPUT
     if isinstance(exc, BrokenPipeError):
         return "output closed early (broken pipe)", ExitStatus.ERROR
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

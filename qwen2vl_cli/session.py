@@ -14,10 +14,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from .errors import ModelLoadError
+from .modelfiles import (explain_load_failure, hub_offline, hub_reachable, local_model_dir, not_cached_message,
+                         validate_model_dir)
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -150,6 +151,11 @@ class ModelSession:
         if self.model is not None:
             return self
         start = time.perf_counter()
+        folder = local_model_dir(self.spec.model)  # everything checked before anything heavy is loaded
+        if folder is not None:
+            validate_model_dir(folder, self.spec.model)
+        elif hub_offline() or not hub_reachable():
+            raise ModelLoadError(self.spec.model, not_cached_message(self.spec.model))
         import torch
         import transformers
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -166,15 +172,11 @@ class ModelSession:
                 self.spec.model, dtype=getattr(torch, dtype), attn_implementation=attn, device_map=device, **kw)
             return processor, model
 
-        check_model_path(self.spec.model)
-        try:
-            try:  # the cache first: no network round-trip when the model is already here
-                self.processor, self.model = load_both(local_files_only=True)
-            except OSError:
-                if Path(self.spec.model).is_dir() or hub_offline():
-                    raise
-                self.processor, self.model = load_both()
-        except (OSError, ValueError, KeyError) as exc:
+        try:  # from the cache when it holds the model: no network round-trip
+            self.processor, self.model = load_both(local_files_only=True) if folder else load_both()
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                raise
             raise ModelLoadError(self.spec.model, explain_load_failure(self.spec.model, exc)) from exc
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
@@ -507,31 +509,3 @@ def flash_attn_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_model_path(model: str) -> None:
-    """A --model that is written as a path must exist; a hub id is 'org/name'."""
-    looks_like_path = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or os.sep == "\\"
-    expanded = Path(os.path.expanduser(model))
-    if expanded.is_file():
-        raise ModelLoadError(model, "is a file; --model takes a model directory or a hub id")
-    if looks_like_path and not expanded.exists():
-        raise ModelLoadError(model, "no such model directory")
-
-
-def explain_load_failure(model: str, exc: BaseException) -> str:
-    """One line that says why a model did not load and how to fix it."""
-    text = str(exc)
-    if Path(os.path.expanduser(model)).is_dir():
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return f"not a loadable Qwen2-VL checkpoint ({first})"
-    if hub_offline() or "offline" in text.lower() or "local_files_only" in text or "connect" in text.lower():
-        return ("not in the Hugging Face cache and the hub cannot be reached; download it once on a "
-                f"connected machine with `hf download {model}` (HF_HOME selects the cache), "
-                "or pass --model DIR")
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first

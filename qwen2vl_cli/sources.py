@@ -11,7 +11,9 @@ import binascii
 import io
 import os
 import re
+import stat
 import sys
+import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -64,25 +66,35 @@ def looks_like_base64(source: str) -> bool:
 
 
 def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryIO | None = None) -> bytes:
-    """Return the raw bytes behind `source`, or raise InputError."""
+    """Return the raw bytes behind `source`, or raise InputError; nothing reads more than limits.max_bytes."""
     if source == "-":
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        data = stream.read(limits.max_bytes + 1)
-        if len(data) > limits.max_bytes:
-            raise InputError("stdin", f"more than {limits.max_bytes} bytes (raise --max-download)")
-        if not data:
-            raise InputError("stdin", "empty (0 bytes)")
-        return data
+        return read_stdin(limits, stdin)
     if source.startswith("data:"):
         return decode_data_uri(source)
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     if scheme in ("http", "https"):
         return download(source, limits)
     if scheme == "file":
-        return read_local(file_url_to_path(source), source)
+        return read_local(file_url_to_path(source), source, limits.max_bytes)
     if not os.path.lexists(os.path.expanduser(source)) and looks_like_base64(source):
         return decode_base64(source, "base64 input")
-    return read_local(Path(os.path.expanduser(source)), source)
+    return read_local(Path(os.path.expanduser(source)), source, limits.max_bytes)
+
+
+def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:
+    """Standard input, whole, under the size cap; a closed stdin is an input error, not a crash."""
+    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+    try:
+        if stream is None:
+            raise OSError("closed")
+        data = stream.read(limits.max_bytes + 1)
+    except (OSError, ValueError):
+        raise InputError("stdin", "closed or unreadable") from None
+    if len(data) > limits.max_bytes:
+        raise InputError("stdin", f"more than {limits.max_bytes} bytes (raise --max-download)")
+    if not data:
+        raise InputError("stdin", "empty (0 bytes)")
+    return data
 
 
 def file_url_to_path(url: str) -> Path:
@@ -93,13 +105,15 @@ def file_url_to_path(url: str) -> Path:
     return Path(urllib.request.url2pathname(parts.path))
 
 
-def read_local(path: Path, name: str) -> bytes:
-    """Read a local file with clear reasons for the usual failures."""
-    try:
-        if path.is_dir():
-            raise InputError(name, "is a directory, not a file")
-        with open(path, "rb") as handle:
-            data = handle.read()
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: Path, name: str) -> int:
+    """An open descriptor on a regular, non-empty file, or InputError: directories, FIFOs (which would block
+    until a writer came) and devices (/dev/zero never ends) are refused before a byte is read."""
+    try:  # O_NONBLOCK: opening a FIFO nobody writes to returns at once instead of hanging
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InputError(name, "no such file") from None
     except PermissionError:
@@ -108,8 +122,37 @@ def read_local(path: Path, name: str) -> bytes:
         raise InputError(name, "is a directory, not a file") from None
     except OSError as exc:
         raise InputError(name, exc.strerror or str(exc)) from None
-    if not data:
-        raise InputError(name, "empty file (0 bytes)")
+    mode, size = (info := os.fstat(fd)).st_mode, info.st_size
+    reason = "is a directory, not a file" if stat.S_ISDIR(mode) else next(
+        (f"is {what}, not a regular file" for test, what in _NOT_REGULAR if test(mode)), None)
+    if reason is None and not size:
+        reason = "empty file (0 bytes)"
+    if reason:
+        os.close(fd)
+        raise InputError(name, reason)
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def check_regular(path: Path, name: str) -> None:
+    """The checks of open_regular for a file another library will read (videos): InputError or nothing."""
+    os.close(open_regular(path, name))
+
+
+def read_local(path: Path, name: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD) -> bytes:
+    """A regular file's bytes, at most max_bytes, with clear reasons for the usual failures."""
+    fd = open_regular(path, name)
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size > max_bytes:
+                raise InputError(name, f"too large ({os.fstat(handle.fileno()).st_size} bytes, limit "
+                                       f"{max_bytes}; raise --max-download)")
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(name, exc.strerror or str(exc)) from None
+    if len(data) > max_bytes:  # it grew while we read
+        raise InputError(name, f"too large (over {max_bytes} bytes; raise --max-download)")
     return data
 
 
@@ -144,7 +187,31 @@ def decode_base64(payload: str, name: str) -> bytes:
 
 
 def download(url: str, limits: FetchLimits) -> bytes:
-    """GET an http(s) URL with a connect/read timeout and a size cap."""
+    """GET an http(s) URL under one deadline for the whole transfer (--timeout) and a size cap.
+
+    The transfer runs on a helper thread: a server that drips a byte at a time cannot hold us past the
+    deadline; the helper stops at its next chunk once we have given up on it."""
+    outcome: dict = {}
+    cancelled = threading.Event()
+
+    def fetch() -> None:
+        try:
+            outcome["data"] = _fetch(url, limits, cancelled)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=fetch, name="qwen2vl-download", daemon=True)
+    worker.start()
+    worker.join(limits.timeout)
+    if worker.is_alive():
+        cancelled.set()
+        raise InputError(url, f"timed out after {limits.timeout:g}s (--timeout)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
+def _fetch(url: str, limits: FetchLimits, cancelled: threading.Event) -> bytes:
     import httpx
 
     try:
@@ -158,6 +225,8 @@ def download(url: str, limits: FetchLimits) -> bytes:
                                       "raise --max-download)")
             chunks, size = [], 0
             for chunk in response.iter_bytes():
+                if cancelled.is_set():
+                    raise InputError(url, "cancelled")
                 size += len(chunk)
                 if size > limits.max_bytes:
                     raise InputError(url, f"too large (over {limits.max_bytes} bytes; raise --max-download)")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .sources import (PATCH_FACTOR, FetchLimits, decode_data_uri, decode_image, display_name, download, file_url_to_path,
-                      read_local)
+from .sources import (PATCH_FACTOR, FetchLimits, check_regular, decode_data_uri, decode_image, display_name, download,
+                      file_url_to_path, read_local)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -141,19 +141,8 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
             handle.flush()
             return _frames_from_file(handle.name, name, options)
     path = file_url_to_path(source) if scheme == "file" else Path(os.path.expanduser(source))
-    read_local_check(path, name)
+    check_regular(path, name)  # a FIFO or a device would hang or never end in the decoder
     return _frames_from_file(str(path), name, options)
-
-
-def read_local_check(path: Path, name: str) -> None:
-    """Missing, directory, unreadable and empty files fail here with their usual reasons."""
-    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
-        read_local(path, name)  # raises the right InputError
-    try:
-        with open(path, "rb") as handle:
-            handle.read(1)
-    except PermissionError:
-        raise InputError(name, "permission denied") from None
 
 
 @dataclass
@@ -229,6 +218,9 @@ def read_video_pyav(ele: dict):
                 break
     if not keep:
         raise ValueError("no frames could be decoded")
+    if last is not None and wanted[-1] - last > info.fps:  # never pad a cut-off video with copies of its last frame
+        raise ValueError(f"truncated or corrupt: frames decode only to {last / info.fps:.1f}s of {info.duration:.1f}s "
+                         f"(--end {max(1, int(last / info.fps)):d} reads what is there)")
     ordered = []
     for index in wanted:  # a frame the container did not deliver is replaced by the nearest one before it
         nearest = max((k for k in keep if k <= index), default=min(keep))
@@ -330,6 +322,10 @@ def _frames_from_images(source: str, options: VideoOptions) -> VideoFrames:
                      f"(--{'nframes' if options.nframes else 'max-frames'})")
         files = [files[i] for i in picks]
     images = [decode_image(read_local(f, str(f)), str(f)) for f in files]
+    odd = next((f for f, image in zip(files, images) if image.size != images[0].size), None)
+    if odd is not None:  # one video has one frame size
+        raise InputError(source, f"frames differ in size: {files[0].name} is {images[0].width}x{images[0].height}, "
+                                 f"{odd.name} is {images[files.index(odd)].width}x{images[files.index(odd)].height}")
     sample_fps = options.fps or DEFAULT_FPS
     ele = {"video": images, "sample_fps": sample_fps, "total_pixels": options.total_pixels or DEFAULT_TOTAL_PIXELS,
            **{k: v for k, v in (("min_pixels", options.min_pixels), ("max_pixels", options.max_pixels),

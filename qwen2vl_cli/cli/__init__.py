@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -14,7 +15,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException as CliUsageError
 
 from .. import __version__
-from ..errors import ExitStatus, debug_enabled, describe_exception
+from ..errors import ExitStatus, OutputError, debug_enabled, describe_exception
 from ..render import error
 from . import batch, chat, serve
 
@@ -61,7 +62,7 @@ def root(
 
     Exit codes: 0 success, 1 other error, 2 usage error, 3 an input could not be read or decoded,
     4 the model could not be loaded, 5 a batch finished with failed items, 6 a server failed to
-    answer, 130 interrupted.
+    answer, 7 the output could not be written, 130 interrupted.
     """
 
 
@@ -74,8 +75,25 @@ app.command("ps")(serve.ps)
 app.command("stop")(serve.stop)
 
 
+class _ClosedOutput:
+    """Stands in for a stdout the shell closed (`>&-`): writing to it is an output error, not a crash."""
+
+    def write(self, text: str) -> int:
+        raise OutputError("stdout", "closed")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 def main() -> None:
     """Console-script entry point."""
+    if sys.stderr is None:  # `2>&-`: diagnostics go nowhere rather than onto stdout
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:
+        sys.stdout = _ClosedOutput()
     try:
         app(prog_name="qwen2vl")
     except KeyboardInterrupt:
