@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UsageError
 from .modelfiles import (explain_load_failure, hub_offline, hub_reachable, local_model_dir, not_cached_message,
                          validate_model_dir)
 
@@ -232,6 +232,7 @@ class ModelSession:
         or on the current stream when `on_images` is given. `on_images(image_inputs)` is called as soon as
         the images are processed, before the prompt is tokenized: the fast path starts the vision tower.
         """
+        self.check_context(requests)  # the media alone: before any work on them
         images = [m.data for r in requests for m in r.media if m.kind == "image"]
         videos = [m.data for r in requests for m in r.media if m.kind == "video"]
         kwargs: dict[str, Any] = {}
@@ -249,9 +250,26 @@ class ModelSession:
                                     return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
         if stream is not None:
             stream.synchronize()
+        self.check_context(requests, inputs["attention_mask"].sum(dim=1).tolist())
         if self.device and self.device.startswith("cuda"):
             inputs = inputs.__class__({k: v if v.is_cuda else v.pin_memory() for k, v in inputs.items()})
         return inputs
+
+    def check_context(self, requests: list[ChatRequest], prompt_tokens: list[int] | None = None) -> None:
+        """Prompt + media + new tokens must fit the model's context: a UsageError naming the numbers, before
+        minutes of work on a request that cannot be answered. Without prompt_tokens, the media tokens alone."""
+        config = getattr(self.model.config, "text_config", self.model.config)
+        context = getattr(config, "max_position_embeddings", None) or getattr(self.model.config,
+                                                                              "max_position_embeddings", None)
+        for row, request in enumerate(requests):
+            media = sum(int(m.facts.get("tokens", 0)) for m in request.media if m.facts)
+            prompt = prompt_tokens[row] if prompt_tokens is not None else media
+            if context and prompt + request.generation.max_new_tokens > context:
+                subject = ", ".join(m.source for m in request.media) or "the prompt"
+                raise UsageError(subject, f"{'the prompt is' if prompt_tokens else 'the media alone are'} {prompt} "
+                                          f"tokens ({media} of them images/video) + --max-new-tokens "
+                                          f"{request.generation.max_new_tokens}: over the model's context of "
+                                          f"{context} tokens (lower --max-pixels or --max-new-tokens)")
 
     def _side_stream(self):
         import torch

@@ -107,7 +107,8 @@ def test_output_file_resumes_without_duplicates(cli, tree, tmp_path):
         handle.write('{"source": "/half/written.png", "te')
     second = cli("batch", tree, "-r", "-n", "4", "-o", out)
     assert "repaired a torn last record" in second.stderr
-    assert "2 skipped (already done)" in second.stderr
+    assert "1 skipped (already done)" in second.stderr and "1 failed in an earlier run" in second.stderr
+    assert second.exit_code == 5  # the earlier failure is still on record
     lines = out.read_text().splitlines()
     sources = [json.loads(line)["source"] for line in lines]  # every line is valid JSON
     assert len(sources) == len(set(sources)) == 5

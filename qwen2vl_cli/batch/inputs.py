@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from ..errors import InputError
+from ..sources import file_url_to_path
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+RESERVED_FIELDS = ("source", "prompt", "text", "error")  # a record's own fields: a manifest cannot set text/error
 
 
 @dataclass
@@ -23,6 +27,25 @@ class BatchItem:
     source: str
     prompt: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return item_key(self.source, self.prompt)
+
+
+def item_key(source: str, prompt: str | None) -> tuple[str, str | None]:
+    """What makes an item one: its file, however it is written (imgs/x.png, ./imgs/x.png, file://...), and
+    its own prompt. Results on record are matched by the same key, so a resume skips exactly what is done."""
+    if is_remote(source) or source == "-" or not source:
+        return source, prompt
+    if source.startswith("file://"):
+        try:
+            path = str(file_url_to_path(source))
+        except InputError:
+            return source, prompt
+    else:
+        path = os.path.expanduser(source)
+    return os.path.realpath(path), prompt
 
 
 def parse_extensions(text: str | None) -> tuple[str, ...]:
@@ -95,6 +118,10 @@ def read_manifest(path: str) -> list[BatchItem]:
             prompt = record.pop("prompt", None)
             if prompt is not None and not isinstance(prompt, str):
                 raise InputError(f"{path} line {number}", "'prompt' must be a string")
+            clash = [name for name in RESERVED_FIELDS if name in record and name != "source"]
+            if clash:  # copied through, they would overwrite the answer
+                raise InputError(f"{path} line {number}", f"field {clash[0]!r} is the result's own; rename it "
+                                                          "(e.g. to 'reference_" + clash[0] + "')")
             items.append(BatchItem(record.pop("source"), prompt, record))
     return items
 
@@ -126,10 +153,11 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
             items += [BatchItem(m) for m in files]
         else:
             items.append(BatchItem(spec))  # missing: it gets its own error record
-    unique: dict[str, BatchItem] = {}
+    unique: dict[tuple, BatchItem] = {}
     for item in items:
-        if item.source in unique:
-            note(f"{item.source} is listed twice; captioned once")
+        if item.key in unique:
+            twice = item.source if item.source == unique[item.key].source else f"{unique[item.key].source} and {item.source}"
+            note(f"{twice}: the same file {'with the same prompt ' if item.prompt else ''}listed twice; captioned once")
             continue
-        unique[item.source] = item
+        unique[item.key] = item
     return list(unique.values())

@@ -37,7 +37,8 @@ class BatchSummary:
     total: int = 0
     done: int = 0
     skipped: int = 0
-    failed: int = 0
+    failed: int = 0  # this run's failures
+    failed_before: int = 0  # items whose record from an earlier run is an error (not retried without --retry-errors)
     load_s: float = 0.0
     seconds: float = 0.0  # captioning time, model load excluded
     interrupted: bool = False
@@ -46,28 +47,42 @@ class BatchSummary:
     def images_per_second(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def any_failed(self) -> bool:
+        return bool(self.failed or self.failed_before)
+
     def line(self) -> str:
         state = "interrupted" if self.interrupted else "finished"
-        return (f"batch {state}: {self.done} done, {self.skipped} skipped (already done), {self.failed} failed, "
-                f"{self.total - self.done - self.skipped - self.failed} left; {self.seconds:.1f}s "
-                f"(+{self.load_s:.1f}s model load), {self.images_per_second:.2f} images/s")
+        before = (f" + {self.failed_before} failed in an earlier run (--retry-errors redoes them)"
+                  if self.failed_before else "")
+        left = self.total - self.done - self.skipped - self.failed - self.failed_before
+        return (f"batch {state}: {self.done} done, {self.skipped} skipped (already done), {self.failed} failed"
+                f"{before}, {left} left; {self.seconds:.1f}s (+{self.load_s:.1f}s model load), "
+                f"{self.images_per_second:.2f} images/s")
 
 
 class Results:
-    """Fans each record out to every sink, and counts."""
+    """Fans each record out to every sink, and counts. `on_failure(source, reason)` hears of each failure
+    (sidecar-only runs, which keep no record of them, say them on stderr)."""
 
-    def __init__(self, sinks: list, summary: BatchSummary, advance: Callable[[int], None]) -> None:
-        self.sinks, self.summary, self.advance = sinks, summary, advance
+    def __init__(self, sinks: list, summary: BatchSummary, advance: Callable[[int], None],
+                 on_failure: Callable[[str, str], None] | None = None) -> None:
+        self.sinks, self.summary, self.advance, self.on_failure = sinks, summary, advance, on_failure
 
-    def done(self, source: str) -> bool:
-        return any(sink.has(source) for sink in self.sinks)
+    def state(self, item: BatchItem) -> str | None:
+        """'ok' when a sink holds a result for the item, 'error' when only a failure is on record, else None."""
+        states = {sink.state(item.key) for sink in self.sinks}
+        return "ok" if "ok" in states else "error" if "error" in states else None
 
     def write(self, item: BatchItem, text: str | None, error: str | None) -> None:
-        record = {"source": item.source, "text": text, "error": error, **item.extra}
+        record = {"source": item.source, **({"prompt": item.prompt} if item.prompt else {}), "text": text,
+                  "error": error, **item.extra}
         for sink in self.sinks:
             sink.write(record)
         if error:
             self.summary.failed += 1
+            if self.on_failure:
+                self.on_failure(item.source, error)
         else:
             self.summary.done += 1
         self.advance(1)
@@ -100,8 +115,10 @@ def run_batch(items: list[BatchItem], session: ModelSession, config: BatchConfig
     """Caption every item not done yet; Ctrl-C stops after the batch in flight is written."""
     summary = results.summary
     summary.total = len(items)
-    todo = [item for item in items if not results.done(item.source)]
-    summary.skipped = len(items) - len(todo)
+    states = [results.state(item) for item in items]
+    todo = [item for item, state in zip(items, states) if state is None]
+    summary.failed_before = states.count("error")
+    summary.skipped = states.count("ok")
     if not todo:
         return summary
     loading = time.perf_counter()

@@ -1,19 +1,23 @@
 """Where batch results go, durably: JSONL or CSV files (one fsync'd record per item, a torn last record
 repaired on resume), stdout, and sidecar caption files written to a temporary name and renamed.
 
-Each sink also says which sources already have a result, which is what makes a rerun resume."""
+Each sink also says which items already have a result (and whether it was an error), which is what makes a
+rerun resume; a results file is owned by one run at a time (a lock beside it)."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, TextIO
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
+from .inputs import item_key
 
 BASE_FIELDS = ("source", "text", "error")
 
@@ -39,17 +43,64 @@ def truncate_torn_tail(path: Path, note: Callable[[str], None]) -> bytes:
     return data
 
 
+class OutputLock:
+    """`.NAME.qwen2vl-lock` beside a results file, flock'ed while a run writes it: a second run on the same
+    file refuses at once instead of writing every record twice."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self.path = path.with_name(f".{path.name}.qwen2vl-lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise OutputError(str(path), "another qwen2vl batch is writing it"
+                                                 + (f" (pid {owner})" if owner else "")
+                                                 + "; wait for it to finish or choose another -o") from None
+                raise
+            try:  # the file we locked may have been removed by a run that just finished: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
 class RecordFile:
-    """What every results file shares: the sources it already holds a record for."""
+    """What every results file shares: the items it holds a record for (True: the record is an error)."""
 
-    done: set[str]
+    records: dict[tuple, bool]
     handle: TextIO
+    lock: OutputLock | None = None
 
-    def has(self, source: str) -> bool:
-        return source in self.done
+    def state(self, key: tuple) -> str | None:
+        """None (no record), 'ok' or 'error'."""
+        return None if key not in self.records else "error" if self.records[key] else "ok"
+
+    def _remember(self, record: dict) -> None:
+        self.records[item_key(record["source"], record.get("prompt") or None)] = bool(record.get("error"))
 
     def close(self) -> None:
         self.handle.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 class JsonlSink(RecordFile):
@@ -58,23 +109,25 @@ class JsonlSink(RecordFile):
     def __init__(self, path: Path | None, *, overwrite: bool, retry_errors: bool, note: Callable[[str], None],
                  stream: TextIO | None = None) -> None:
         self.path = path
-        self.done: set[str] = set()
+        self.records: dict[tuple, bool] = {}
         if path is None:
             self.handle = stream or sys.stdout
             return
+        self.lock = OutputLock(path)
         if path.exists() and not overwrite:
             kept = []
             for number, line in enumerate(truncate_torn_tail(path, note).decode("utf-8", "replace").splitlines(), 1):
                 try:
                     record = json.loads(line)
-                    source = record["source"]
+                    if not isinstance(record["source"], str):
+                        raise TypeError
                 except (json.JSONDecodeError, KeyError, TypeError):
                     note(f"{path} line {number}: not a result record; left as it is")
                     kept.append(line)
                     continue
                 if retry_errors and record.get("error"):
                     continue
-                self.done.add(source)
+                self._remember(record)
                 kept.append(line)
             if retry_errors:
                 _atomic_write(path, "".join(line + "\n" for line in kept))
@@ -86,7 +139,7 @@ class JsonlSink(RecordFile):
 
     def close(self) -> None:
         if self.path is not None:  # stdout stays open
-            self.handle.close()
+            super().close()
 
 
 class CsvSink(RecordFile):
@@ -95,14 +148,17 @@ class CsvSink(RecordFile):
     def __init__(self, path: Path, fields: list[str], *, overwrite: bool, retry_errors: bool,
                  note: Callable[[str], None]) -> None:
         self.path = path
-        self.done: set[str] = set()
+        self.records: dict[tuple, bool] = {}
+        self.lock = OutputLock(path)
         header = None
         if path.exists() and not overwrite:
             rows, header = _read_csv(path, note)
             if retry_errors:
                 rows = [row for row in rows if not row.get("error")]
                 _atomic_write(path, _csv_text(header, rows))
-            self.done = {row["source"] for row in rows if row.get("source")}
+            for row in rows:
+                if row.get("source"):
+                    self._remember(row)
         self.fields = header or [*BASE_FIELDS, *[f for f in fields if f not in BASE_FIELDS]]
         fresh = overwrite or not path.exists() or path.stat().st_size == 0
         self.handle = open(path, "w" if fresh else "a", encoding="utf-8", newline="")
@@ -152,11 +208,18 @@ def _csv_text(header: list[str] | None, rows: list[dict]) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync, rename over it: readers see old or new, never half."""
-    temporary = path.with_name(f".{path.name}.qwen2vl-tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        _fsync(handle)
-    os.replace(temporary, path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".qwen2vl-tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            _fsync(handle)
+        os.replace(temporary, path)
+    except BaseException:  # a full disk or an interrupt leaves no temporary file behind
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 class SidecarSink:
@@ -172,9 +235,9 @@ class SidecarSink:
         path = Path(os.path.expanduser(source[7:] if source.startswith("file://") else source))
         return path.with_suffix(self.extension)
 
-    def has(self, source: str) -> bool:
-        path = self.path_for(source)
-        return not self.overwrite and path is not None and path.exists()
+    def state(self, key: tuple) -> str | None:
+        path = self.path_for(key[0])
+        return "ok" if not self.overwrite and path is not None and path.exists() else None
 
     def write(self, record: dict) -> None:
         path = self.path_for(record["source"])
@@ -195,8 +258,15 @@ def open_output(output: str | None, fields: list[str], *, overwrite: bool, retry
     if path.is_dir():
         raise UsageError(output, "-o names a directory; give a .jsonl or .csv file")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return CsvSink(path, fields, overwrite=overwrite, retry_errors=retry_errors, note=note)
-    if suffix in (".jsonl", ".ndjson", ".json"):
+    if suffix not in (".csv", ".jsonl", ".ndjson", ".json"):
+        raise UsageError(output, "-o takes a .jsonl or .csv file")
+    if not path.parent.is_dir():
+        raise OutputError(output, f"no such directory: {path.parent}")
+    try:  # before the model loads: an unwritable -o fails in a second, not after the load
+        if suffix == ".csv":
+            return CsvSink(path, fields, overwrite=overwrite, retry_errors=retry_errors, note=note)
         return JsonlSink(path, overwrite=overwrite, retry_errors=retry_errors, note=note)
-    raise UsageError(output, "-o takes a .jsonl or .csv file")
+    except (PermissionError, IsADirectoryError, FileNotFoundError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        raise OutputError(output, exc.strerror or str(exc)) from None

@@ -74,21 +74,22 @@ def batch(
         raise UsageError("batch", "give INPUT paths, - for a list on stdin, or --manifest FILE")
     items = collect_items(inputs or [], manifest=manifest, recursive=recursive, extensions=parse_extensions(ext),
                           note=env.note)
-    fields = sorted({key for item in items for key in item.extra})
-    sinks = []
-    if output is not None or not sidecar:
-        sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
-    if sidecar:
-        sinks.append(SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite))
     config = BatchConfig(
         prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
         images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     session = common.backend(common.model_spec(model, device, dtype, attn), server, no_server, api_key, concurrency)
+    fields = ["prompt"] * any(item.prompt for item in items) + sorted({key for item in items for key in item.extra})
+    sinks = []
+    if output is not None or not sidecar:
+        sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
+    if sidecar:
+        sinks.append(SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite))
+    on_failure = None if len(sinks) > 1 or not sidecar else lambda source, reason: env.note(f"failed: {source}: {reason}")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: finish writing, then exit 130
     try:
         with BatchProgress(env, len(items)) as progress:
-            results = Results(sinks, progress.summary, progress.advance)
+            results = Results(sinks, progress.summary, progress.advance, on_failure)
             summary = run_batch(items, session, config, results, on_start=progress.start)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -97,7 +98,7 @@ def batch(
     env.note(summary.line())
     if summary.interrupted:
         raise typer.Exit(ExitStatus.INTERRUPTED)
-    if summary.failed:
+    if summary.any_failed:
         raise typer.Exit(ExitStatus.PARTIAL)
 
 

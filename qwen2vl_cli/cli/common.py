@@ -11,8 +11,11 @@ from ..errors import UsageError
 from ..render import Environment, OutputOptions, render_answer
 from ..session import (ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model,
                        get_session)
-from ..sources import FetchLimits, ImageOptions
+from ..sources import PATCH_FACTOR, FetchLimits, ImageOptions
 from ..video import VideoOptions, describe_facts
+
+
+MAX_CONTEXT = 32768  # Qwen2-VL's positions (max_position_embeddings); the session checks each request exactly
 
 
 def model_spec(model: str | None, device: str, dtype: str, attn: str) -> ModelSpec:
@@ -52,6 +55,9 @@ def image_options(min_pixels: int | None, max_pixels: int | None, resized_height
     """Check the resolution options fit together (usage error otherwise)."""
     if (resized_height is None) != (resized_width is None):
         raise UsageError("--resized-height/--resized-width", "give both or neither")
+    if min_pixels and min_pixels // PATCH_FACTOR ** 2 > MAX_CONTEXT:  # every image would be over any context
+        raise UsageError("--min-pixels", f"{min_pixels} is {min_pixels // PATCH_FACTOR ** 2} tokens per image, "
+                                         f"over Qwen2-VL's context of {MAX_CONTEXT} tokens")
     if min_pixels and max_pixels and min_pixels > max_pixels:
         raise UsageError("--min-pixels", f"{min_pixels} is larger than --max-pixels {max_pixels}")
     return ImageOptions(min_pixels, max_pixels, resized_height, resized_width)
@@ -59,6 +65,8 @@ def image_options(min_pixels: int | None, max_pixels: int | None, resized_height
 
 def generation_options(max_new_tokens: int, temperature: float | None, top_p: float | None,
                        top_k: int | None, repetition_penalty: float | None, seed: int | None) -> GenerationOptions:
+    if max_new_tokens >= MAX_CONTEXT:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}", f"over Qwen2-VL's context of {MAX_CONTEXT} tokens")
     return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
