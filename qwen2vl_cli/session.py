@@ -266,10 +266,11 @@ class ModelSession:
             prompt = prompt_tokens[row] if prompt_tokens is not None else media
             if context and prompt + request.generation.max_new_tokens > context:
                 subject = ", ".join(m.source for m in request.media) or "the prompt"
-                raise UsageError(subject, f"{'the prompt is' if prompt_tokens else 'the media alone are'} {prompt} "
-                                          f"tokens ({media} of them images/video) + --max-new-tokens "
-                                          f"{request.generation.max_new_tokens}: over the model's context of "
-                                          f"{context} tokens (lower --max-pixels or --max-new-tokens)")
+                size = (f"the prompt is {prompt} tokens ({media} of them images/video)" if prompt_tokens
+                        else f"the images/video alone are {media} tokens")
+                raise UsageError(subject, f"{size} + --max-new-tokens {request.generation.max_new_tokens}: over the "
+                                          f"model's context of {context} tokens (lower --max-pixels or "
+                                          "--max-new-tokens)")
 
     def _side_stream(self):
         import torch
