@@ -24,7 +24,7 @@ class ExitStatus(enum.IntEnum):
 EXIT_STATUS_MEANINGS = {
     ExitStatus.SUCCESS: "success",
     ExitStatus.ERROR: "any other error (out of memory, a bug; QWEN2VL_DEBUG=1 shows the traceback)",
-    ExitStatus.USAGE: "usage error: unknown option, bad value, options that do not go together",
+    ExitStatus.USAGE: "usage error: unknown option, bad value, options that do not go together, over the context",
     ExitStatus.INPUT: "an input could not be read or decoded (missing, empty, corrupt, unreachable, too large)",
     ExitStatus.MODEL: "the model could not be loaded (no such directory, not cached while offline, no GPU)",
     ExitStatus.PARTIAL: "batch: the run finished but some items failed (each has a record with its error)",

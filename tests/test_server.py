@@ -77,6 +77,7 @@ def test_concurrent_requests_all_answered_correctly(client, cli, images, tiny_mo
 @pytest.mark.parametrize("case, status", [
     ("bad_base64", 400), ("missing_messages", 400), ("not_json", 400), ("bad_part", 400),
     ("too_large", 413), ("local_path", 403), ("file_url", 403), ("wrong_model", 404), ("bad_temperature", 400),
+    ("over_the_context", 400),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, images, tiny_model, case, status):
     url = server["url"] + "/v1/chat/completions"
@@ -93,6 +94,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
             {"type": "image_url", "image_url": {"url": images["a"].as_uri()}}]}]},
         "wrong_model": {**good, "model": "gpt-4o"},
         "bad_temperature": {**good, "temperature": "hot"},
+        "over_the_context": {**good, "max_tokens": 32767},
     }
     if case == "not_json":
         response = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
