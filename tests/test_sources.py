@@ -125,10 +125,16 @@ def test_bad_local_inputs_exit_3(cli, tmp_path, images, case, reason):
 
 def test_permission_denied(cli, tmp_path, monkeypatch):
     # root reads anything, so the OS refusal is simulated where the resolver opens files
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    import os
 
-    monkeypatch.setattr("qwen2vl_cli.sources.open", refuse, raising=False)
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(target):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     target = tmp_path / "secret.png"
     target.write_bytes(b"x")
     result = cli("describe", target)
