@@ -294,3 +294,11 @@ def test_frames_of_different_sizes_are_an_input_error(cli, tmp_path):
     result = cli("video", tmp_path, "-n", "2")
     assert result.exit_code == 3
     one_error_line(result, "frames differ in size", "f2.png is 48x64")
+
+
+def test_lists_and_manifests_from_devices_are_bounded(tiny_model):
+    with open("/dev/zero", "rb") as zero:
+        listed = bounded("batch", "-", "--model", tiny_model, "--no-server", stdin=zero)
+    assert listed.returncode == 3 and "stdin line 1: longer than" in error_line(listed)
+    manifest = bounded("batch", "--manifest", "/dev/zero", "--model", tiny_model, "--no-server")
+    assert manifest.returncode == 3 and "is a character device" in error_line(manifest)

@@ -9,11 +9,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 from ..errors import InputError
-from ..sources import file_url_to_path
+from ..sources import file_url_to_path, open_regular
 
+MAX_LINE = 1024 * 1024  # one manifest line or listed path; data URIs in a manifest stay well under it
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
@@ -98,15 +99,28 @@ def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
         stack.extend(reversed(subfolders))
 
 
+def bounded_lines(handle: TextIO, name: str) -> Iterator[str]:
+    """The lines of a list or manifest, each at most MAX_LINE characters (/dev/zero has no line ends)."""
+    number = 0
+    while True:
+        line = handle.readline(MAX_LINE + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE:
+            raise InputError(f"{name} line {number}", f"longer than {MAX_LINE} characters: not a list of sources")
+        yield line
+
+
 def read_manifest(path: str) -> list[BatchItem]:
     """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output)."""
     items = []
-    try:
-        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    except OSError as exc:
-        raise InputError(path, exc.strerror or str(exc)) from None
+    if path == "-":
+        handle = sys.stdin
+    else:  # a regular file: a FIFO or /dev/zero named by mistake must not hang or fill memory
+        handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8", errors="replace")
     with handle:
-        for number, line in enumerate(handle, 1):
+        for number, line in enumerate(bounded_lines(handle, path), 1):
             if not line.strip():
                 continue
             try:
@@ -134,7 +148,9 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
     for spec in inputs:
         if spec == "-":
             stream = stdin or sys.stdin
-            lines = [line.rstrip("\r\n") for line in stream if line.strip()]
+            if stream is None:
+                raise InputError("stdin", "closed")
+            lines = [line.rstrip("\r\n") for line in bounded_lines(stream, "stdin") if line.strip()]
             items += [BatchItem(line) for line in lines]
             continue
         path = Path(os.path.expanduser(spec))
