@@ -71,7 +71,7 @@ class Results:
 
     def state(self, item: BatchItem) -> str | None:
         """'ok' when a sink holds a result for the item, 'error' when only a failure is on record, else None."""
-        states = {sink.state(item.key) for sink in self.sinks}
+        states = {sink.state(item) for sink in self.sinks}
         return "ok" if "ok" in states else "error" if "error" in states else None
 
     def write(self, item: BatchItem, text: str | None, error: str | None) -> None:

@@ -90,8 +90,9 @@ class RecordFile:
     handle: TextIO
     lock: OutputLock | None = None
 
-    def state(self, key: tuple) -> str | None:
-        """None (no record), 'ok' or 'error'."""
+    def state(self, item) -> str | None:
+        """None (no record for the BatchItem), 'ok' or 'error'."""
+        key = item.key
         return None if key not in self.records else "error" if self.records[key] else "ok"
 
     def _remember(self, record: dict) -> None:
@@ -235,8 +236,8 @@ class SidecarSink:
         path = Path(os.path.expanduser(source[7:] if source.startswith("file://") else source))
         return path.with_suffix(self.extension)
 
-    def state(self, key: tuple) -> str | None:
-        path = self.path_for(key[0])
+    def state(self, item) -> str | None:
+        path = self.path_for(item.source)  # beside the file as named, where write() puts it
         return "ok" if not self.overwrite and path is not None and path.exists() else None
 
     def write(self, record: dict) -> None:
