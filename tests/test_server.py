@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -206,12 +207,24 @@ def test_api_key_local_media_keep_alive_and_stop(tiny_model, tmp_path, images):
 
 def test_background_start_and_stop(tiny_model, tmp_path, images):
     env = {"QWEN2VL_STATE_DIR": str(tmp_path), "QWEN2VL_MODEL": str(tiny_model)}
-    started = run_process("serve", "--port", "0", "--background", env=env, timeout=180)
+    started = run_process("serve", "--port", "0", "--background", "--api-key", "s3cret-k3y", env=env, timeout=180)
     assert started.returncode == 0, started.stderr
     url = started.stdout.decode().strip()
-    assert httpx.get(url + "/health", timeout=5).json()["model"] == str(tiny_model)
-    used = run_process("describe", images["a"], "-n", "4", "--json", env=env)
+    auth = {"Authorization": "Bearer s3cret-k3y"}
+    health = httpx.get(url + "/health", timeout=5, headers=auth).json()
+    assert health["model"] == str(tiny_model)
+    with open(f"/proc/{health['pid']}/cmdline", "rb") as cmdline:  # what every local user sees in ps
+        assert b"s3cret-k3y" not in cmdline.read()
+    used = run_process("describe", images["a"], "-n", "4", "--json", env={**env, "QWEN2VL_API_KEY": "s3cret-k3y"})
     assert json.loads(used.stdout)["timings"]["load_s"] == 0.0
     assert run_process("stop", env=env).returncode == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_sigterm_removes_the_state_file(tiny_model, tmp_path):
+    process, url = start_server(tiny_model, tmp_path)
+    assert list(tmp_path.glob(f"{process.pid}.json"))
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert not list(tmp_path.glob("*.json")), "a terminated server left its state file behind"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -81,15 +82,16 @@ def _start_background(config, env: Environment) -> None:
     """Re-run this command detached, wait until it answers /health, print its URL."""
     from ..server.registry import health, read_state, state_dir
 
-    argv = [a for a in sys.argv[1:] if a not in ("--background", "-d")]
+    argv = _without_secrets([a for a in sys.argv[1:] if a not in ("--background", "-d")])
     if "serve" not in argv:
         argv = ["serve", *argv]
+    child_env = {**os.environ, **({"QWEN2VL_API_KEY": config.api_key} if config.api_key else {})}
     log_dir = state_dir()
     log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = log_dir / f"serve-{int(time.time())}.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", *argv, "--quiet"], stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=log, start_new_session=True)
+                                   stdout=log, stderr=log, start_new_session=True, env=child_env)
     deadline = time.monotonic() + READY_TIMEOUT_S
     with env.status(f"Starting a session for {config.model_name} ..."):
         while time.monotonic() < deadline:
@@ -103,6 +105,20 @@ def _start_background(config, env: Environment) -> None:
                 return
             time.sleep(0.2)
     raise ServerError("serve --background", f"not ready after {READY_TIMEOUT_S}s; log: {log_path}")
+
+
+def _without_secrets(argv: list[str]) -> list[str]:
+    """argv less `--api-key K` / `--api-key=K`: the key goes to the child in its environment, where other
+    local users cannot read it (a command line is visible to all of them in `ps`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--api-key":
+            skip = True
+        elif not arg.startswith("--api-key="):
+            kept.append(arg)
+    return kept
 
 
 def ps(api_key: ApiKeyOpt = None) -> None:

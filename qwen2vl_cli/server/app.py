@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import json
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -227,10 +228,18 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
                                            timeout_graceful_shutdown=5))
     registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port,
                           "model": config.model_name, "device": session.device, "started": time.time()})
+    # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
+    # process would die there, before the cleanup below; as KeyboardInterrupt it unwinds through it
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         if on_ready:
             on_ready(url, session)
         server.run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         worker.stop()
         registry.remove_state(os.getpid())
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
