@@ -78,7 +78,7 @@ def test_concurrent_requests_all_answered_correctly(client, cli, images, tiny_mo
 @pytest.mark.parametrize("case, status", [
     ("bad_base64", 400), ("missing_messages", 400), ("not_json", 400), ("bad_part", 400),
     ("too_large", 413), ("local_path", 403), ("file_url", 403), ("wrong_model", 404), ("bad_temperature", 400),
-    ("over_the_context", 400),
+    ("over_the_context", 400), ("image_in_system", 400), ("nested", 400),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, images, tiny_model, case, status):
     url = server["url"] + "/v1/chat/completions"
@@ -96,9 +96,13 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
         "wrong_model": {**good, "model": "gpt-4o"},
         "bad_temperature": {**good, "temperature": "hot"},
         "over_the_context": {**good, "max_tokens": 32767},
+        "image_in_system": {**good, "messages": [
+            {"role": "system", "content": image_message(images["a"], "Hi")[0]["content"]},
+            *image_message(images["a"], "Hi")]},
     }
-    if case == "not_json":
-        response = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    if case in ("not_json", "nested"):
+        content = b"{not json" if case == "not_json" else b"[" * 100000 + b"]" * 100000
+        response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
     else:
         response = httpx.post(url, json=bodies[case], timeout=30)
     assert response.status_code == status, response.text

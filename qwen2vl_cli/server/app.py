@@ -150,6 +150,8 @@ def create_app(config: ServerConfig, worker: GenerationWorker):
             body = json.loads(await request.body() or b"null")
         except (ValueError, UnicodeDecodeError):
             raise RequestError("the request body is not valid JSON") from None
+        except RecursionError:  # thousands of nested brackets
+            raise RequestError("the request body is nested too deeply") from None
         parsed = await run_in_threadpool(parse_chat_request, body, config.model_name, policy)
         job = Job(parsed.request, parsed.stream, asyncio.get_running_loop())
         worker.submit(job)

@@ -172,6 +172,9 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
                 prompt = part["text"] if role == "user" else prompt
+            elif kind in ("image_url", "video_url") and role == "system":
+                raise RequestError(f"{where}.content[{number}]: a system message takes text only "
+                                   "(put images and videos in a user message)", param=where)
             elif kind in ("image_url", "video_url"):
                 ref = part.get(kind)
                 url = ref.get("url") if isinstance(ref, dict) else ref
