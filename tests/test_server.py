@@ -230,5 +230,5 @@ def test_sigterm_removes_the_state_file(tiny_model, tmp_path):
     process, url = start_server(tiny_model, tmp_path)
     assert list(tmp_path.glob(f"{process.pid}.json"))
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    assert process.wait(timeout=30) == 0, process.stderr.read().decode()  # a clean stop
     assert not list(tmp_path.glob("*.json")), "a terminated server left its state file behind"

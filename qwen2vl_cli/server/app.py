@@ -231,7 +231,7 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
     registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port,
                           "model": config.model_name, "device": session.device, "started": time.time()})
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
-    # process would die there, before the cleanup below; as KeyboardInterrupt it unwinds through it
+    # process would die there, before the cleanup below; as SystemExit(0) it unwinds through it: a clean stop
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         if on_ready:
@@ -244,4 +244,4 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
 
 
 def _terminated(signum, frame):
-    raise KeyboardInterrupt
+    raise SystemExit(0)
