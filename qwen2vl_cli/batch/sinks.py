@@ -267,7 +267,7 @@ def open_output(output: str | None, fields: list[str], *, overwrite: bool, retry
         if suffix == ".csv":
             return CsvSink(path, fields, overwrite=overwrite, retry_errors=retry_errors, note=note)
         return JsonlSink(path, overwrite=overwrite, retry_errors=retry_errors, note=note)
-    except (PermissionError, IsADirectoryError, FileNotFoundError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
         raise OutputError(output, exc.strerror or str(exc)) from None
