@@ -145,9 +145,9 @@ def read_local(path: Path, name: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD) -> 
     fd = open_regular(path, name)
     try:
         with os.fdopen(fd, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size > max_bytes:
-                raise InputError(name, f"too large ({os.fstat(handle.fileno()).st_size} bytes, limit "
-                                       f"{max_bytes}; raise --max-download)")
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise InputError(name, f"too large ({size} bytes, limit {max_bytes}; raise --max-download)")
             data = handle.read(max_bytes + 1)
     except OSError as exc:
         raise InputError(name, exc.strerror or str(exc)) from None

@@ -149,10 +149,10 @@ ApiKeyOpt = Annotated[str | None, typer.Option(
 # ---- fetching ------------------------------------------------------------------------------------
 TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, metavar="SECONDS", rich_help_panel=FETCH_PANEL,
-    help="Connect and read timeout for http(s) inputs.")]
+    help="Deadline for a whole http(s) download (connect, every read, the transfer).")]
 MaxDownloadOpt = Annotated[int, typer.Option(
     "--max-download", parser=parse_bytes, metavar="SIZE", rich_help_panel=FETCH_PANEL,
-    help="Largest http(s) download or stdin input, e.g. 100MB.")]
+    help="Largest input read: http(s) download, local image file or stdin, e.g. 100MB.")]
 
 DEFAULTS = dict(
     max_frames=DEFAULT_MAX_FRAMES, total_pixels=DEFAULT_TOTAL_PIXELS, video_backend="auto",
