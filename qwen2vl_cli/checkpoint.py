@@ -59,6 +59,14 @@ SIZES = {
                   mrope_section=[1, 1, 2]),
         vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2),
     ),
+    # "small": the smallest shapes that real kernels take: vLLM's CPU attention needs a head size of at least
+    # 32, GPTQ's CPU kernel output widths in multiples of 32 and input widths in multiples of its group (128)
+    "small": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                  mrope_section=[4, 6, 6]),
+        vision=dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2),
+    ),
     "2b": dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
@@ -104,7 +112,7 @@ def build_tokenizer():
 
 
 def build_config(size: str = "tiny"):
-    """A Qwen2VLConfig with the shapes of `size` ("tiny", "2b" or "7b")."""
+    """A Qwen2VLConfig with the shapes of `size` ("tiny", "small", "2b" or "7b")."""
     from transformers import Qwen2VLConfig
 
     shape = SIZES[size]
@@ -143,7 +151,7 @@ def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, 
     config.vision_config.initializer_range = std
     with torch.device(device):  # a full-size model initialises in seconds on a GPU, minutes on a CPU
         model = Qwen2VLForConditionalGeneration(config).to(getattr(torch, dtype))
-    if size == "tiny":
+    if size in ("tiny", "small"):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if param.dim() > 1:
@@ -168,7 +176,7 @@ def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, 
     return path
 
 
-if __name__ == "__main__":  # python -m qwen2vl_cli.checkpoint DIR [tiny|2b|7b]
+if __name__ == "__main__":  # python -m qwen2vl_cli.checkpoint DIR [tiny|small|2b|7b]
     import sys
 
     print(build_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "tiny"))

@@ -1,40 +1,41 @@
 """RemoteSession: ModelSession's interface over any OpenAI-compatible server (qwen2vl serve, vLLM,
-SGLang). Media are checked here (so errors and exit codes match the in-process path) and sent raw as
-data URIs, with resolution and sampling in mm_processor_kwargs; the server resizes them exactly as the
-in-process path does. Imports neither torch nor transformers."""
+SGLang). Media are read, checked and sized here by the same code as in-process answers, and sent at their
+final size: images as lossless PNG data URIs, videos as the frames the model sees, in the frame-list form
+vLLM reads (`data:video/jpeg;base64,F1,F2,...`). No mm_processor_kwargs are needed, so a stock vLLM answers
+every option exactly as in-process; vision ids go as chat_template_kwargs. Images import neither torch nor
+transformers (videos need the decoders)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
-import mimetypes
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from .errors import InputError, ModelLoadError, ServerError
+from .errors import ServerError
 from .session import ChatRequest, Completion, Media, TextDelta
-from .sources import FetchLimits, ImageOptions, decode_image, display_name, read_source
+from .sources import PATCH_FACTOR, FetchLimits, ImageOptions, decode_image, display_name, prepare_image, read_source
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
 DEFAULT_CONCURRENCY = 4
+VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
 
 
-def data_uri(data: bytes, kind: str, source: str) -> str:
-    mime = mimetypes.guess_type(source)[0] if not source.startswith("data:") else None
-    if not mime or not mime.startswith(kind):
-        mime = "image/png" if kind == "image" else "video/mp4"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+def png_data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
 class RemoteSession:
-    """Answers through an OpenAI-compatible server; `load()` only checks that it is there."""
+    """Answers through an OpenAI-compatible server; `load()` checks that it is there and what it is."""
 
     device = "remote"
     load_s = 0.0
-    model = True  # nothing to load locally
 
     def __init__(self, url: str, model: str, api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                  timeout: float = 600.0) -> None:
@@ -45,26 +46,45 @@ class RemoteSession:
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout = timeout
+        self.model = None  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
 
     # ---- media ---------------------------------------------------------------------------------
     def image_media(self, source: str, options: ImageOptions, limits: FetchLimits) -> Media:
-        """Read and check the image here; send its original bytes."""
+        """Read, check and size the image here (as in-process); send the sized pixels, losslessly."""
         name = display_name(source)
-        data = read_source(source, limits)
-        image = decode_image(data, name)
-        return Media("image", name, data_uri(data, "image", source),
-                     facts={"width": image.size[0], "height": image.size[1]})
+        image = prepare_image(decode_image(read_source(source, limits), name), options, name)
+        width, height = image.size
+        return Media("image", name, png_data_uri(image),
+                     facts={"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2})
 
     def video_media(self, source: str, options, limits: FetchLimits) -> Media:
-        from .video import is_frame_sequence
+        """Sample and size the video here (as in-process); send the frames the model sees."""
+        from .video import frame_list_uri, resolve_video
 
-        name = display_name(source)
-        if is_frame_sequence(source):
-            raise InputError(name, "frame directories and globs are read in-process only (add --no-server)")
-        return Media("video", name, data_uri(read_source(source, limits), "video", source))
+        video = resolve_video(source, options, limits)
+        notes = list(video.notes)
+        frames = int(video.facts["frames"])
+        if frames > VLLM_FRAME_LIST_DEFAULT and self.load().model != "qwen2vl":
+            notes.append(f"{video.source}: sending {frames} frames; a vLLM server reads only the first "
+                         f"{VLLM_FRAME_LIST_DEFAULT} unless started with --media-io-kwargs "
+                         "'{\"video\": {\"num_frames\": -1}}' (or use --max-frames 32)")
+        return Media("video", video.source, frame_list_uri(video.frames), facts=video.facts, notes=notes)
 
     # ---- generation ----------------------------------------------------------------------------
     def load(self) -> "RemoteSession":
+        """Find out once whether the server answers, and whether it is a qwen2vl server."""
+        if self.model is None:
+            import httpx
+
+            try:
+                response = httpx.get(self.url[:-len("/v1")] + "/health", timeout=10, headers=self._headers())
+            except httpx.HTTPError as exc:
+                raise ServerError(self.url, f"cannot reach the server ({type(exc).__name__})") from None
+            try:
+                facts = response.json()
+            except ValueError:
+                facts = None
+            self.model = "qwen2vl" if isinstance(facts, dict) and "pid" in facts else "openai"
         return self
 
     def prepare(self, requests: list[ChatRequest], on_device: bool = False):
@@ -82,33 +102,29 @@ class RemoteSession:
         if stream:
             body["stream_options"] = {"include_usage": True}
         for key, value in (("top_p", options.top_p), ("top_k", options.top_k), ("seed", options.seed),
-                           ("repetition_penalty", options.repetition_penalty)):
+                           ("repetition_penalty", options.repetition_penalty), ("stop", list(options.stop) or None),
+                           ("frequency_penalty", options.frequency_penalty),
+                           ("presence_penalty", options.presence_penalty)):
             if value is not None:
                 body[key] = value
-        if request.vision_kwargs:
-            body["mm_processor_kwargs"] = request.vision_kwargs
         if request.vision_ids:
-            body["add_vision_id"] = True
+            body["chat_template_kwargs"] = {"add_vision_id": True}
         return body
 
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _raise_for(self, response) -> None:
+        """A refusal is exit 6 with the server's own message."""
         if response.status_code < 400:
             return
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            message = response.text.strip()[:200] or response.reason_phrase
+            message = response.text.strip()[:300] or response.reason_phrase
         if response.status_code == 401:
             raise ServerError(self.url, "unauthorized: set --api-key or QWEN2VL_API_KEY")
-        if response.status_code == 404 and "model" in message:
-            raise ModelLoadError(self.model_name, message)
-        if response.status_code in (400, 403, 413, 422):
-            subject, _, reason = message.partition(": ")
-            raise InputError(subject, reason) if reason else InputError(self.url, message)
-        raise ServerError(self.url, f"HTTP {response.status_code}: {message}")
+        raise ServerError(self.url, f"HTTP {response.status_code}: {' '.join(str(message).split())}")
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
         """Server-sent events -> TextDelta pieces, then one Completion (usage from the server)."""
@@ -142,11 +158,13 @@ class RemoteSession:
                          first, time.perf_counter() - start)
 
     def complete(self, request: ChatRequest) -> Completion:
-        """One non-streamed request, retried with exponential backoff on transient failures."""
+        """One non-streamed request, retried with exponential backoff on transient failures (a 429's
+        Retry-After is honoured)."""
         import httpx
 
         start = time.perf_counter()
         for attempt in range(RETRIES + 1):
+            wait = None
             try:
                 response = httpx.post(self.url + "/chat/completions", json=self.body(request, False),
                                       headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10))
@@ -157,13 +175,16 @@ class RemoteSession:
                     return Completion(choice["message"]["content"] or "", usage.get("prompt_tokens", 0),
                                       usage.get("completion_tokens", 0), choice.get("finish_reason") or "stop",
                                       None, time.perf_counter() - start)
+                retry_after = response.headers.get("retry-after", "")
+                wait = min(60.0, float(retry_after)) if retry_after.isdigit() else None
             except (httpx.TransportError, ValueError, KeyError) as exc:
                 if attempt == RETRIES:
                     raise ServerError(self.url, f"no answer after {RETRIES + 1} tries ({type(exc).__name__})") from None
-            time.sleep(min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
+            time.sleep(wait if wait is not None else min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
         raise ServerError(self.url, "no answer")  # pragma: no cover - the loop returns or raises
 
     def generate_batch(self, requests: list[ChatRequest], prepared=None) -> list[Completion]:
         """Up to `concurrency` requests in flight at once."""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self.complete, requests))
+

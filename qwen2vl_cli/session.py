@@ -52,6 +52,15 @@ class GenerationOptions:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings (not included)
+    frequency_penalty: float | None = None  # OpenAI's: minus penalty x times a token was generated so far
+    presence_penalty: float | None = None  # OpenAI's: minus penalty once a token has been generated
+
+    @property
+    def penalized(self) -> bool:
+        """Any penalty that changes the logits (the fast path takes none of them)."""
+        return (self.repetition_penalty not in (None, 1.0) or bool(self.frequency_penalty)
+                or bool(self.presence_penalty))
 
     @property
     def sampling(self) -> bool:
@@ -77,8 +86,7 @@ class ChatRequest:
     """One conversation turn: media and a prompt, optionally a system message.
 
     `conversation` holds a whole multi-turn chat instead (the server's requests), with the media
-    objects in place; `media` then lists them in order. `vision_kwargs` are the resolution and
-    sampling settings a remote server applies (mm_processor_kwargs), when media are sent raw.
+    objects in place; `media` then lists them in order.
     """
 
     prompt: str
@@ -87,7 +95,6 @@ class ChatRequest:
     vision_ids: bool = False
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     conversation: list[dict] | None = None
-    vision_kwargs: dict = field(default_factory=dict)
 
     def messages(self) -> list[dict]:
         """The conversation in the form qwen-vl-utils and the chat template take."""
@@ -120,15 +127,44 @@ class Completion:
 
 
 class _Stop:
-    """A stopping criterion that ends generation when the caller goes away (Ctrl-C, closed stream)."""
+    """A stopping criterion that ends generation when the caller goes away (Ctrl-C, closed stream), or when
+    `event` (anything with is_set(), e.g. "every request of this batch was cancelled") says so."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    def __init__(self, event=None) -> None:
+        self.event = event if event is not None else threading.Event()
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Penalties:
+    """OpenAI's frequency and presence penalties, over the tokens generated so far (not the prompt)."""
+
+    def __init__(self, prompt_len: int, frequency: float | None, presence: float | None) -> None:
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency or 0.0, presence or 0.0
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.prompt_len:]
+        if not generated.shape[1]:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string starts in `text`, or None."""
+    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (not shown yet)."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
 
 
 class ModelSession:
@@ -139,6 +175,7 @@ class ModelSession:
         self.model = None
         self.processor = None
         self.device: str | None = None
+        self.context: int | None = None  # the model's positions: prompt + answer must fit
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self.fast = None  # FastDecoder, built on first greedy use where enabled; False: its contract check failed
@@ -183,6 +220,9 @@ class ModelSession:
         # answers are decoded with a copy: decoding never waits for a batch being tokenized on another thread
         self.detokenizer = copy.deepcopy(self.processor.tokenizer)
         self.device = device
+        config = getattr(self.model.config, "text_config", self.model.config)
+        self.context = (getattr(config, "max_position_embeddings", None)
+                        or getattr(self.model.config, "max_position_embeddings", None))
         self.load_s = time.perf_counter() - start
         return self
 
@@ -258,9 +298,7 @@ class ModelSession:
     def check_context(self, requests: list[ChatRequest], prompt_tokens: list[int] | None = None) -> None:
         """Prompt + media + new tokens must fit the model's context: a UsageError naming the numbers, before
         minutes of work on a request that cannot be answered. Without prompt_tokens, the media tokens alone."""
-        config = getattr(self.model.config, "text_config", self.model.config)
-        context = getattr(config, "max_position_embeddings", None) or getattr(self.model.config,
-                                                                              "max_position_embeddings", None)
+        context = self.context
         for row, request in enumerate(requests):
             media = sum(int(m.facts.get("tokens", 0)) for m in request.media if m.facts)
             prompt = prompt_tokens[row] if prompt_tokens is not None else media
@@ -271,6 +309,13 @@ class ModelSession:
                 raise UsageError(subject, f"{size} + --max-new-tokens {request.generation.max_new_tokens}: over the "
                                           f"model's context of {context} tokens (lower --max-pixels or "
                                           "--max-new-tokens)")
+
+    def prompt_tokens(self, request: ChatRequest) -> int:
+        """The prompt's length in tokens, its media included, without processing any media."""
+        with self.tokenizer_lock:
+            text = len(self.processor.tokenizer(self.prompt_text(request))["input_ids"])
+        # the template holds one pad token per image or video; the processor expands each to its tokens
+        return text + sum(int(m.facts.get("tokens", 1)) - 1 for m in request.media)
 
     def _side_stream(self):
         import torch
@@ -314,8 +359,7 @@ class ModelSession:
         never where its contract check with this transformers failed (the stock code answers then)."""
         setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
         wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
-        return (wanted and not options.sampling and options.repetition_penalty in (None, 1.0)
-                and self._fast_decoder() is not None)
+        return wanted and not options.sampling and not options.penalized and self._fast_decoder() is not None
 
     def _fast_decoder(self):
         """The FastDecoder, built on first use and checked against the stock model on probe prompts; None
@@ -349,6 +393,11 @@ class ModelSession:
                                                  stop=stop.event if stop else None, host=host)
         with torch.inference_mode():
             extra = {"stopping_criteria": StoppingCriteriaList([stop])} if stop else {}
+            if options.frequency_penalty or options.presence_penalty:
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList([_Penalties(
+                    inputs["input_ids"].shape[1], options.frequency_penalty, options.presence_penalty)])
             return self.model.generate(**inputs, streamer=streamer, **extra, **self.generate_kwargs(options))
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
@@ -388,10 +437,20 @@ class ModelSession:
 
             self._streams = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen2vl-generate")
         running = self._streams.submit(run)
+        stops, held = request.generation.stop, ""
         try:
             for piece in streamer:
-                if piece:
-                    yield TextDelta(piece)
+                held += piece
+                cut = stop_at(held, stops) if stops else None
+                if cut is not None:  # a stop string: show what came before it, generate no further
+                    held = held[:cut]
+                    break
+                keep = held_back(held, stops) if stops else 0
+                if len(held) > keep:
+                    yield TextDelta(held[:len(held) - keep])
+                    held = held[len(held) - keep:]
+            if held:
+                yield TextDelta(held)
         finally:
             stop.event.set()
             running.result()
@@ -402,16 +461,18 @@ class ModelSession:
         yield self._completion(new_ids, prompt_len, request.generation,
                                first_token[0] if first_token else None, time.perf_counter() - start)
 
-    def generate_batch(self, requests: list[ChatRequest], prepared=None) -> list[Completion]:
-        """Answer several requests in one batched generate (the first request's generation options).
+    def generate_batch(self, requests: list[ChatRequest], prepared=None, cancelled=None) -> list[Completion]:
+        """Answer several requests in one batched generate (the first request's generation options; each
+        request's own stop strings).
 
         `prepared` is `prepare(requests)` done ahead, e.g. on a worker thread while the GPU was busy.
+        `cancelled` (anything with is_set()) ends the generation early when it turns true.
         """
         self.load()
         start = time.perf_counter()
         inputs = self.to_device(prepared if prepared is not None else self.prepare(requests))
         prompt_len = inputs["input_ids"].shape[1]
-        output = self._generate(inputs, requests[0].generation)
+        output = self._generate(inputs, requests[0].generation, stop=_Stop(cancelled) if cancelled else None)
         total = time.perf_counter() - start
         mask = inputs["attention_mask"].tolist()
         rows = output[:, prompt_len:].tolist()
@@ -429,6 +490,16 @@ class ModelSession:
         else:
             reason = "length" if len(ids) >= options.max_new_tokens else "stop"
         text = self.detokenizer.decode(ids, skip_special_tokens=True)
+        cut = stop_at(text, options.stop) if options.stop else None
+        if cut is not None:  # the answer ends before the stop string; count the tokens up to it
+            low, high = 1, len(ids)
+            while low < high:  # the shortest prefix whose text reaches the stop string
+                middle = (low + high) // 2
+                if stop_at(self.detokenizer.decode(ids[:middle], skip_special_tokens=True), options.stop) is None:
+                    low = middle + 1
+                else:
+                    high = middle
+            text, ids, reason = text[:cut], ids[:low], "stop"
         return Completion(text, prompt_tokens, len(ids), reason, first_token_s, total_s)
 
 

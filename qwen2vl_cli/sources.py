@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import re
 import stat
@@ -26,16 +27,35 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_DOWNLOAD = 100 * 1024 * 1024
 MAX_ASPECT_RATIO = 200  # qwen-vl-utils' MAX_RATIO
 PATCH_FACTOR = 28  # patch 14 x spatial merge 2: one LLM token per 28x28 pixels
+IMAGE_MIN_PIXELS = 4 * PATCH_FACTOR ** 2  # qwen-vl-utils' image bounds: 4 to 16384 tokens
+IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR ** 2
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 
 
 @dataclass(frozen=True)
+class FetchPolicy:
+    """Which URLs a server fetches for its clients (the command line fetches what its user names).
+
+    By default none. `domains` (--allowed-media-domains): these hosts, exactly as named, wherever they
+    resolve (the operator vouches for them). `allow` (--allow-fetch): any host whose every address is
+    public: loopback, private, link-local and reserved addresses are refused after DNS resolution, on the
+    first request and on every redirect."""
+
+    allow: bool = False
+    domains: tuple[str, ...] = ()
+
+    def permits(self, host: str) -> bool:
+        return self.allow or host.lower().rstrip(".") in self.domains
+
+
+@dataclass(frozen=True)
 class FetchLimits:
-    """How long and how much a URL download may take."""
+    """How long and how much a URL download may take, and (in a server) which URLs it may fetch at all."""
 
     timeout: float = DEFAULT_TIMEOUT_S
     max_bytes: int = DEFAULT_MAX_DOWNLOAD
+    policy: FetchPolicy | None = None  # None: any URL (the user's own command)
 
 
 @dataclass(frozen=True)
@@ -46,9 +66,6 @@ class ImageOptions:
     max_pixels: int | None = None
     resized_height: int | None = None
     resized_width: int | None = None
-
-    def as_vision_kwargs(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 def display_name(source: str) -> str:
@@ -186,11 +203,22 @@ def decode_base64(payload: str, name: str) -> bytes:
     return data
 
 
+class FetchRefused(InputError):
+    """A URL the server's fetch policy does not allow: one text whatever the reason (host not allowed,
+    a private address behind a public name, a redirect to one), so that refusals reveal nothing."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(display_name(url), "not fetched: this server fetches only allowed public URLs "
+                                            "(send the image or video as a data URI)")
+
+
 def download(url: str, limits: FetchLimits) -> bytes:
     """GET an http(s) URL under one deadline for the whole transfer (--timeout) and a size cap.
 
     The transfer runs on a helper thread: a server that drips a byte at a time cannot hold us past the
     deadline; the helper stops at its next chunk once we have given up on it."""
+    if limits.policy is not None and not limits.policy.permits(urllib.parse.urlsplit(url).hostname or ""):
+        raise FetchRefused(url)
     outcome: dict = {}
     cancelled = threading.Event()
 
@@ -214,9 +242,10 @@ def download(url: str, limits: FetchLimits) -> bytes:
 def _fetch(url: str, limits: FetchLimits, cancelled: threading.Event) -> bytes:
     import httpx
 
+    guarded = {} if limits.policy is None else {"transport": _guarded_transport(limits.policy), "trust_env": False}
     try:
-        with httpx.stream("GET", url, timeout=limits.timeout, follow_redirects=True,
-                          headers={"User-Agent": "qwen2vl-cli"}) as response:
+        with httpx.Client(timeout=limits.timeout, follow_redirects=True, headers={"User-Agent": "qwen2vl-cli"},
+                          **guarded) as client, client.stream("GET", url) as response:
             if response.status_code >= 400:
                 raise InputError(url, f"HTTP {response.status_code} {response.reason_phrase}".strip())
             declared = response.headers.get("content-length")
@@ -231,6 +260,8 @@ def _fetch(url: str, limits: FetchLimits, cancelled: threading.Event) -> bytes:
                 if size > limits.max_bytes:
                     raise InputError(url, f"too large (over {limits.max_bytes} bytes; raise --max-download)")
                 chunks.append(chunk)
+    except FetchRefused:
+        raise FetchRefused(url) from None  # named after the URL asked for, not the redirect
     except httpx.TimeoutException:
         raise InputError(url, f"timed out after {limits.timeout:g}s (--timeout)") from None
     except httpx.ConnectError as exc:
@@ -241,6 +272,49 @@ def _fetch(url: str, limits: FetchLimits, cancelled: threading.Event) -> bytes:
     if not data:
         raise InputError(url, "empty response (0 bytes)")
     return data
+
+
+def _guarded_transport(policy: FetchPolicy):
+    """An httpx transport whose every connection (redirects included) goes to a vetted address: the
+    host must be permitted, and unless named in policy.domains, every address it resolves to public.
+    The connection is made to the address that was checked, so a second DNS answer cannot differ."""
+    import socket
+
+    import httpcore
+    import httpx
+
+    class Vetted(httpcore.SyncBackend):
+        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            if not policy.permits(host):
+                raise FetchRefused(host)
+            address = host
+            if host.lower().rstrip(".") not in policy.domains:
+                try:
+                    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except OSError:
+                    raise httpcore.ConnectError(f"cannot resolve {host}") from None
+                addresses = [info[4][0] for info in found]
+                if not addresses or not all(map(is_public_address, addresses)):
+                    raise FetchRefused(host)
+                address = addresses[0]
+            return super().connect_tcp(address, port, timeout, local_address, socket_options)
+
+    transport = httpx.HTTPTransport()
+    transport._pool = httpcore.ConnectionPool(ssl_context=transport._pool._ssl_context, network_backend=Vetted())
+    return transport
+
+
+def is_public_address(address: str) -> bool:
+    """A globally routable unicast address (IPv4-mapped IPv6 judged as the IPv4 address it carries)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
 
 
 def _first_line(exc: BaseException) -> str:
@@ -277,14 +351,48 @@ def decode_image(data: bytes, name: str):
     return image
 
 
+def fit_size(width: int, height: int, options: ImageOptions = ImageOptions()) -> tuple[int, int]:
+    """The (width, height) qwen-vl-utils' fetch_image resizes an image to: multiples of 28, the pixel count
+    within [min_pixels, max_pixels] (default 4 to 16384 tokens), the aspect ratio kept. Its smart_resize,
+    restated here because importing qwen-vl-utils imports torch and torchvision (the client mode must
+    not); tests check the two agree."""
+    factor = PATCH_FACTOR
+    if options.resized_height and options.resized_width:
+        height, width, low, high = options.resized_height, options.resized_width, 4 * factor ** 2, 16384 * factor ** 2
+    else:
+        low = options.min_pixels if options.min_pixels is not None else IMAGE_MIN_PIXELS
+        high = options.max_pixels if options.max_pixels is not None else IMAGE_MAX_PIXELS
+    if high < low:
+        raise ValueError("The max_pixels of image must be greater than or equal to min_pixels.")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}")
+    h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > high:
+        beta = math.sqrt(height * width / high)
+        h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < low:
+        beta = math.sqrt(low / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    if not (h_bar and w_bar):
+        raise ValueError(f"{width}x{height} is too narrow to fit max_pixels {high} at 28-pixel multiples")
+    return w_bar, h_bar
+
+
 def prepare_image(image, options: ImageOptions, name: str):
-    """RGB (alpha onto white) and resized to multiples of 28 within the pixel bounds, by qwen-vl-utils."""
-    from qwen_vl_utils import fetch_image
+    """RGB (alpha onto white) and resized to multiples of 28 within the pixel bounds: what qwen-vl-utils'
+    fetch_image makes of it, pixel for pixel (Pillow's bicubic), without importing torch."""
+    from PIL import Image
 
     try:
-        return fetch_image({"image": image, **options.as_vision_kwargs()})
-    except (ValueError, AssertionError) as exc:
-        raise InputError(name, _first_line(exc) or "cannot be resized") from None
+        size = fit_size(*image.size, options)
+    except ValueError as exc:
+        raise InputError(name, _first_line(exc)) from None
+    if image.mode == "RGBA":
+        rgb = Image.new("RGB", image.size, (255, 255, 255))
+        rgb.paste(image, mask=image.split()[3])
+    else:
+        rgb = image.convert("RGB")
+    return rgb.resize(size, Image.Resampling.BICUBIC)
 
 
 def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),

@@ -28,6 +28,7 @@ DEFAULT_FPS = 2.0  # qwen-vl-utils' FPS
 DEFAULT_MAX_FRAMES = 256
 DEFAULT_TOTAL_PIXELS = 24576 * 28 * 28  # bounds a video near 24k tokens, whatever its length
 DEFAULT_VIDEO_MAX_DOWNLOAD = 2 * 1024 ** 3
+FRAME_LIST_MAX = 768  # qwen-vl-utils' FPS_MAX_FRAMES
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame bounds for videos
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 
@@ -56,14 +57,6 @@ class VideoOptions:
             raise UsageError("--resized-height/--resized-width", "give both or neither")
         if self.backend not in BACKENDS:
             raise UsageError("--video-backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
-
-    def as_vision_kwargs(self) -> dict:
-        """These options as mm_processor_kwargs, for a remote server."""
-        pairs = (("fps", self.fps), ("nframes", self.nframes), ("min_frames", self.min_frames),
-                 ("max_frames", self.max_frames), ("video_start", self.start), ("video_end", self.end),
-                 ("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels), ("total_pixels", self.total_pixels),
-                 ("resized_height", self.resized_height), ("resized_width", self.resized_width))
-        return {key: value for key, value in pairs if value is not None}
 
     def sampling_ele(self) -> dict:
         """The keys qwen-vl-utils' smart_nframes and calculate_video_frame_range read."""
@@ -102,6 +95,42 @@ def is_frame_sequence(source: str) -> bool:
     return path.is_dir() or (not path.exists() and any(c in source for c in "*?["))
 
 
+FRAME_LIST_PREFIX = "data:video/jpeg;base64,"  # vLLM's form of a frame list: base64 images joined by commas
+
+
+def is_frame_list_uri(source: str) -> bool:
+    return source[:len(FRAME_LIST_PREFIX)].lower() == FRAME_LIST_PREFIX
+
+
+def frame_list_uri(frames) -> str:
+    """Sized frames (T, C, H, W, whole values) -> one data URI of lossless PNG frames, the frame-list form
+    vLLM reads (despite its name, its frames may be any image format) and `qwen2vl serve` reads too."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    parts = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()).save(buffer, "PNG",
+                                                                                            compress_level=1)
+        parts.append(base64.b64encode(buffer.getvalue()).decode())
+    return FRAME_LIST_PREFIX + ",".join(parts)
+
+
+def decode_frame_list(uri: str) -> list:
+    """A frame-list data URI -> decoded images, each checked like any image."""
+    from .sources import decode_base64
+
+    parts = uri[len(FRAME_LIST_PREFIX):].split(",")
+    if len(parts) > FRAME_LIST_MAX:
+        raise InputError(display_name(uri), f"{len(parts)} frames, more than {FRAME_LIST_MAX}")
+    name = display_name(uri)
+    return [decode_image(decode_base64(part, f"{name} frame {i + 1}"), f"{name} frame {i + 1}")
+            for i, part in enumerate(parts)]
+
+
 def natural_key(path: Path) -> list:
     """frame2 before frame10."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
@@ -132,6 +161,8 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
     if is_frame_sequence(source):
         return _frames_from_images(source, options)
     name = display_name(source)
+    if is_frame_list_uri(source):
+        return frames_from_images(decode_frame_list(source), options, name, [], "frames")
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     if scheme in ("http", "https", "data"):  # decoders want a file: spool the bytes to one
         data = decode_data_uri(source) if scheme == "data" else download(source, limits)
@@ -307,9 +338,8 @@ def _check_frame_count(ele: dict, info: Probe, name: str) -> None:
 
 
 def _frames_from_images(source: str, options: VideoOptions) -> VideoFrames:
-    """A frame sequence, through qwen-vl-utils' own frame-list path (the seeds' form)."""
+    """A frame directory or glob: its files in natural order, at most --max-frames of them."""
     import torch
-    from qwen_vl_utils import fetch_video
 
     files = list_frames(source)
     notes = []
@@ -322,10 +352,19 @@ def _frames_from_images(source: str, options: VideoOptions) -> VideoFrames:
                      f"(--{'nframes' if options.nframes else 'max-frames'})")
         files = [files[i] for i in picks]
     images = [decode_image(read_local(f, str(f)), str(f)) for f in files]
-    odd = next((f for f, image in zip(files, images) if image.size != images[0].size), None)
+    return frames_from_images(images, options, source, notes, "frames", [f.name for f in files])
+
+
+def frames_from_images(images: list, options: VideoOptions, source: str, notes: list[str], backend: str,
+                       names: list[str] | None = None) -> VideoFrames:
+    """Decoded frames of one video, sized through qwen-vl-utils' own frame-list path (the seeds' form)."""
+    from qwen_vl_utils import fetch_video
+
+    names = names or [f"frame {i + 1}" for i in range(len(images))]
+    odd = next((i for i, image in enumerate(images) if image.size != images[0].size), None)
     if odd is not None:  # one video has one frame size
-        raise InputError(source, f"frames differ in size: {files[0].name} is {images[0].width}x{images[0].height}, "
-                                 f"{odd.name} is {images[files.index(odd)].width}x{images[files.index(odd)].height}")
+        raise InputError(source, f"frames differ in size: {names[0]} is {images[0].width}x{images[0].height}, "
+                                 f"{names[odd]} is {images[odd].width}x{images[odd].height}")
     sample_fps = options.fps or DEFAULT_FPS
     ele = {"video": images, "sample_fps": sample_fps, "total_pixels": options.total_pixels or DEFAULT_TOTAL_PIXELS,
            **{k: v for k, v in (("min_pixels", options.min_pixels), ("max_pixels", options.max_pixels),
@@ -337,7 +376,7 @@ def _frames_from_images(source: str, options: VideoOptions) -> VideoFrames:
         raise InputError(source, str(exc).splitlines()[0]) from None
     width, height = images[0].size
     info = Probe(sample_fps, len(images), width, height)
-    return _result(video, metadata, sample_fps, "frames", source, info, notes)
+    return _result(video, metadata, sample_fps, backend, source, info, notes)
 
 
 def _sized(video, metadata: dict, sample_fps: float, backend: str, name: str, options: VideoOptions,

@@ -201,6 +201,30 @@ def test_resolution_options_follow_qwen_vl_utils(images):
     assert exact.size == tuple(reversed(smart_resize(100, 300, factor=28)))
 
 
+@pytest.mark.parametrize("width, height", [(20, 20), (64, 48), (333, 777), (4032, 3024), (1000, 5), (5000, 30)])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_sizing_is_qwen_vl_utils_pixel_for_pixel(width, height, mode):
+    """Our torch-free resize (also what the client mode sends) against qwen-vl-utils' fetch_image itself."""
+    import numpy as np
+    from qwen_vl_utils import fetch_image
+
+    from qwen2vl_cli.errors import InputError
+    from qwen2vl_cli.sources import prepare_image
+
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    for options in (ImageOptions(), ImageOptions(min_pixels=256 * 784), ImageOptions(max_pixels=64 * 784),
+                    ImageOptions(resized_height=100, resized_width=60), ImageOptions(3136, 4 * 3136)):
+        try:
+            expected = fetch_image({"image": image, **{k: v for k, v in vars(options).items() if v is not None}})
+        except ValueError:  # too flat for the bounds: both refuse
+            with pytest.raises(InputError):
+                prepare_image(image, options, "x")
+            continue
+        ours = prepare_image(image, options, "x")
+        assert ours.size == expected.size and np.array_equal(np.asarray(ours), np.asarray(expected)), options
+
+
 @pytest.mark.parametrize("text, expected", [("1280*28*28", 1003520), ("1003520", 1003520), ("256 * 28 * 28", 200704)])
 def test_pixel_products(text, expected):
     from qwen2vl_cli.cli.options import parse_pixels

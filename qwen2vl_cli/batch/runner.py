@@ -220,8 +220,7 @@ def _produce(todo: list[BatchItem], session: ModelSession, config: BatchConfig, 
                                                 pair[1].facts["width"]))
                 for group in _chunks(good, batch_size):
                     requests = [ChatRequest(prompt=item.prompt or config.prompt, system=config.system, media=[media],
-                                            generation=config.generation,
-                                            vision_kwargs=config.images.as_vision_kwargs()) for item, media in group]
+                                            generation=config.generation) for item, media in group]
                     prepared = session.prepare(requests, on_device=True)
                     if not hand_over(("batch", ([item for item, _ in group], requests, prepared))):
                         return

@@ -62,7 +62,7 @@ def describe(
     session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
         prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download)),
-        system=system, vision_ids=vision_ids, vision_kwargs=images.as_vision_kwargs(),
+        system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
 
@@ -122,8 +122,6 @@ def ask(
     media += common.resolve_videos(session, videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
         prompt=question, media=media, system=system, vision_ids=vision_ids,
-        vision_kwargs={**video_options.as_vision_kwargs(), **images.as_vision_kwargs()} if videos
-        else images.as_vision_kwargs(),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
 
@@ -176,7 +174,7 @@ def video(
     spec = common.model_spec(model, device, dtype, attn)
     session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
-        prompt=question, system=system, vision_kwargs=options.as_vision_kwargs(),
+        prompt=question, system=system,
         media=common.resolve_videos(session, [source], options, FetchLimits(timeout, max_download), env, verbose),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))

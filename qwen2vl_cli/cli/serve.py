@@ -15,7 +15,7 @@ import typer
 from ..errors import ServerError, UsageError
 from ..render import Environment
 from ..server.registry import DEFAULT_PORT
-from ..sources import FetchLimits
+from ..sources import FetchLimits, FetchPolicy
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuietOpt,
                       TimeoutOpt, parse_bytes)
@@ -46,6 +46,13 @@ def serve(
     allowed_local_media_path: Annotated[Path | None, typer.Option("--allowed-local-media-path", metavar="DIR", help="Let requests name local files, only below DIR.")] = None,
     max_body_size: Annotated[int, typer.Option("--max-body-size", parser=parse_bytes, metavar="SIZE", help="Largest request body (413 above it).")] = "100MB",
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", metavar="NAME", help="Model name clients use (default: --model).")] = None,
+    allow_fetch: Annotated[bool, typer.Option("--allow-fetch", help="Fetch http(s) image and video URLs that requests name, from public addresses only (loopback, private and link-local ones are refused, redirects included).")] = False,
+    allowed_media_domains: Annotated[str | None, typer.Option("--allowed-media-domains", metavar="HOST,...", help="Fetch URLs on these hosts only (as named, wherever they resolve). Without this or --allow-fetch, no URL is fetched.")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option("--max-prompt-tokens", min=1, metavar="N", help="Refuse prompts longer than this, media included (default: the model's context).")] = None,
+    max_images: Annotated[int, typer.Option("--max-images", min=0, metavar="N", help="Most images in one request.")] = 32,
+    max_videos: Annotated[int, typer.Option("--max-videos", min=0, metavar="N", help="Most videos in one request.")] = 4,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, metavar="N", help="Most requests waiting or running; more get 429 with Retry-After.")] = 64,
+    allowed_hosts: Annotated[str | None, typer.Option("--allowed-hosts", metavar="NAME,...", help="Host headers to answer ('*': any; default: the bind address, loopback names on loopback).")] = None,
     device: DeviceOpt = DEFAULTS["device"],
     dtype: DtypeOpt = DEFAULTS["dtype"],
     attn: AttnOpt = DEFAULTS["attn"],
@@ -68,7 +75,9 @@ def serve(
         spec=common.model_spec(model, device, dtype, attn), host=host, port=port, api_key=api_key,
         keep_alive_s=parse_duration(keep_alive), max_body=max_body_size,
         allowed_local=allowed_local_media_path.resolve() if allowed_local_media_path else None,
-        limits=FetchLimits(timeout, max_download), served_name=served_model_name)
+        limits=FetchLimits(timeout, max_download, FetchPolicy(allow_fetch, _names(allowed_media_domains))),
+        served_name=served_model_name, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
+        max_videos=max_videos, max_queue=max_queue, allowed_hosts=_names(allowed_hosts))
     if background:
         return _start_background(config, env)
 
@@ -76,6 +85,11 @@ def serve(
         env.note(f"serving {config.model_name} on {url} ({session.device}); Ctrl-C stops it")
 
     run_server(config, on_ready=ready, loading=env.status(f"Loading {config.spec.model} ..."))
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    """'a.com, B.org' -> ('a.com', 'b.org')."""
+    return tuple(name.strip().lower().rstrip(".") for name in (text or "").split(",") if name.strip())
 
 
 def _start_background(config, env: Environment) -> None:
@@ -99,7 +113,7 @@ def _start_background(config, env: Environment) -> None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise ServerError("serve --background", f"the server exited ({tail[0]}); log: {log_path}")
             state = read_state(process.pid)
-            if state and health(state["url"], config.api_key):
+            if state and health(state["url"], config.api_key, token=state.get("token"), pid=process.pid):
                 print(state["url"], flush=True)
                 env.note(f"session {process.pid} serves {config.model_name}; `qwen2vl stop` ends it")
                 return
@@ -142,7 +156,7 @@ def stop(
     model: Annotated[str | None, typer.Option("--model", "-m", metavar="ID|DIR", help="Stop only the sessions serving this model.")] = None,
 ) -> None:
     """Stop the running sessions (all of them, or those serving --model)."""
-    from ..server.registry import list_servers, stop_server
+    from ..server.registry import list_servers, remove_state, stop_server
 
     wanted = common.model_spec(model, "auto", "auto", "auto").model if model else None
     servers = [s for s in list_servers() if wanted is None or s["model"] == wanted]
@@ -150,6 +164,11 @@ def stop(
         print("no qwen2vl session is running" + (f" for {model}" if model else ""), file=sys.stderr)
         return
     for info in servers:
+        if info["health"] is None:  # not provably ours (gone, or its pid or port taken by another process)
+            remove_state(int(info["pid"]))
+            print(f"removed the record of {info['pid']} ({info['model']}): it does not answer as that session",
+                  file=sys.stderr)
+            continue
         if not stop_server(info):
             raise ServerError(str(info["pid"]), "did not stop within 30s")
         print(f"stopped {info['pid']} ({info['model']})", file=sys.stderr)

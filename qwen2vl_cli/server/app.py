@@ -1,8 +1,11 @@
 """`qwen2vl serve`: an OpenAI-compatible HTTP API (FastAPI on uvicorn) over one loaded ModelSession.
 
-POST /v1/chat/completions (plain and server-sent events), GET /v1/models, GET /health. Loopback by
-default; any other address needs an API key. Bodies are capped (413); local files are read only below
---allowed-local-media-path; every bad request gets a 4xx with an OpenAI-style error body."""
+POST /v1/chat/completions (plain and server-sent events), GET /v1/models, GET /health. Safe to share:
+loopback by default (any other address needs an API key); JSON bodies only, with a Host the server
+answers to (no cross-site requests, no DNS rebinding); bodies, prompts, media counts and pixels bounded;
+a full queue answers 429 with Retry-After; URLs are fetched only as --allow-fetch or
+--allowed-media-domains allow, and local files only below --allowed-local-media-path; every bad request
+gets a 4xx with an OpenAI-style error body, and a client that goes away stops its generation."""
 
 
 import asyncio
@@ -10,22 +13,26 @@ import hmac
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import Qwen2VLError, UsageError, describe_exception
+from ..errors import ExitStatus, Qwen2VLError, UsageError, describe_exception
 from ..session import Completion, ModelSession, ModelSpec, TextDelta
 from ..sources import FetchLimits
 from . import registry
-from .registry import DEFAULT_PORT
+from .registry import DEFAULT_PORT, PROOF_HEADER, proof
 from .protocol import (MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
                        parse_chat_request, usage_body)
 from .worker import GenerationWorker, Job
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 64
+CHARS_PER_TOKEN_BOUND = 32  # a prompt of more characters than this many per allowed token is refused untokenized
 
 
 @dataclass(frozen=True)
@@ -37,12 +44,28 @@ class ServerConfig:
     keep_alive_s: float | None = 600.0
     max_body: int = DEFAULT_MAX_BODY
     allowed_local: Path | None = None
-    limits: FetchLimits = FetchLimits()
+    limits: FetchLimits = FetchLimits()  # with its fetch policy (FetchPolicy(): no URL is fetched)
     served_name: str | None = None
+    max_prompt_tokens: int | None = None  # None: the model's context
+    max_images: int = 32
+    max_videos: int = 4
+    max_queue: int = DEFAULT_MAX_QUEUE
+    allowed_hosts: tuple[str, ...] = ()  # Host headers answered; () derives them from the bind address
 
     @property
     def model_name(self) -> str:
         return self.served_name or self.spec.model
+
+    def hosts(self) -> set[str] | None:
+        """The Host names requests may carry (None: any): loopback names on loopback, the address bound to,
+        any on a wildcard bind (whose clients need the API key)."""
+        if self.allowed_hosts:
+            return None if "*" in self.allowed_hosts else {h.lower() for h in self.allowed_hosts}
+        if is_loopback(self.host):
+            return {"localhost", "127.0.0.1", "::1"}
+        if self.host in ("0.0.0.0", "::", ""):
+            return None
+        return {self.host.lower()}
 
 
 def is_loopback(host: str) -> bool:
@@ -54,18 +77,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class BodyLimit:
-    """Pure ASGI middleware: a body over `limit` bytes gets 413 before it is read whole."""
+def host_name(header: str) -> str:
+    """'example.com:8901' -> 'example.com'; '[::1]:8901' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class Guard:
+    """Pure ASGI middleware, before any route: the Host header, the API key, a JSON Content-Type on POST,
+    and the body size (413 before it is read whole)."""
+
+    def __init__(self, app, config: ServerConfig) -> None:
+        self.app, self.limit, self.key, self.hosts = app, config.max_body, config.api_key, config.hosts()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared and declared.isdigit() and int(declared) > self.limit:
-            return await _send_json(send, 413, self._error())
+        headers = dict(scope.get("headers") or [])
+        refusal = self._refusal(scope, headers)
+        if refusal:
+            return await _send_json(send, refusal.status, refusal.body())
         seen = 0
 
         async def limited_receive():
@@ -80,49 +113,61 @@ class BodyLimit:
         try:
             return await self.app(scope, limited_receive, send)
         except _TooLarge:
-            return await _send_json(send, 413, self._error())
+            return await _send_json(send, 413, self._too_large().body())
 
-    def _error(self) -> dict:
-        return error_body(f"request body over {self.limit} bytes (--max-body-size)", "invalid_request_error",
-                          "request_too_large")
+    def _refusal(self, scope, headers: dict) -> RequestError | None:
+        if self.hosts is not None and host_name(headers.get(b"host", b"").decode("latin-1")) not in self.hosts:
+            return RequestError("this server does not answer to that Host (serve --allowed-hosts)", status=421,
+                                code="misdirected_request")
+        if self.key and scope["path"] != "/health":  # /health says more only with the key (below)
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
+                return RequestError("missing or wrong API key", status=401, code="invalid_api_key",
+                                    kind="authentication_error")
+        if scope["method"] == "POST":
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json":
+                return RequestError("the request body must be JSON (Content-Type: application/json)", status=415,
+                                    code="unsupported_media_type")
+        declared = headers.get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> RequestError:
+        return RequestError(f"request body over {self.limit} bytes (--max-body-size)", status=413,
+                            code="request_too_large")
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(config: ServerConfig, worker: GenerationWorker):
-    """The FastAPI application (no model work happens on the event loop)."""
+def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
+    """The FastAPI application (no model work happens on the event loop). `token` is this session's secret:
+    /health proves it holds it (an HMAC of the client's challenge) without revealing it."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=config.max_body)
-    policy = MediaPolicy(config.limits, config.allowed_local)
+    app.add_middleware(Guard, config=config)
+    max_prompt = min(config.max_prompt_tokens or worker.session.context or 32768, worker.session.context or 32768)
+    policy = MediaPolicy(config.limits, config.allowed_local, config.max_images, config.max_videos, max_prompt)
     started = time.time()
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if config.api_key:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return JSONResponse(error_body("missing or wrong API key", "authentication_error",
-                                               "invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
@@ -131,44 +176,91 @@ def create_app(config: ServerConfig, worker: GenerationWorker):
 
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):
-        return JSONResponse(error_body(describe_exception(exc)[0], "server_error", "internal_error"), status_code=500)
+        message, status = describe_exception(exc)
+        print(f"qwen2vl serve: {message}", file=sys.stderr, flush=True)  # the server's log has the details
+        if status == ExitStatus.ERROR and "out of memory" not in message:
+            message = "internal error (the server's log says more)"  # no paths or internals to clients
+        return JSONResponse(error_body(message, "server_error", "internal_error"), status_code=500)
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": config.model_name, "device": worker.session.device or config.spec.device,
-                "loaded": worker.session.model is not None, "idle_s": round(worker.idle_s, 1),
-                "queued": worker.queued, "pid": os.getpid(), "started": started}
+    async def health(request: Request):
+        """Liveness and identity (pid, and an HMAC of the client's challenge) for anyone; the facts for
+        holders of the key."""
+        answer: dict = {"status": "ok", "pid": os.getpid()}
+        challenge = request.headers.get(PROOF_HEADER)
+        if challenge and token:
+            answer["proof"] = proof(token, challenge)
+        given = request.headers.get("authorization", "").encode()
+        if config.api_key and not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
+            return answer
+        return {**answer, "model": config.model_name, "device": worker.session.device or config.spec.device,
+                "loaded": worker.session.model is not None, "busy": worker.busy, "running": worker.running,
+                "queued": worker.queued, "idle_s": round(worker.idle_s, 1), "started": started}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(started),
-                                             "owned_by": "qwen2vl"}]}
+                                             "owned_by": "qwen2vl", "max_model_len": worker.session.context}]}
+
+    def admit(body):
+        """Parse, resolve media, and check the prompt's size (on a worker thread: tokenizing takes time)."""
+        parsed = parse_chat_request(body, config.model_name, policy)
+        session = worker.session
+        if parsed.characters > CHARS_PER_TOKEN_BOUND * max_prompt:
+            raise RequestError(f"the prompt is {parsed.characters} characters, far over this server's limit of "
+                               f"{max_prompt} tokens (--max-prompt-tokens)", param="messages")
+        tokens = session.prompt_tokens(parsed.request)
+        if tokens > max_prompt:
+            raise RequestError(f"the prompt is {tokens} tokens, over this server's limit of {max_prompt} "
+                               "(--max-prompt-tokens)", param="messages")
+        try:
+            session.check_context([parsed.request], [tokens])
+        except Qwen2VLError as exc:
+            raise RequestError(exc.reason, param="max_tokens") from None
+        return parsed
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        if worker.queued + worker.running >= config.max_queue:
+            raise RequestError(f"the server is busy ({config.max_queue} requests waiting; --max-queue)", status=429,
+                               code="queue_full", kind="rate_limit_error",
+                               headers={"Retry-After": str(worker.retry_after_s())})
         try:
             body = json.loads(await request.body() or b"null")
         except (ValueError, UnicodeDecodeError):
             raise RequestError("the request body is not valid JSON") from None
         except RecursionError:  # thousands of nested brackets
             raise RequestError("the request body is nested too deeply") from None
-        parsed = await run_in_threadpool(parse_chat_request, body, config.model_name, policy)
+        parsed = await run_in_threadpool(admit, body)
         job = Job(parsed.request, parsed.stream, asyncio.get_running_loop())
         worker.submit(job)
         request_id = new_id()
         if parsed.stream:
             return StreamingResponse(_sse(job, request_id, config.model_name, parsed.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            event = await job.events.get()
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
+        event = await _answer_or_gone(job, request)
         if isinstance(event, BaseException):
             raise _as_request_error(event)
         return completion_body(request_id, config.model_name, event)
 
     return app
+
+
+async def _answer_or_gone(job: Job, request, poll_s: float = 0.25):
+    """The job's one event; if the client disconnects first, the job is cancelled (its generation stops)."""
+    waiting = asyncio.ensure_future(job.events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=poll_s)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                job.cancelled.set()
+                raise asyncio.CancelledError()
+    except BaseException:
+        job.cancelled.set()
+        waiting.cancel()
+        raise
 
 
 def _as_request_error(exc: BaseException) -> Exception:
@@ -224,11 +316,12 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
         session = ModelSession(config.spec).load()
     worker = GenerationWorker(session, config.keep_alive_s)
     worker.start()
+    token = secrets.token_hex(16)
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else shown_host}:{port}"
-    server = uvicorn.Server(uvicorn.Config(create_app(config, worker), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5))
-    registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port,
+    server = uvicorn.Server(uvicorn.Config(create_app(config, worker, token), log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
                           "model": config.model_name, "device": session.device, "started": time.time()})
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
     # process would die there, before the cleanup below; as SystemExit(0) it unwinds through it: a clean stop

@@ -11,21 +11,30 @@ from pathlib import Path
 
 from ..errors import Qwen2VLError
 from ..session import ChatRequest, Completion, GenerationOptions, Media
-from ..sources import FetchLimits, ImageOptions, display_name
+from ..sources import IMAGE_MAX_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, display_name
 
 MAX_TOKENS_LIMIT = 32768
+MAX_STOP_STRINGS = 16
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
+MAX_FRAMES = 768  # qwen-vl-utils' FPS_MAX_FRAMES
+MAX_FPS = 60.0
+# Every field of a chat-completions body this server reads; any other is refused (400), not ignored.
+FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+          "stream", "stream_options", "seed", "stop", "frequency_penalty", "presence_penalty", "repetition_penalty",
+          "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+          "functions", "function_call", "logit_bias", "user", "metadata", "store", "service_tier",
+          "mm_processor_kwargs", "chat_template_kwargs", "add_vision_id"}
 
 
 class RequestError(Exception):
     """A request the server refuses: HTTP status plus an OpenAI-style error body."""
 
     def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.param, self.kind = status, code, param, kind
+        self.status, self.code, self.param, self.kind, self.headers = status, code, param, kind, headers
 
     def body(self) -> dict:
         return error_body(str(self), self.kind, self.code, self.param)
@@ -37,10 +46,13 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    """What a request may make the server read."""
+    """What a request may make the server read, and how much of it."""
 
-    limits: FetchLimits
+    limits: FetchLimits  # its policy says which URLs are fetched
     allowed_local: Path | None = None  # --allowed-local-media-path; None: no local files at all
+    max_images: int = 32  # --max-images, per request
+    max_videos: int = 4  # --max-videos, per request
+    max_prompt_tokens: int = MAX_TOKENS_LIMIT  # --max-prompt-tokens: bounds the pixel settings too
 
 
 @dataclass
@@ -48,6 +60,7 @@ class ParsedRequest:
     request: ChatRequest
     stream: bool
     include_usage: bool
+    characters: int = 0  # of the conversation's text, for a bound before tokenizing
 
 
 def _number(body: dict, key: str, kind, low=None, high=None, where: str = ""):
@@ -62,13 +75,46 @@ def _number(body: dict, key: str, kind, low=None, high=None, where: str = ""):
     return value
 
 
+def refuse_unsupported(body: dict) -> None:
+    """Fields that would change the answer and that this server cannot honour: a 400 each, never ignored."""
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise RequestError(f"unsupported parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+                           param=unknown[0])
+    refusals = (
+        ("logprobs", bool(body.get("logprobs")) or bool(body.get("top_logprobs")), "logprobs are not supported"),
+        ("top_logprobs", bool(body.get("top_logprobs")), "logprobs are not supported"),
+        ("response_format", body.get("response_format") not in (None, {"type": "text"}),
+         "only response_format {\"type\": \"text\"} is supported (no structured output yet)"),
+        ("tools", bool(body.get("tools")) or bool(body.get("functions")), "tools and function calling are not supported"),
+        ("tool_choice", body.get("tool_choice") not in (None, "none") or body.get("function_call") not in (None, "none"),
+         "tools and function calling are not supported"),
+        ("logit_bias", bool(body.get("logit_bias")), "logit_bias is not supported"),
+        ("n", body.get("n", 1) not in (1, None), "only n=1 is supported"),
+    )
+    for param, refused, message in refusals:
+        if refused:
+            raise RequestError(message, param=param)
+
+
+def stop_strings(value) -> tuple[str, ...]:
+    """`stop`: a string or a list of non-empty strings."""
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(item, str) and item for item in stops)):
+        raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                           param="stop")
+    return tuple(stops)
+
+
 def generation_from(body: dict) -> GenerationOptions:
     """Sampling fields; with no temperature the answer is greedy, as on the command line."""
+    refuse_unsupported(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, 1, MAX_TOKENS_LIMIT)
-    if body.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
     return GenerationOptions(
         max_new_tokens=max_tokens or GenerationOptions.max_new_tokens,
         temperature=_number(body, "temperature", float, 0.0, 2.0),
@@ -76,11 +122,15 @@ def generation_from(body: dict) -> GenerationOptions:
         top_k=_number(body, "top_k", int, -1, 1_000_000) if body.get("top_k") not in (None, -1, 0) else None,
         repetition_penalty=_number(body, "repetition_penalty", float, 0.0, 10.0),
         seed=_number(body, "seed", int),
+        stop=stop_strings(body.get("stop")),
+        frequency_penalty=_number(body, "frequency_penalty", float, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", float, -2.0, 2.0),
     )
 
 
-def media_options(kwargs: dict):
-    """mm_processor_kwargs -> (ImageOptions, VideoOptions), checked."""
+def media_options(kwargs: dict, policy: MediaPolicy):
+    """mm_processor_kwargs -> (ImageOptions, VideoOptions), checked: within the model's own limits (an
+    image at most 16384 tokens, at most 768 frames) and this server's prompt limit."""
     from ..video import VideoOptions
 
     if not isinstance(kwargs, dict):
@@ -89,8 +139,15 @@ def media_options(kwargs: dict):
     if unknown:
         raise RequestError(f"mm_processor_kwargs: unknown {', '.join(sorted(unknown))}", param="mm_processor_kwargs")
     where = "mm_processor_kwargs."
+    pixels = min(IMAGE_MAX_PIXELS, policy.max_prompt_tokens * PATCH_FACTOR ** 2)
+    high = {"fps": MAX_FPS, "nframes": MAX_FRAMES, "min_frames": MAX_FRAMES, "max_frames": MAX_FRAMES,
+            "min_pixels": pixels, "max_pixels": IMAGE_MAX_PIXELS, "resized_height": 32768, "resized_width": 32768,
+            "total_pixels": 2 * policy.max_prompt_tokens * PATCH_FACTOR ** 2, "video_start": None, "video_end": None}
     values = {key: _number(kwargs, key, float if key in ("fps", "video_start", "video_end") else int, 0,
-                           None, where) for key in VIDEO_KEYS}
+                           high[key], where) for key in VIDEO_KEYS}
+    if (values["resized_height"] or 0) * (values["resized_width"] or 0) > pixels:
+        raise RequestError(f"{where}resized_height x resized_width must be at most {pixels} pixels",
+                           param="mm_processor_kwargs")
     images = ImageOptions(values["min_pixels"], values["max_pixels"], values["resized_height"], values["resized_width"])
     try:
         videos = VideoOptions(fps=values["fps"], nframes=values["nframes"], min_frames=values["min_frames"],
@@ -124,21 +181,27 @@ def check_local(url: str, policy: MediaPolicy) -> str:
 
 
 def resolve_part_media(kind: str, url: str, images: ImageOptions, videos, policy: MediaPolicy) -> Media:
-    """One image_url / video_url part -> Media, through the command line's resolvers."""
-    from ..sources import resolve_image
+    """One image_url / video_url part -> Media, through the command line's resolvers. Errors name the
+    media as the client did, never by the server's own paths."""
+    from ..sources import FetchRefused, resolve_image
     from ..video import resolve_video
 
     if not isinstance(url, str) or not url:
         raise RequestError(f"{kind}_url.url must be a non-empty string", param=f"{kind}_url")
     source = url if url.startswith(("http://", "https://", "data:")) else check_local(url, policy)
+    name = display_name(url)
     try:
         if kind == "image":
             image = resolve_image(source, images, policy.limits)
-            return Media("image", display_name(url), image, facts={"width": image.size[0], "height": image.size[1]})
+            width, height = image.size
+            return Media("image", name, image, facts={"width": width, "height": height,
+                                                      "tokens": width * height // PATCH_FACTOR ** 2})
         video = resolve_video(source, videos, policy.limits)
-        return Media("video", display_name(url), video.frames, metadata=video.metadata, facts=video.facts)
+        return Media("video", name, video.frames, metadata=video.metadata, facts=video.facts)
+    except FetchRefused as exc:
+        raise RequestError(str(exc), status=403, code="fetch_forbidden") from None
     except Qwen2VLError as exc:
-        raise RequestError(str(exc), code="invalid_media") from None
+        raise RequestError(f"{name}: {exc.reason}", code="invalid_media") from None
 
 
 def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRequest:
@@ -152,7 +215,10 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
-    images, videos = media_options(body.get("mm_processor_kwargs") or {})
+    generation = generation_from(body)
+    vision_ids = vision_ids_from(body)
+    count_media(messages, policy)  # before a byte of any of them is fetched or decoded
+    images, videos = media_options(body.get("mm_processor_kwargs") or {}, policy)
     conversation, media, prompt = [], [], ""
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -190,9 +256,34 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
             conversation.append({"role": role, "content": parts})
     stream = bool(body.get("stream", False))
     options = body.get("stream_options") or {}
-    request = ChatRequest(prompt=prompt, media=media, generation=generation_from(body),
-                          vision_ids=bool(body.get("add_vision_id", False)), conversation=conversation)
-    return ParsedRequest(request, stream, bool(isinstance(options, dict) and options.get("include_usage")))
+    request = ChatRequest(prompt=prompt, media=media, generation=generation, vision_ids=vision_ids,
+                          conversation=conversation)
+    characters = sum(len(m["content"]) if isinstance(m["content"], str)
+                     else sum(len(p.get("text", "")) for p in m["content"] if p.get("type") == "text")
+                     for m in conversation)
+    return ParsedRequest(request, stream, bool(isinstance(options, dict) and options.get("include_usage")),
+                         characters)
+
+
+def vision_ids_from(body: dict) -> bool:
+    """"Picture 1:" labels: chat_template_kwargs {"add_vision_id": true} (vLLM's form), or a top-level
+    add_vision_id (older qwen2vl clients). Other template arguments are refused."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or set(kwargs) - {"add_vision_id"}:
+        raise RequestError("chat_template_kwargs: only add_vision_id is supported", param="chat_template_kwargs")
+    return bool(kwargs.get("add_vision_id", body.get("add_vision_id", False)))
+
+
+def count_media(messages: list, policy: MediaPolicy) -> None:
+    """At most --max-images images and --max-videos videos in one request."""
+    parts = [part for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+             for part in message["content"] if isinstance(part, dict)]
+    for kind, limit, flag in (("image_url", policy.max_images, "--max-images"),
+                              ("video_url", policy.max_videos, "--max-videos")):
+        count = sum(part.get("type") == kind for part in parts)
+        if count > limit:
+            raise RequestError(f"{count} {kind[:5]}s in one request, over this server's limit of {limit} ({flag})",
+                               param="messages")
 
 
 def new_id() -> str:

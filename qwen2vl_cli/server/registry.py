@@ -1,17 +1,28 @@
 """Running sessions, found through state files in the user's runtime directory and checked with /health.
 
-Light on purpose: commands in client mode use this without importing torch."""
+Each session records a secret token in its state file (readable by its user only); /health answers a
+client's random challenge with an HMAC of it, so a client knows the process on a recorded port is the
+session it recorded, not whatever took the port since. Light on purpose: commands in client mode use
+this without importing torch."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
 
 HEALTH_TIMEOUT_S = 1.0
 DEFAULT_PORT = 8901
+PROOF_HEADER = "X-Qwen2VL-Challenge"
+
+
+def proof(token: str, challenge: str) -> str:
+    return hmac.new(token.encode(), challenge.encode(), hashlib.sha256).hexdigest()
 
 
 def state_dir() -> Path:
@@ -28,7 +39,8 @@ def write_state(info: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{info['pid']}.json"
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(info))
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        handle.write(json.dumps(info))
     os.replace(temporary, path)
     return path
 
@@ -63,16 +75,27 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> dict | None:
-    """The server's /health answer, or None when it does not answer as a qwen2vl server."""
+def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT_S, token: str | None = None,
+           pid: int | None = None) -> dict | None:
+    """The server's /health answer, or None when it does not answer as a qwen2vl server; with `token`
+    (and `pid`), None too unless it proves it is the session that recorded them."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    challenge = secrets.token_hex(16)
+    if token:
+        headers[PROOF_HEADER] = challenge
     try:
         response = httpx.get(url.rstrip("/") + "/health", timeout=timeout, headers=headers)
-        return response.json() if response.status_code == 200 else None
+        answer = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
+    if not isinstance(answer, dict):
+        return None
+    if token and not (hmac.compare_digest(str(answer.get("proof", "")), proof(token, challenge))
+                      and (pid is None or answer.get("pid") == pid)):
+        return None
+    return answer
 
 
 def list_servers(api_key: str | None = None) -> list[dict]:
@@ -87,7 +110,7 @@ def list_servers(api_key: str | None = None) -> list[dict]:
         if not _alive(int(info.get("pid", 0))):
             path.unlink(missing_ok=True)
             continue
-        info["health"] = health(info["url"], api_key)
+        info["health"] = health(info["url"], api_key, token=info.get("token") or "-", pid=int(info["pid"]))
         servers.append(info)
     return servers
 
