@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .errors import ServerError
+from .server.protocol import SIZED_HEADER
 from .session import ChatRequest, Completion, Media, TextDelta
 from .sources import PATCH_FACTOR, FetchLimits, ImageOptions, decode_image, display_name, prepare_image, read_source
 
@@ -23,6 +24,8 @@ RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
 DEFAULT_CONCURRENCY = 4
 VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
+IMAGE_TOKENS = (4, 16384)  # Qwen2-VL's processors size images, and video frames, within these by default
+VIDEO_TOKENS = (128, 768)
 
 
 def png_data_uri(image) -> str:
@@ -54,8 +57,12 @@ class RemoteSession:
         name = display_name(source)
         image = prepare_image(decode_image(read_source(source, limits), name), options, name)
         width, height = image.size
-        return Media("image", name, png_data_uri(image),
-                     facts={"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2})
+        tokens = width * height // PATCH_FACTOR ** 2
+        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or self.load().model == "qwen2vl" else [
+            f"{name}: {tokens} tokens; this server's processor resizes images to {IMAGE_TOKENS[0]}-{IMAGE_TOKENS[1]} "
+            "tokens (its defaults), so the answer will differ from an in-process one"]
+        return Media("image", name, png_data_uri(image), facts={"width": width, "height": height, "tokens": tokens},
+                     notes=notes)
 
     def video_media(self, source: str, options, limits: FetchLimits) -> Media:
         """Sample and size the video here (as in-process); send the frames the model sees."""
@@ -63,11 +70,16 @@ class RemoteSession:
 
         video = resolve_video(source, options, limits)
         notes = list(video.notes)
-        frames = int(video.facts["frames"])
-        if frames > VLLM_FRAME_LIST_DEFAULT and self.load().model != "qwen2vl":
-            notes.append(f"{video.source}: sending {frames} frames; a vLLM server reads only the first "
-                         f"{VLLM_FRAME_LIST_DEFAULT} unless started with --media-io-kwargs "
-                         "'{\"video\": {\"num_frames\": -1}}' (or use --max-frames 32)")
+        frames, tokens = int(video.facts["frames"]), video.facts["width"] * video.facts["height"] // PATCH_FACTOR ** 2
+        if self.load().model != "qwen2vl":  # what other servers' processors do not take as sent
+            if frames > VLLM_FRAME_LIST_DEFAULT:
+                notes.append(f"{video.source}: sending {frames} frames; a vLLM server reads only the first "
+                             f"{VLLM_FRAME_LIST_DEFAULT} unless started with --media-io-kwargs "
+                             "'{\"video\": {\"num_frames\": -1}}' (or use --max-frames 32)")
+            if not VIDEO_TOKENS[0] <= tokens <= VIDEO_TOKENS[1]:
+                notes.append(f"{video.source}: frames of {tokens} tokens; this server's processor resizes them to "
+                             f"{VIDEO_TOKENS[0]}-{VIDEO_TOKENS[1]} tokens (its defaults), so the answer will "
+                             "differ from an in-process one")
         return Media("video", video.source, frame_list_uri(video.frames), facts=video.facts, notes=notes)
 
     # ---- generation ----------------------------------------------------------------------------
@@ -112,7 +124,8 @@ class RemoteSession:
         return body
 
     def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        """The key, and (read by qwen2vl servers, ignored by others) that every medium is sized already."""
+        return {SIZED_HEADER: "1", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
 
     def _raise_for(self, response) -> None:
         """A refusal is exit 6 with the server's own message."""

@@ -387,12 +387,28 @@ def prepare_image(image, options: ImageOptions, name: str):
         size = fit_size(*image.size, options)
     except ValueError as exc:
         raise InputError(name, _first_line(exc)) from None
-    if image.mode == "RGBA":
-        rgb = Image.new("RGB", image.size, (255, 255, 255))
-        rgb.paste(image, mask=image.split()[3])
-    else:
-        rgb = image.convert("RGB")
-    return rgb.resize(size, Image.Resampling.BICUBIC)
+    return to_rgb(image).resize(size, Image.Resampling.BICUBIC)
+
+
+def to_rgb(image):
+    """RGB, an alpha channel composited onto white (qwen-vl-utils' to_rgb)."""
+    from PIL import Image
+
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    rgb = Image.new("RGB", image.size, (255, 255, 255))
+    rgb.paste(image, mask=image.split()[3])
+    return rgb
+
+
+def image_as_sent(data: bytes, name: str):
+    """An image a client has sized already (on the 28-pixel grid, 4 to 16384 tokens), taken as it is;
+    None when it is not, to be sized as usual."""
+    image = decode_image(data, name)
+    width, height = image.size
+    if width % PATCH_FACTOR or height % PATCH_FACTOR or width * height > IMAGE_MAX_PIXELS:
+        return None
+    return to_rgb(image)
 
 
 def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),

@@ -131,6 +131,25 @@ def decode_frame_list(uri: str) -> list:
             for i, part in enumerate(parts)]
 
 
+def frames_as_sent(source: str) -> VideoFrames | None:
+    """A frame-list data URI whose frames a client has sized already (one size, on the 28-pixel grid,
+    within a frame's 16384 tokens), taken as they are; None when they are not, to be sized as usual."""
+    import numpy as np
+    import torch
+
+    from .sources import IMAGE_MAX_PIXELS
+
+    images = decode_frame_list(source)
+    width, height = images[0].size
+    if (any(image.size != (width, height) for image in images) or width % PATCH_FACTOR or height % PATCH_FACTOR
+            or width * height > IMAGE_MAX_PIXELS):
+        return None
+    frames = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+    metadata = {"frames_indices": list(range(len(images))), "total_num_frames": len(images), "fps": DEFAULT_FPS}
+    return _result(frames.float(), metadata, DEFAULT_FPS, "frames", display_name(source),
+                   Probe(DEFAULT_FPS, len(images), width, height), [])
+
+
 def natural_key(path: Path) -> list:
     """frame2 before frame10."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]

@@ -378,3 +378,65 @@ def test_sigint_removes_the_state_file(tiny_model, tmp_path):
     process.send_signal(signal.SIGINT)
     process.wait(timeout=30)
     assert not list(tmp_path.glob("*.json"))
+
+
+# ---- the client sends media at their final size ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from .test_video import make_video
+
+    return make_video(tmp_path_factory.mktemp("clip") / "clip.mp4", frames=30, fps=10, width=112, height=84)
+
+
+@pytest.mark.parametrize("args", [
+    ("describe", "{a}", "-n", "8", "--max-pixels", "4*28*28"),
+    ("describe", "{b}", "-n", "8", "--resized-height", "56", "--resized-width", "112"),
+    ("describe", "{a}", "{b}", "-n", "8", "--vision-ids", "-p", "Compare."),
+    ("video", "{clip}", "-q", "What happens?", "-n", "8"),
+    ("video", "{clip}", "-q", "What happens?", "-n", "8", "--nframes", "4", "--resized-height", "56",
+     "--resized-width", "84"),
+    ("video", "{frames}", "-q", "What happens?", "-n", "8"),
+    ("ask", "{a}", "--video", "{clip}", "-q", "Compare.", "-n", "8", "--min-pixels", "16*28*28"),
+], ids=["max-pixels", "resized", "vision-ids", "video", "video-resized", "frame-dir", "image+video"])
+def test_client_answers_equal_in_process(guarded, tiny_model, images, clip, tmp_path_factory, cli, args):
+    """Media are sized in the client by the in-process code and sent as they are: every option holds
+    through a server, with no mm_processor_kwargs (frame directories included, once in-process only)."""
+    frames = tmp_path_factory.mktemp("frames")
+    for i in range(1, 5):
+        from .conftest import noise_image
+
+        noise_image(84, 56, 60 + i).save(frames / f"f{i}.png")
+    args = [a.format(a=images["a"], b=images["b"], clip=clip, frames=frames) for a in args]
+    expected = in_process(cli, *args)
+    remote = run_process(*args, "--server", guarded["url"], env={"QWEN2VL_MODEL": str(tiny_model)})
+    assert remote.returncode == 0, remote.stderr.decode()
+    assert remote.stdout.decode()[:-1] == expected
+    assert b"note" not in remote.stderr  # a qwen2vl server takes every size as sent
+
+
+def test_the_client_sends_no_processor_kwargs(tiny_model, images):
+    from qwen2vl_cli.client import RemoteSession
+    from qwen2vl_cli.session import ChatRequest, GenerationOptions
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions
+
+    session = RemoteSession("http://127.0.0.1:9", str(tiny_model))
+    session.model = "openai"
+    media = session.image_media(str(images["a"]), ImageOptions(resized_height=56, resized_width=56), FetchLimits())
+    body = session.body(ChatRequest("Hi", [media], vision_ids=True,
+                                    generation=GenerationOptions(8, stop=("x",), frequency_penalty=0.5)), False)
+    assert "mm_processor_kwargs" not in body and "add_vision_id" not in body
+    assert body["chat_template_kwargs"] == {"add_vision_id": True}
+    assert body["stop"] == ["x"] and body["frequency_penalty"] == 0.5
+    from PIL import Image
+    import io
+
+    sent = Image.open(io.BytesIO(base64.b64decode(media.data.split(",", 1)[1])))
+    assert sent.format == "PNG" and sent.size == (56, 56)
+
+
+def test_a_servers_refusal_is_exit_6_with_its_message(guarded, tiny_model, images):
+    refused = run_process("describe", images["a"], images["a"], images["a"], "--server", guarded["url"],
+                          env={"QWEN2VL_MODEL": str(tiny_model)})
+    assert refused.returncode == 6
+    assert refused.stderr.decode().strip().endswith("3 images in one request, over this server's limit of 2 (--max-images)")

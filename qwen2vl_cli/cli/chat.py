@@ -61,7 +61,7 @@ def describe(
     spec = common.model_spec(model, device, dtype, attn)
     session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
-        prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download)),
+        prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download), env),
         system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
@@ -118,7 +118,7 @@ def ask(
                                  total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn)
     session = common.backend(spec, server, no_server, api_key)
-    media = common.resolve_images(session, sources or [], images, limits)
+    media = common.resolve_images(session, sources or [], images, limits, env)
     media += common.resolve_videos(session, videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
         prompt=question, media=media, system=system, vision_ids=vision_ids,

@@ -70,11 +70,15 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
     return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
-def resolve_images(session, sources: list[str], options: ImageOptions, limits: FetchLimits) -> list[Media]:
-    """Every image source -> Media, in order; the first bad one raises InputError."""
+def resolve_images(session, sources: list[str], options: ImageOptions, limits: FetchLimits,
+                   env: Environment) -> list[Media]:
+    """Every image source -> Media, in order; the first bad one raises InputError. Notes go to stderr."""
     if sources.count("-") > 1:
         raise UsageError("-", "stdin can be read only once")
-    return [session.image_media(source, options, limits) for source in sources]
+    media = [session.image_media(source, options, limits) for source in sources]
+    for note in (note for item in media for note in item.notes):
+        env.note(note)
+    return media
 
 
 def resolve_videos(session, sources: list[str], options: VideoOptions, limits: FetchLimits, env: Environment,

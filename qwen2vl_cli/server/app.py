@@ -9,6 +9,7 @@ gets a 4xx with an OpenAI-style error body, and a client that goes away stops it
 
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -26,7 +27,7 @@ from ..session import Completion, ModelSession, ModelSpec, TextDelta
 from ..sources import FetchLimits
 from . import registry
 from .registry import DEFAULT_PORT, PROOF_HEADER, proof
-from .protocol import (MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
+from .protocol import (SIZED_HEADER, MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
                        parse_chat_request, usage_body)
 from .worker import GenerationWorker, Job
 
@@ -202,9 +203,9 @@ def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(started),
                                              "owned_by": "qwen2vl", "max_model_len": worker.session.context}]}
 
-    def admit(body):
+    def admit(body, as_sent: bool):
         """Parse, resolve media, and check the prompt's size (on a worker thread: tokenizing takes time)."""
-        parsed = parse_chat_request(body, config.model_name, policy)
+        parsed = parse_chat_request(body, config.model_name, dataclasses.replace(policy, as_sent=as_sent))
         session = worker.session
         if parsed.characters > CHARS_PER_TOKEN_BOUND * max_prompt:
             raise RequestError(f"the prompt is {parsed.characters} characters, far over this server's limit of "
@@ -231,7 +232,7 @@ def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
             raise RequestError("the request body is not valid JSON") from None
         except RecursionError:  # thousands of nested brackets
             raise RequestError("the request body is nested too deeply") from None
-        parsed = await run_in_threadpool(admit, body)
+        parsed = await run_in_threadpool(admit, body, request.headers.get(SIZED_HEADER) == "1")
         job = Job(parsed.request, parsed.stream, asyncio.get_running_loop())
         worker.submit(job)
         request_id = new_id()

@@ -19,6 +19,7 @@ IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
 MAX_FRAMES = 768  # qwen-vl-utils' FPS_MAX_FRAMES
+SIZED_HEADER = "X-Qwen2VL-Sized-Media"  # "1": qwen2vl's client sized every image and frame already
 MAX_FPS = 60.0
 # Every field of a chat-completions body this server reads; any other is refused (400), not ignored.
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
@@ -53,6 +54,7 @@ class MediaPolicy:
     max_images: int = 32  # --max-images, per request
     max_videos: int = 4  # --max-videos, per request
     max_prompt_tokens: int = MAX_TOKENS_LIMIT  # --max-prompt-tokens: bounds the pixel settings too
+    as_sent: bool = False  # the client sized its media already (SIZED_HEADER): take those on the grid as they are
 
 
 @dataclass
@@ -183,8 +185,8 @@ def check_local(url: str, policy: MediaPolicy) -> str:
 def resolve_part_media(kind: str, url: str, images: ImageOptions, videos, policy: MediaPolicy) -> Media:
     """One image_url / video_url part -> Media, through the command line's resolvers. Errors name the
     media as the client did, never by the server's own paths."""
-    from ..sources import FetchRefused, resolve_image
-    from ..video import resolve_video
+    from ..sources import FetchRefused, image_as_sent, read_source, resolve_image
+    from ..video import frames_as_sent, is_frame_list_uri, resolve_video
 
     if not isinstance(url, str) or not url:
         raise RequestError(f"{kind}_url.url must be a non-empty string", param=f"{kind}_url")
@@ -192,11 +194,14 @@ def resolve_part_media(kind: str, url: str, images: ImageOptions, videos, policy
     name = display_name(url)
     try:
         if kind == "image":
-            image = resolve_image(source, images, policy.limits)
+            sent = image_as_sent(read_source(source, policy.limits), name) if policy.as_sent and source.startswith(
+                "data:") else None
+            image = sent or resolve_image(source, images, policy.limits)
             width, height = image.size
             return Media("image", name, image, facts={"width": width, "height": height,
                                                       "tokens": width * height // PATCH_FACTOR ** 2})
-        video = resolve_video(source, videos, policy.limits)
+        sent = frames_as_sent(source) if policy.as_sent and is_frame_list_uri(source) else None
+        video = sent or resolve_video(source, videos, policy.limits)
         return Media("video", name, video.frames, metadata=video.metadata, facts=video.facts)
     except FetchRefused as exc:
         raise RequestError(str(exc), status=403, code="fetch_forbidden") from None
