@@ -28,7 +28,7 @@ EXIT_STATUS_MEANINGS = {
     ExitStatus.INPUT: "an input could not be read or decoded (missing, empty, corrupt, unreachable, too large)",
     ExitStatus.MODEL: "the model could not be loaded (no such directory, not cached while offline, no GPU)",
     ExitStatus.PARTIAL: "batch: the run finished but some items failed (each has a record with its error)",
-    ExitStatus.SERVER: "a server (--server, or a running session) could not be reached or failed to answer",
+    ExitStatus.SERVER: "a server (--server, or a running session) could not be reached, failed to answer, or refused",
     ExitStatus.OUTPUT: "the output could not be written (stdout closed or full, disk full, -o not writable)",
     ExitStatus.INTERRUPTED: "interrupted (Ctrl-C)",
 }
