@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import httpx
 import pytest
@@ -39,8 +40,10 @@ def test_commands_through_the_server(served, media):
     mixed = json.loads(_client(served, "ask", media["photo"], "--video", media["clip"], "-q", "Same place?",
                                "--vision-ids", "-n", "24", "--json"))
     assert mixed["text"]
-    frames = run_process("video", media["frames"], "-n", "16", "--server", served["url"], "--model", served["model"])
-    assert frames.returncode == 3 and b"in-process only (add --no-server)" in frames.stderr  # as documented
+    for args in (("video", media["frames"], "-n", "16"), ("describe", media["photo"], "-n", "16", "--max-pixels",
+                                                           "64*28*28")):  # sized in the client, sent as they are
+        local = run_process(*map(str, args), "--no-server", "--model", served["model"], timeout=300)
+        assert local.returncode == 0 and _client(served, *args) == local.stdout.decode(), args
     assert _client(served, "video", media["clip"], "--start", "1", "--end", "3", "-n", "16").strip()
     twice = [_client(served, "describe", media["wide"], "-n", "32") for _ in range(3)]  # graphs captured, replayed
     assert twice[0] == twice[1] == twice[2]
@@ -90,3 +93,33 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, media):
     response = httpx.post(served["url"] + "/v1/chat/completions", json=bad, timeout=60)
     assert 400 <= response.status_code < 500, response.text
     assert _client(served, "ask", "-q", "Still there?", "-n", "8").strip()
+
+
+def test_stop_strings_penalties_and_disconnects(served, media):
+    """Stop strings end the fast path's answer (plain and streamed), penalties take the stock path, and a
+    non-streamed request whose client has gone stops generating."""
+    def ask(**fields):
+        body = {"max_tokens": 48, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_uri(media["photo"])}},
+            {"type": "text", "text": "Describe this image."}]}], **fields}
+        response = httpx.post(served["url"] + "/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    full = ask()["message"]["content"]
+    assert len(full) > 8
+    stop_at = full[len(full) // 2:len(full) // 2 + 3]
+    cut = ask(stop=[stop_at])
+    assert cut["message"]["content"] == full[:full.index(stop_at)] and cut["finish_reason"] == "stop"
+    assert ask(frequency_penalty=1.0, presence_penalty=0.5)["message"]["content"]
+    try:
+        httpx.post(served["url"] + "/v1/chat/completions", timeout=1, json={
+            "max_tokens": 20000, "messages": [{"role": "user", "content": "Tell me a very long story."}]})
+    except httpx.ReadTimeout:
+        pass  # hung up while it generated (a random model may also end early: nothing to check then)
+    for _ in range(100):
+        if not httpx.get(served["url"] + "/health", timeout=5).json()["busy"]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("still generating for a client that has gone")
