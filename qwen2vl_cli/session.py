@@ -40,6 +40,7 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    quantize: str | None = None  # "4bit" or "8bit": quantize on load with bitsandbytes
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class ModelSession:
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self.fast = None  # FastDecoder, built on first greedy use where enabled; False: its contract check failed
+        self.quantization: str | None = None  # "GPTQ-Int4", ...: what the loaded weights are
         self._prepare_stream = None  # CUDA stream for GPU-side preprocessing
         self._streams = None  # one long-lived thread generates streamed answers: per-thread GPU caches stay warm
 
@@ -195,26 +197,43 @@ class ModelSession:
             raise ModelLoadError(self.spec.model, not_cached_message(self.spec.model))
         import torch
         import transformers
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+
+        from . import quant
 
         transformers.utils.logging.set_verbosity_error()  # the spinner and our errors say what matters
         transformers.utils.logging.disable_progress_bar()
         device = resolve_device(self.spec.device)
-        dtype = resolve_dtype(self.spec.dtype, device)
+        local = {"local_files_only": True} if folder else {}  # from the cache when it holds the model
+        try:
+            config = AutoConfig.from_pretrained(self.spec.model, **local)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(self.spec.model, explain_load_failure(self.spec.model, exc)) from exc
+        quantization = quant.quantization_of(config)
+        extra = quant.load_kwargs(self.spec.model, config, self.spec.quantize, device)
+        # quantized kernels run in half precision on CUDA (float16, the checkpoints' own), float32 elsewhere
+        dtype = resolve_dtype("float16" if extra and self.spec.dtype == "auto" and device.startswith("cuda")
+                              else self.spec.dtype, device)
         attn = resolve_attn(self.spec.attn, device, dtype)
 
         def load_both(**kw):
             processor = AutoProcessor.from_pretrained(self.spec.model, **kw)
-            model = Qwen2VLForConditionalGeneration.from_pretrained(
-                self.spec.model, dtype=getattr(torch, dtype), attn_implementation=attn, device_map=device, **kw)
+            model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+                self.spec.model, dtype=getattr(torch, dtype), attn_implementation=attn, device_map=device,
+                output_loading_info=True, **extra, **kw)
+            if extra:
+                quant.check_loading_info(self.spec.model, info)
+                quant.eager(model)
             return processor, model
 
-        try:  # from the cache when it holds the model: no network round-trip
-            self.processor, self.model = load_both(local_files_only=True) if folder else load_both()
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        try:
+            with quant.quiet_loading(bool(extra)):
+                self.processor, self.model = load_both(**local)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, NotImplementedError) as exc:
             if type(exc).__name__ == "OutOfMemoryError":
                 raise
             raise ModelLoadError(self.spec.model, explain_load_failure(self.spec.model, exc)) from exc
+        self.quantization = quant.describe(quantization, self.spec.quantize)
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
         # answers are decoded with a copy: decoding never waits for a batch being tokenized on another thread
@@ -356,10 +375,21 @@ class ModelSession:
     # ---- generation ----------------------------------------------------------------------------
     def fast_path_enabled(self, options: GenerationOptions) -> bool:
         """The static-cache decoder serves greedy decoding: by default on CUDA, QWEN2VL_FASTPATH=on|off forces it;
-        never where its contract check with this transformers failed (the stock code answers then)."""
+        never for quantized weights (its fused projections read float weights) nor where its contract check
+        with this transformers failed (the stock code answers then)."""
         setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
         wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
-        return wanted and not options.sampling and not options.penalized and self._fast_decoder() is not None
+        return (wanted and not options.sampling and not options.penalized and not self.quantization
+                and self._fast_decoder() is not None)
+
+    def describe_weights(self) -> str:
+        """One --verbose line: what was loaded and which path answers."""
+        weights = self.quantization or str(self.model.dtype).removeprefix("torch.")
+        if self.quantization:
+            path = "fast path off (quantized layers: transformers' generate)"
+        else:
+            path = "fast path " + ("on" if (self.device or "").startswith("cuda") else "off (CPU)")
+        return f"{self.spec.model}: {weights} weights on {self.device}; {path}"
 
     def _fast_decoder(self):
         """The FastDecoder, built on first use and checked against the stock model on probe prompts; None
