@@ -176,6 +176,83 @@ def build_checkpoint(path: str | Path, size: str = "tiny", *, std: float = 0.5, 
     return path
 
 
+QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the order AWQ's GEMM layout packs 8 four-bit values into an int32
+
+
+def quantize_checkpoint(source: str | Path, target: str | Path, twin: str | Path, method: str = "gptq",
+                        bits: int = 4, group_size: int = 128) -> Path:
+    """Quantize a float checkpoint's text projections the way the released checkpoints are laid out, and
+    write its dequantized twin: a float checkpoint of exactly the weights the quantized one holds.
+
+    `method` "gptq": the auto-gptq ("v1") layout, symmetric (every packed zero is 2**(bits-1) - 1, e.g.
+    0x77777777), qweight [in/(32/bits), out], qzeros [in/g, out/(32/bits)], fp16 scales [in/g, out],
+    g_idx = i // g. "awq": 4-bit GEMM layout with zero points, qweight and qzeros [.., out/8] interleaved
+    in AWQ_ORDER, modules_to_not_convert ["visual"] as the real releases say. The vision tower, embeddings
+    and lm_head stay as they are. Widths must be multiples of 32 and inputs of `group_size` ("small")."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, target, twin = Path(source), Path(target), Path(twin)
+    for folder in (target, twin):
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+    tensors = load_file(source / "model.safetensors")
+    packed, dequantized, top = {}, dict(tensors), 2 ** bits - 1
+    for name, weight in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith(".weight")
+                and name.split(".")[-2] in QUANTIZED_PROJECTIONS):
+            packed[name] = weight.half() if weight.is_floating_point() else weight  # as the releases store them
+            dequantized[name] = packed[name].to(weight.dtype)  # the twin holds exactly the same values
+            continue
+        base, (rows, cols) = name[:-len(".weight")], weight.shape
+        groups = weight.float().reshape(rows, cols // group_size, group_size)
+        if method == "gptq":
+            zero = torch.full((rows, cols // group_size), 2 ** (bits - 1))
+            scale = (groups.abs().amax(-1) / (2 ** (bits - 1) - 1)).clamp(min=1e-8).half()
+        else:
+            low, high = groups.amin(-1), groups.amax(-1)
+            scale = ((high - low) / top).clamp(min=1e-8).half()
+            zero = torch.clamp(torch.round(-low / scale.float()), 0, top)
+        q = torch.clamp(torch.round(groups / scale.float()[..., None]) + zero[..., None], 0, top)
+        dequantized[name] = (scale.float()[..., None] * (q - zero[..., None])).half().reshape(rows, cols).to(weight.dtype)
+        q = q.reshape(rows, cols).long()
+        if method == "gptq":
+            packed[base + ".qweight"] = _pack(q.t(), bits, 0)
+            packed[base + ".qzeros"] = _pack(zero.t().long() - 1, bits, 1)  # v1 stores zero - 1
+            packed[base + ".g_idx"] = (torch.arange(cols) // group_size).int()
+        else:
+            order = torch.tensor(AWQ_ORDER)
+            packed[base + ".qweight"] = _pack(q.t().reshape(cols, -1, 8)[..., order].reshape(cols, rows), bits, 1)
+            packed[base + ".qzeros"] = _pack(zero.t().long().reshape(cols // group_size, -1, 8)[..., order]
+                                             .reshape(cols // group_size, rows), bits, 1)
+        packed[base + ".scales"] = scale.t().contiguous()
+    save_file(packed, target / "model.safetensors", metadata={"format": "pt"})
+    save_file(dequantized, twin / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["dtype"] = "float16"
+    config["quantization_config"] = (
+        {"bits": bits, "group_size": group_size, "damp_percent": 0.1, "desc_act": False, "sym": True,
+         "true_sequential": True, "quant_method": "gptq"} if method == "gptq" else
+        {"bits": bits, "group_size": group_size, "quant_method": "awq", "version": "gemm", "zero_point": True,
+         "modules_to_not_convert": ["visual"]})
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return target
+
+
+def _pack(values, bits: int, dim: int):
+    """Values under 2**bits packed into int32 words along `dim`, the first in the lowest bits."""
+    import torch
+
+    per_word = 32 // bits
+    moved = values.long().movedim(dim, 0)
+    moved = moved.reshape(moved.shape[0] // per_word, per_word, *moved.shape[1:])
+    words = sum(moved[:, k] << (bits * k) for k in range(per_word))
+    words = (words + 2 ** 31) % 2 ** 32 - 2 ** 31  # the same 32 bits, as a signed int32
+    return words.movedim(0, dim).int().contiguous()
+
+
 if __name__ == "__main__":  # python -m qwen2vl_cli.checkpoint DIR [tiny|small|2b|7b]
     import sys
 

@@ -82,8 +82,15 @@ def quantization_of(config) -> dict | None:
     return found if isinstance(found, dict) or found is None else found.to_dict()
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _require(method: str, model: str) -> None:
-    missing = [name for name in NEEDS[method] if importlib.util.find_spec(name) is None]
+    missing = [name for name in NEEDS[method] if not _installed(name)]
     if missing:
         raise ModelLoadError(model, f"{method.upper() if method != 'bitsandbytes' else method} weights need "
                                     f"{' and '.join(missing)}: {EXTRA}")
@@ -91,25 +98,35 @@ def _require(method: str, model: str) -> None:
 
 @contextlib.contextmanager
 def quiet_loading(active: bool):
-    """While a quantized model loads, anything printed to stdout goes to stderr (gptqmodel prints a banner
-    and progress there)."""
+    """While a quantized model loads, what its loaders print (gptqmodel's banner and progress on stdout,
+    warnings on stderr) is set aside, at the file-descriptor level so that C code is caught too; it goes
+    to stderr with QWEN2VL_DEBUG=1, nowhere otherwise. An answer on stdout is never mixed with it."""
     if not active:
         yield
         return
-    import logging
+    import tempfile
+
+    from .errors import debug_enabled
 
     os.environ.setdefault("GPTQMODEL_LOG_LEVEL", "WARN")
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecation notes
     sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as aside:
+        try:
+            os.dup2(aside.fileno(), 1)
+            os.dup2(aside.fileno(), 2)
             yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if debug_enabled():
+                aside.seek(0)
+                sys.stderr.write(aside.read().decode(errors="replace"))
 
 
 def eager(model) -> None:

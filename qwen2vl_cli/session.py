@@ -195,6 +195,9 @@ class ModelSession:
             validate_model_dir(folder, self.spec.model)
         elif hub_offline() or not hub_reachable():
             raise ModelLoadError(self.spec.model, not_cached_message(self.spec.model))
+        import logging
+
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecations
         import torch
         import transformers
         from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration

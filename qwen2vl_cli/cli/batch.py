@@ -11,9 +11,10 @@ from ..errors import ExitStatus, UsageError
 from ..render import Environment
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, NoServerOpt, ServerOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, MaxNewTokensOpt, MaxPixelsOpt,
-                      MinPixelsOpt, ModelOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt,
-                      SeedOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt)
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, MaxNewTokensOpt,
+                      MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt,
+                      ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TimeoutOpt,
+                      TopKOpt, TopPOpt)
 
 OUT_PANEL = "Results"
 DEFAULT_BATCH_PROMPT = "Describe this image."
@@ -40,6 +41,7 @@ def batch(
     device: DeviceOpt = DEFAULTS["device"],
     dtype: DtypeOpt = DEFAULTS["dtype"],
     attn: AttnOpt = DEFAULTS["attn"],
+    quantize: QuantizeOpt = None,
     min_pixels: MinPixelsOpt = None,
     max_pixels: MaxPixelsOpt = None,
     resized_height: ResizedHeightOpt = None,
@@ -80,7 +82,7 @@ def batch(
         prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
         images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    session = common.backend(common.model_spec(model, device, dtype, attn), server, no_server, api_key, concurrency)
+    session = common.backend(common.model_spec(model, device, dtype, attn, quantize), server, no_server, api_key, concurrency)
     fields = ["prompt"] * any(item.prompt for item in items) + sorted({key for item in items for key in item.extra})
     sinks = []
     if output is not None or not sidecar:

@@ -10,11 +10,11 @@ from ..render import Environment, OutputOptions
 from ..session import ChatRequest
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, NoServerOpt, ServerOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
-                      MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt,
-                      NFramesOpt, NoStreamOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt,
-                      SeedOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, TotalPixelsOpt,
-                      VerboseOpt, VideoBackendOpt, VisionIdsOpt)
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
+                      MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt, NFramesOpt,
+                      NoServerOpt, NoStreamOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt,
+                      ResizedWidthOpt, SeedOpt, ServerOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt,
+                      TopPOpt, TotalPixelsOpt, VerboseOpt, VideoBackendOpt, VisionIdsOpt)
 
 DEFAULT_DESCRIBE_PROMPT = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
@@ -33,6 +33,7 @@ def describe(
     device: DeviceOpt = DEFAULTS["device"],
     dtype: DtypeOpt = DEFAULTS["dtype"],
     attn: AttnOpt = DEFAULTS["attn"],
+    quantize: QuantizeOpt = None,
     min_pixels: MinPixelsOpt = None,
     max_pixels: MaxPixelsOpt = None,
     resized_height: ResizedHeightOpt = None,
@@ -45,6 +46,7 @@ def describe(
     seed: SeedOpt = None,
     json_output: JsonOpt = False,
     no_stream: NoStreamOpt = False,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
@@ -58,13 +60,13 @@ def describe(
     """
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
-    spec = common.model_spec(model, device, dtype, attn)
+    spec = common.model_spec(model, device, dtype, attn, quantize)
     session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
         prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download), env),
         system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
+    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
 
 
 def ask(
@@ -77,6 +79,7 @@ def ask(
     device: DeviceOpt = DEFAULTS["device"],
     dtype: DtypeOpt = DEFAULTS["dtype"],
     attn: AttnOpt = DEFAULTS["attn"],
+    quantize: QuantizeOpt = None,
     min_pixels: MinPixelsOpt = None,
     max_pixels: MaxPixelsOpt = None,
     resized_height: ResizedHeightOpt = None,
@@ -116,14 +119,14 @@ def ask(
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
-    spec = common.model_spec(model, device, dtype, attn)
+    spec = common.model_spec(model, device, dtype, attn, quantize)
     session = common.backend(spec, server, no_server, api_key)
     media = common.resolve_images(session, sources or [], images, limits, env)
     media += common.resolve_videos(session, videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
         prompt=question, media=media, system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
+    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
 
 
 def video(
@@ -134,6 +137,7 @@ def video(
     device: DeviceOpt = DEFAULTS["device"],
     dtype: DtypeOpt = DEFAULTS["dtype"],
     attn: AttnOpt = DEFAULTS["attn"],
+    quantize: QuantizeOpt = None,
     fps: FpsOpt = None,
     nframes: NFramesOpt = None,
     min_frames: MinFramesOpt = None,
@@ -171,10 +175,10 @@ def video(
     env = Environment.from_system(quiet=quiet)
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
-    spec = common.model_spec(model, device, dtype, attn)
+    spec = common.model_spec(model, device, dtype, attn, quantize)
     session = common.backend(spec, server, no_server, api_key)
     request = ChatRequest(
         prompt=question, system=system,
         media=common.resolve_videos(session, [source], options, FetchLimits(timeout, max_download), env, verbose),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream))
+    common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import UsageError
+from ..quant import QUANTIZE_CHOICES
 from ..render import Environment, OutputOptions, render_answer
 from ..session import (ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model,
                        get_session)
@@ -18,8 +19,10 @@ from ..video import VideoOptions, describe_facts
 MAX_CONTEXT = 32768  # Qwen2-VL's positions (max_position_embeddings); the session checks each request exactly
 
 
-def model_spec(model: str | None, device: str, dtype: str, attn: str) -> ModelSpec:
+def model_spec(model: str | None, device: str, dtype: str, attn: str, quantize: str | None = None) -> ModelSpec:
     """Checked model options; a local checkpoint directory is named by its absolute path (sessions are found by it)."""
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise UsageError(f"--quantize {quantize}", f"use {' or '.join(QUANTIZE_CHOICES)}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise UsageError(f"--device {device}", "use auto, cpu, mps, cuda or cuda:N")
     if dtype not in DTYPES:
@@ -29,7 +32,7 @@ def model_spec(model: str | None, device: str, dtype: str, attn: str) -> ModelSp
     name = model or default_model()
     if Path(os.path.expanduser(name)).is_dir():
         name = str(Path(os.path.expanduser(name)).resolve())
-    return ModelSpec(model=name, device=device, dtype=dtype, attn=attn)
+    return ModelSpec(model=name, device=device, dtype=dtype, attn=attn, quantize=quantize)
 
 
 def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4):
@@ -95,11 +98,14 @@ def resolve_videos(session, sources: list[str], options: VideoOptions, limits: F
     return media
 
 
-def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, output: OutputOptions) -> None:
+def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, output: OutputOptions,
+           verbose: bool = False) -> None:
     """Load the model (once per process; nothing to load with a server), stream the answer, render it."""
     if session.model is None:
         with env.status(f"Loading {spec.model} ..."):
             session.load()
+    if verbose and hasattr(session, "describe_weights"):
+        env.note(session.describe_weights())
     record = {
         "sources": [m.source for m in request.media],
         "prompt": request.prompt,

@@ -61,6 +61,10 @@ DtypeOpt = Annotated[str, typer.Option(
 AttnOpt = Annotated[str, typer.Option(
     "--attn", metavar="|".join(ATTN_IMPLEMENTATIONS), rich_help_panel=MODEL_PANEL,
     help="Attention kernel; auto uses flash_attention_2 when installed on CUDA, else sdpa.")]
+QuantizeOpt = Annotated[str | None, typer.Option(
+    "--quantize", metavar="4bit|8bit", rich_help_panel=MODEL_PANEL,
+    help="Quantize a float checkpoint's language model on load (bitsandbytes; the vision tower stays as it "
+         "is), for GPUs that cannot hold it whole. GPTQ and AWQ checkpoints need no option.")]
 
 # ---- resolution ----------------------------------------------------------------------------------
 MinPixelsOpt = Annotated[int | None, typer.Option(
@@ -102,7 +106,7 @@ VideoBackendOpt = Annotated[str, typer.Option(
     help="Decoder; auto tries decord, torchcodec (when installed), then PyAV.")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", rich_help_panel=OUTPUT_PANEL,
-    help="Say on stderr what the model will see: frames, times, resolution, tokens.")]
+    help="Say on stderr what the model will see (frames, times, resolution, tokens) and which weights answer.")]
 
 # ---- generation ----------------------------------------------------------------------------------
 MaxNewTokensOpt = Annotated[int, typer.Option(

@@ -17,8 +17,8 @@ from ..render import Environment
 from ..server.registry import DEFAULT_PORT
 from ..sources import FetchLimits, FetchPolicy
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuietOpt,
-                      TimeoutOpt, parse_bytes)
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuantizeOpt,
+                      QuietOpt, TimeoutOpt, parse_bytes)
 
 READY_TIMEOUT_S = 900
 
@@ -56,6 +56,7 @@ def serve(
     device: DeviceOpt = DEFAULTS["device"],
     dtype: DtypeOpt = DEFAULTS["dtype"],
     attn: AttnOpt = DEFAULTS["attn"],
+    quantize: QuantizeOpt = None,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     quiet: QuietOpt = False,
@@ -72,7 +73,7 @@ def serve(
     if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
         raise UsageError("--allowed-local-media-path", f"{allowed_local_media_path} is not a directory")
     config = ServerConfig(
-        spec=common.model_spec(model, device, dtype, attn), host=host, port=port, api_key=api_key,
+        spec=common.model_spec(model, device, dtype, attn, quantize), host=host, port=port, api_key=api_key,
         keep_alive_s=parse_duration(keep_alive), max_body=max_body_size,
         allowed_local=allowed_local_media_path.resolve() if allowed_local_media_path else None,
         limits=FetchLimits(timeout, max_download, FetchPolicy(allow_fetch, _names(allowed_media_domains))),
