@@ -1,0 +1,60 @@
+"""Quantized checkpoints on CUDA (issue 12): GPTQ-Int4, GPTQ-Int8 and AWQ in the released layout against
+their dequantized float16 twins, with gptqmodel's Triton kernels; the fast path steps aside for them; the
+commands' stdout stays clean. Skipped where the quant extra is not installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..conftest import run_process
+from .conftest import DEVICE, DRY
+
+pytest.importorskip("gptqmodel", reason="the quant extra is not installed")
+
+from ..test_quant import FORMATS, assert_answers_like_twin, make_requests  # noqa: E402
+
+NEAR_TIE_HALF = 1e-2  # float16 kernels: a first differing token only where the twin's top two are this close
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from qwen2vl_cli.checkpoint import build_checkpoint, quantize_checkpoint
+
+    folder = tmp_path_factory.mktemp("quantized")
+    small = build_checkpoint(folder / "small", "small")
+    return {name: (quantize_checkpoint(small, folder / name, folder / f"{name}-twin", method, bits),
+                   folder / f"{name}-twin") for name, (method, bits) in FORMATS.items()}
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    from ..conftest import noise_image
+
+    folder = tmp_path_factory.mktemp("frames")
+    for i in range(4):
+        noise_image(112, 84, 30 + i).save(folder / f"f{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_quantized_answers_like_the_twin_on_cuda(quantized, media, frames, measured, name):
+    from qwen2vl_cli.session import ModelSession, ModelSpec
+
+    quant_dir, twin_dir = quantized[name]
+    quant = ModelSession(ModelSpec(str(quant_dir), device=DEVICE)).load()
+    twin = ModelSession(ModelSpec(str(twin_dir), device=DEVICE, dtype="float32" if DRY else "float16")).load()
+    requests = make_requests(media["photo"], frames, max_new_tokens=32)
+    assert not quant.fast_path_enabled(requests[0].generation)
+    seen = assert_answers_like_twin(quant, twin, requests, NEAR_TIE_HALF)
+    measured(f"quant_{name}", {"weights": quant.quantization, "dtype": str(quant.model.dtype), "requests": seen})
+
+
+def test_commands_with_a_quantized_checkpoint_keep_stdout_clean(quantized, media):
+    model = str(quantized["gptq4"][0])
+    described = run_process("describe", media["photo"], "-n", "16", "--json", "-v", "--model", model,
+                            "--no-server", "--device", DEVICE, timeout=300)
+    assert described.returncode == 0, described.stderr.decode()
+    assert json.loads(described.stdout)["usage"]["completion_tokens"] > 0
+    assert b"GPTQ-Int4 weights" in described.stderr and b"fast path off" in described.stderr
