@@ -1,0 +1,131 @@
+"""Quantized formats on one GPU, side by side in one run: BF16, GPTQ-Int8, GPTQ-Int4 and AWQ (2B, batch 1),
+each through the seed card's recipe (from_pretrained with torch_dtype="auto", device_map="auto", then
+generate) and through qwen2vl's session; tokens/s over the whole answer (prefill included, as the card's
+table) and peak GPU memory, at the given prompt lengths.
+
+    python benchmarks/quant.py --out RESULT.json [--lengths 1,6144] [--new-tokens 256]
+
+The checkpoints are random-weight (no weights can be downloaded here), built in the released layouts by
+qwen2vl_cli.checkpoint; the answers are forced to full length (an unused end-of-text id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+UNUSED_ID = 151935
+
+
+def photo(path: Path, tokens: int) -> Path:
+    """An image of about `tokens` vision tokens (one per 28x28 pixels), at 3:2."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    rows = max(1, round(math.sqrt(tokens * 2 / 3)))
+    cols = max(1, tokens // rows)
+    pixels = np.random.default_rng(tokens).integers(0, 256, (rows * 28 // 4, cols * 28 // 4, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((cols * 28, rows * 28)).save(path)
+    return path
+
+
+def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
+    """The card's recipe: load with torch_dtype="auto", device_map="auto"; process_vision_info; generate."""
+    import torch
+    from qwen_vl_utils import process_vision_info
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, torch_dtype="auto", device_map="auto")
+    processor = AutoProcessor.from_pretrained(folder)
+    results = {}
+    for length, image in prompts.items():
+        content = ([{"type": "image", "image": str(image), "max_pixels": 16384 * 28 * 28}] if image else [])
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": "Describe this image."}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images, _ = process_vision_info(messages)
+        inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to("cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        results[length] = {"prompt_tokens": int(inputs["input_ids"].shape[1]),
+                           "tokens_per_s": round(new_tokens / seconds, 2)}
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    del model
+    return {"lengths": results, "peak_gb": round(peak, 2)}
+
+
+def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
+    """qwen2vl's session: the fast path for float weights, transformers' generate for quantized ones."""
+    import torch
+
+    from qwen2vl_cli.session import ChatRequest, GenerationOptions, ModelSession, ModelSpec
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    session = ModelSession(ModelSpec(str(folder), device="cuda")).load()
+    session.model.generation_config.eos_token_id = [UNUSED_ID]
+    options = GenerationOptions(max_new_tokens=new_tokens)
+    results = {}
+    for length, image in prompts.items():
+        media = [session.image_media(str(image), ImageOptions(max_pixels=16384 * 28 * 28), FetchLimits())] if image else []
+        request = ChatRequest("Describe this image.", media, generation=options)
+        session.generate_batch([request])  # warm: the fast path's graphs for this shape
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        completion = session.generate_batch([request])[0]
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        assert completion.completion_tokens == new_tokens, completion.completion_tokens
+        results[length] = {"prompt_tokens": completion.prompt_tokens, "tokens_per_s": round(new_tokens / seconds, 2)}
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    weights = session.quantization or "bf16"
+    session.unload()
+    return {"lengths": results, "peak_gb": round(peak, 2), "weights": weights}
+
+
+def main() -> None:
+    import torch
+    import transformers
+
+    from qwen2vl_cli.checkpoint import build_checkpoint, quantize_checkpoint
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--folder", default="/tmp/qwen2vl-quant-bench")
+    parser.add_argument("--lengths", default="1,6144")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    base = folder / "bf16"
+    if not (base / "config.json").exists():
+        build_checkpoint(base, "2b", std=0.02, dtype="bfloat16", device="cuda")
+    formats = {"BF16": base}
+    for name, (method, bits) in {"GPTQ-Int8": ("gptq", 8), "GPTQ-Int4": ("gptq", 4), "AWQ": ("awq", 4)}.items():
+        target = folder / name
+        if not (target / "config.json").exists():
+            quantize_checkpoint(base, target, folder / f"{name}-twin", method, bits)
+        formats[name] = target
+    prompts = {int(n): (photo(folder / f"photo-{n}.png", int(n)) if int(n) > 1 else None)
+               for n in args.lengths.split(",")}
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "new_tokens": args.new_tokens, "formats": {}}
+    for name, path in formats.items():
+        result["formats"][name] = {"seed_recipe": seed_recipe(path, prompts, args.new_tokens),
+                                   "qwen2vl": qwen2vl(path, prompts, args.new_tokens)}
+        print(name, json.dumps(result["formats"][name]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
