@@ -35,15 +35,23 @@ def photo(path: Path, tokens: int) -> Path:
 
 
 def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
-    """The card's recipe: load with torch_dtype="auto", device_map="auto"; process_vision_info; generate."""
+    """The card's recipe: load with torch_dtype="auto", device_map="auto"; process_vision_info; generate.
+    One change for quantized checkpoints: the kernel qwen2vl picks (gptqmodel's Triton ones). Left to
+    choose, gptqmodel takes Machete on an H100, which downloads CUTLASS and compiles it at load: offline,
+    the recipe as written cannot load a GPTQ checkpoint at all."""
     import torch
     from qwen_vl_utils import process_vision_info
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from qwen2vl_cli.quant import load_kwargs
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, torch_dtype="auto", device_map="auto")
+    kernel = load_kwargs(str(folder), AutoConfig.from_pretrained(folder), None, "cuda")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder, torch_dtype="auto", device_map="auto", **kernel)
     processor = AutoProcessor.from_pretrained(folder)
+    warm = processor(text=["Hi"], return_tensors="pt").to("cuda")
+    model.generate(**warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # CUDA and kernel warm-up
     results = {}
     for length, image in prompts.items():
         content = ([{"type": "image", "image": str(image), "max_pixels": 16384 * 28 * 28}] if image else [])
