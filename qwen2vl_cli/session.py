@@ -242,8 +242,8 @@ class ModelSession:
         # answers are decoded with a copy: decoding never waits for a batch being tokenized on another thread
         self.detokenizer = copy.deepcopy(self.processor.tokenizer)
         self.device = device
-        config = getattr(self.model.config, "text_config", self.model.config)
-        self.context = (getattr(config, "max_position_embeddings", None)
+        text = getattr(self.model.config, "text_config", self.model.config)
+        self.context = (getattr(text, "max_position_embeddings", None)
                         or getattr(self.model.config, "max_position_embeddings", None))
         self.load_s = time.perf_counter() - start
         return self
