@@ -45,8 +45,6 @@ def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
 
     from qwen2vl_cli.quant import load_kwargs
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     kernel = load_kwargs(str(folder), AutoConfig.from_pretrained(folder), None, "cuda")
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder, torch_dtype="auto", device_map="auto", **kernel)
     processor = AutoProcessor.from_pretrained(folder)
@@ -66,9 +64,7 @@ def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
         seconds = time.perf_counter() - start
         results[length] = {"prompt_tokens": int(inputs["input_ids"].shape[1]),
                            "tokens_per_s": round(new_tokens / seconds, 2)}
-    peak = torch.cuda.max_memory_allocated() / 1e9
-    del model
-    return {"lengths": results, "peak_gb": round(peak, 2)}
+    return {"lengths": results, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
 
 
 def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
@@ -78,8 +74,6 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
     from qwen2vl_cli.session import ChatRequest, GenerationOptions, ModelSession, ModelSpec
     from qwen2vl_cli.sources import FetchLimits, ImageOptions
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     session = ModelSession(ModelSpec(str(folder), device="cuda")).load()
     session.model.generation_config.eos_token_id = [UNUSED_ID]
     options = GenerationOptions(max_new_tokens=new_tokens)
@@ -95,13 +89,16 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
         seconds = time.perf_counter() - start
         assert completion.completion_tokens == new_tokens, completion.completion_tokens
         results[length] = {"prompt_tokens": completion.prompt_tokens, "tokens_per_s": round(new_tokens / seconds, 2)}
-    peak = torch.cuda.max_memory_allocated() / 1e9
-    weights = session.quantization or "bf16"
-    session.unload()
-    return {"lengths": results, "peak_gb": round(peak, 2), "weights": weights}
+    return {"lengths": results, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            "weights": session.quantization or "bf16"}
 
 
 def main() -> None:
+    """Each format and path in a process of its own (peak memory is then that format's); the results
+    gathered into one file."""
+    import subprocess
+    import sys
+
     import torch
     import transformers
 
@@ -112,8 +109,15 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/qwen2vl-quant-bench")
     parser.add_argument("--lengths", default="1,6144")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--one", nargs=2, metavar=("DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.folder)
+    prompts = {int(n): (photo(folder / f"photo-{n}.png", int(n)) if int(n) > 1 else None)
+               for n in args.lengths.split(",")}
+    if args.one:  # a child: one format through one path
+        run = seed_recipe if args.one[1] == "seed_recipe" else qwen2vl
+        print(json.dumps(run(Path(args.one[0]), prompts, args.new_tokens)))
+        return
     base = folder / "bf16"
     if not (base / "config.json").exists():
         build_checkpoint(base, "2b", std=0.02, dtype="bfloat16", device="cuda")
@@ -123,14 +127,19 @@ def main() -> None:
         if not (target / "config.json").exists():
             quantize_checkpoint(base, target, folder / f"{name}-twin", method, bits)
         formats[name] = target
-    prompts = {int(n): (photo(folder / f"photo-{n}.png", int(n)) if int(n) > 1 else None)
-               for n in args.lengths.split(",")}
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "new_tokens": args.new_tokens, "formats": {}}
+              "transformers": transformers.__version__, "new_tokens": args.new_tokens,
+              "peak_gb": "torch.cuda.max_memory_allocated, each format and path in its own process", "formats": {}}
     for name, path in formats.items():
-        result["formats"][name] = {"seed_recipe": seed_recipe(path, prompts, args.new_tokens),
-                                   "qwen2vl": qwen2vl(path, prompts, args.new_tokens)}
+        result["formats"][name] = {}
+        for way in ("seed_recipe", "qwen2vl"):
+            child = subprocess.run([sys.executable, __file__, "--out", "-", "--folder", str(folder), "--lengths",
+                                    args.lengths, "--new-tokens", str(args.new_tokens), "--one", str(path), way],
+                                   capture_output=True, text=True)
+            lines = child.stdout.strip().splitlines()
+            result["formats"][name][way] = json.loads(lines[-1]) if child.returncode == 0 and lines else {
+                "error": (child.stderr.strip().splitlines() or ["no output"])[-1]}
         print(name, json.dumps(result["formats"][name]), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
