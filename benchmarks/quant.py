@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
     prompts = {int(n): (photo(folder / f"photo-{n}.png", int(n)) if int(n) > 1 else None)
                for n in args.lengths.split(",")}
     if args.one:  # a child: one format through one path
