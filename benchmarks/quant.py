@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/qwen2vl-quant-bench")
     parser.add_argument("--lengths", default="1,6144")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--formats", default="BF16,GPTQ-Int8,GPTQ-Int4,AWQ")
     parser.add_argument("--one", nargs=2, metavar=("DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.folder)
@@ -122,8 +123,11 @@ def main() -> None:
     base = folder / "bf16"
     if not (base / "config.json").exists():
         build_checkpoint(base, "2b", std=0.02, dtype="bfloat16", device="cuda")
-    formats = {"BF16": base}
+    wanted = args.formats.split(",")
+    formats = {"BF16": base} if "BF16" in wanted else {}
     for name, (method, bits) in {"GPTQ-Int8": ("gptq", 8), "GPTQ-Int4": ("gptq", 4), "AWQ": ("awq", 4)}.items():
+        if name not in wanted:
+            continue
         target = folder / name
         if not (target / "config.json").exists():
             quantize_checkpoint(base, target, folder / f"{name}-twin", method, bits)
