@@ -53,7 +53,7 @@ def load_kwargs(model: str, config, quantize: str | None, device: str) -> dict:
 
         return {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=quantize == "4bit", load_in_8bit=quantize == "8bit", llm_int8_skip_modules=UNQUANTIZED,
-            bnb_4bit_compute_dtype="bfloat16" if device.startswith("cuda") else "float32", bnb_4bit_quant_type="nf4")}
+            bnb_4bit_compute_dtype="float16" if device.startswith("cuda") else "float32", bnb_4bit_quant_type="nf4")}
     if method is None:
         return {}
     if method not in NEEDS:
