@@ -261,7 +261,8 @@ def test_stop_strings_are_honoured_plain_streamed_and_batched(guarded, tiny_mode
     full = in_process(cli, "ask", "-q", LONG, "-n", "40")
     stop_at = full[len(full) // 2:len(full) // 2 + 3]
     expected = full[:full.index(stop_at)]
-    client = openai.OpenAI(base_url=guarded["url"] + "/v1", api_key="x", max_retries=0, timeout=60)
+    # this server's queue holds 2: the client retries a 429 after its Retry-After, as the real client does
+    client = openai.OpenAI(base_url=guarded["url"] + "/v1", api_key="x", max_retries=8, timeout=60)
     messages = [{"role": "user", "content": LONG}]
     plain = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=40, stop=stop_at)
     assert plain.choices[0].message.content == expected and plain.choices[0].finish_reason == "stop"
