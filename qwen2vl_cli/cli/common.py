@@ -102,7 +102,8 @@ def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, out
            verbose: bool = False) -> None:
     """Load the model (once per process; nothing to load with a server), stream the answer, render it."""
     if session.model is None:
-        with env.status(f"Loading {spec.model} ..."):
+        remote = session.device == "remote"
+        with env.status(f"Connecting to {session.url} ..." if remote else f"Loading {spec.model} ..."):
             session.load()
     if verbose and hasattr(session, "describe_weights"):
         env.note(session.describe_weights())
