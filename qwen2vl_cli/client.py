@@ -18,14 +18,17 @@ from typing import Iterator
 from .errors import ServerError
 from .server.protocol import SIZED_HEADER
 from .session import ChatRequest, Completion, Media, TextDelta
-from .sources import PATCH_FACTOR, FetchLimits, ImageOptions, decode_image, display_name, prepare_image, read_source
+from .sources import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, decode_image,
+                      display_name, prepare_image, read_source)
+from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
 DEFAULT_CONCURRENCY = 4
 VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
-IMAGE_TOKENS = (4, 16384)  # Qwen2-VL's processors size images, and video frames, within these by default
-VIDEO_TOKENS = (128, 768)
+# what Qwen2-VL's processors (vLLM's included) size images and video frames within by default, in tokens
+IMAGE_TOKENS = (IMAGE_MIN_PIXELS // PATCH_FACTOR ** 2, IMAGE_MAX_PIXELS // PATCH_FACTOR ** 2)
+VIDEO_TOKENS = (VIDEO_MIN_PIXELS // PATCH_FACTOR ** 2, VIDEO_MAX_PIXELS // PATCH_FACTOR ** 2)
 
 
 def png_data_uri(image) -> str:

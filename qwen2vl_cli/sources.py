@@ -401,14 +401,16 @@ def to_rgb(image):
     return rgb
 
 
+def on_grid(width: int, height: int) -> bool:
+    """Sized for the model already: both sides multiples of 28, at most 16384 tokens."""
+    return not (width % PATCH_FACTOR or height % PATCH_FACTOR) and width * height <= IMAGE_MAX_PIXELS
+
+
 def image_as_sent(data: bytes, name: str):
-    """An image a client has sized already (on the 28-pixel grid, 4 to 16384 tokens), taken as it is;
-    None when it is not, to be sized as usual."""
+    """An image a client has sized already (on_grid), taken as it is; None when it is not, to be sized as
+    usual."""
     image = decode_image(data, name)
-    width, height = image.size
-    if width % PATCH_FACTOR or height % PATCH_FACTOR or width * height > IMAGE_MAX_PIXELS:
-        return None
-    return to_rgb(image)
+    return to_rgb(image) if on_grid(*image.size) else None
 
 
 def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import InputError, UsageError
 from .sources import (PATCH_FACTOR, FetchLimits, check_regular, decode_data_uri, decode_image, display_name, download,
-                      file_url_to_path, read_local)
+                      file_url_to_path, on_grid, read_local)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -28,7 +28,7 @@ DEFAULT_FPS = 2.0  # qwen-vl-utils' FPS
 DEFAULT_MAX_FRAMES = 256
 DEFAULT_TOTAL_PIXELS = 24576 * 28 * 28  # bounds a video near 24k tokens, whatever its length
 DEFAULT_VIDEO_MAX_DOWNLOAD = 2 * 1024 ** 3
-FRAME_LIST_MAX = 768  # qwen-vl-utils' FPS_MAX_FRAMES
+MAX_FRAMES = 768  # qwen-vl-utils' FPS_MAX_FRAMES: the most frames one video can give the model
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame bounds for videos
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 
@@ -124,25 +124,22 @@ def decode_frame_list(uri: str) -> list:
     from .sources import decode_base64
 
     parts = uri[len(FRAME_LIST_PREFIX):].split(",")
-    if len(parts) > FRAME_LIST_MAX:
-        raise InputError(display_name(uri), f"{len(parts)} frames, more than {FRAME_LIST_MAX}")
+    if len(parts) > MAX_FRAMES:
+        raise InputError(display_name(uri), f"{len(parts)} frames, more than {MAX_FRAMES}")
     name = display_name(uri)
     return [decode_image(decode_base64(part, f"{name} frame {i + 1}"), f"{name} frame {i + 1}")
             for i, part in enumerate(parts)]
 
 
 def frames_as_sent(source: str) -> VideoFrames | None:
-    """A frame-list data URI whose frames a client has sized already (one size, on the 28-pixel grid,
-    within a frame's 16384 tokens), taken as they are; None when they are not, to be sized as usual."""
+    """A frame-list data URI whose frames a client has sized already (one size, sources.on_grid), taken as
+    they are; None when they are not, to be sized as usual."""
     import numpy as np
     import torch
 
-    from .sources import IMAGE_MAX_PIXELS
-
     images = decode_frame_list(source)
     width, height = images[0].size
-    if (any(image.size != (width, height) for image in images) or width % PATCH_FACTOR or height % PATCH_FACTOR
-            or width * height > IMAGE_MAX_PIXELS):
+    if any(image.size != (width, height) for image in images) or not on_grid(width, height):
         return None
     frames = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
     metadata = {"frames_indices": list(range(len(images))), "total_num_frames": len(images), "fps": DEFAULT_FPS}

@@ -25,13 +25,26 @@ def small_model(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("small-qwen2vl"), "small")
 
 
-@pytest.fixture(scope="module")
-def quantized(small_model, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def quantize_all(small: Path, folder: Path) -> dict[str, tuple[Path, Path]]:
+    """Every format of FORMATS made from `small`: name -> (quantized checkpoint, its dequantized twin)."""
     from qwen2vl_cli.checkpoint import quantize_checkpoint
 
-    folder = tmp_path_factory.mktemp("quantized")
-    return {name: (quantize_checkpoint(small_model, folder / name, folder / f"{name}-twin", method, bits),
+    return {name: (quantize_checkpoint(small, folder / name, folder / f"{name}-twin", method, bits),
                    folder / f"{name}-twin") for name, (method, bits) in FORMATS.items()}
+
+
+def write_frames(folder: Path, width: int, height: int) -> Path:
+    """Four noise frames: a frame-directory video."""
+    from .conftest import noise_image
+
+    for i in range(4):
+        noise_image(width, height, 30 + i).save(folder / f"f{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(small_model, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    return quantize_all(small_model, tmp_path_factory.mktemp("quantized"))
 
 
 def make_requests(image_path, frames, max_new_tokens: int = 16):
@@ -51,12 +64,7 @@ def make_requests(image_path, frames, max_new_tokens: int = 16):
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
-    from .conftest import noise_image
-
-    folder = tmp_path_factory.mktemp("frames")
-    for i in range(4):
-        noise_image(84, 56, 30 + i).save(folder / f"f{i}.png")
-    return folder
+    return write_frames(tmp_path_factory.mktemp("frames"), 84, 56)
 
 
 def _ids(session, request) -> list[int]:

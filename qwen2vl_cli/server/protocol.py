@@ -12,13 +12,13 @@ from pathlib import Path
 from ..errors import Qwen2VLError
 from ..session import ChatRequest, Completion, GenerationOptions, Media
 from ..sources import IMAGE_MAX_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, display_name
+from ..video import MAX_FRAMES
 
 MAX_TOKENS_LIMIT = 32768
 MAX_STOP_STRINGS = 16
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
-MAX_FRAMES = 768  # qwen-vl-utils' FPS_MAX_FRAMES
 SIZED_HEADER = "X-Qwen2VL-Sized-Media"  # "1": qwen2vl's client sized every image and frame already
 MAX_FPS = 60.0
 # Every field of a chat-completions body this server reads; any other is refused (400), not ignored.

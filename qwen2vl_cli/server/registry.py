@@ -110,6 +110,7 @@ def list_servers(api_key: str | None = None) -> list[dict]:
         if not _alive(int(info.get("pid", 0))):
             path.unlink(missing_ok=True)
             continue
+        # a record without a token (an older session) can prove nothing: "-" never matches a proof
         info["health"] = health(info["url"], api_key, token=info.get("token") or "-", pid=int(info["pid"]))
         servers.append(info)
     return servers

@@ -13,29 +13,22 @@ from .conftest import DEVICE, DRY
 
 pytest.importorskip("gptqmodel", reason="the quant extra is not installed")
 
-from ..test_quant import FORMATS, assert_answers_like_twin, make_requests  # noqa: E402
+from ..test_quant import FORMATS, assert_answers_like_twin, make_requests, quantize_all, write_frames  # noqa: E402
 
 NEAR_TIE_HALF = 1e-2  # float16 kernels: a first differing token only where the twin's top two are this close
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from qwen2vl_cli.checkpoint import build_checkpoint, quantize_checkpoint
+    from qwen2vl_cli.checkpoint import build_checkpoint
 
     folder = tmp_path_factory.mktemp("quantized")
-    small = build_checkpoint(folder / "small", "small")
-    return {name: (quantize_checkpoint(small, folder / name, folder / f"{name}-twin", method, bits),
-                   folder / f"{name}-twin") for name, (method, bits) in FORMATS.items()}
+    return quantize_all(build_checkpoint(folder / "small", "small"), folder)
 
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
-    from ..conftest import noise_image
-
-    folder = tmp_path_factory.mktemp("frames")
-    for i in range(4):
-        noise_image(112, 84, 30 + i).save(folder / f"f{i}.png")
-    return folder
+    return write_frames(tmp_path_factory.mktemp("frames"), 112, 84)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
