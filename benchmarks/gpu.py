@@ -145,7 +145,7 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, st
 
 def ttft_timeline(session, request) -> dict:
     """Host timestamps (ms from the call) of one streamed answer's steps up to its first token."""
-    from qwen2vl_cli.prefill import Prefill
+    from qwen2vl_cli.engine.fast.prefill import Prefill
 
     marks: dict = {}
     start = [0.0]
@@ -192,7 +192,7 @@ def check_kernels() -> dict:
     """Each Triton kernel against its torch version (HF's arithmetic) on fresh random inputs."""
     import torch
 
-    from qwen2vl_cli import _triton, kernels
+    from qwen2vl_cli.engine.fast import _triton, kernels
 
     torch.manual_seed(0)
     results = {}
@@ -221,7 +221,7 @@ def check_kernels() -> dict:
             qkv = torch.randn(batch, 2048, device="cuda", dtype=dtype)
             pos = torch.randint(0, 3000, (batch,), device="cuda")
             inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
-            slot = torch.tensor([700], device="cuda")
+            slot = torch.randint(0, 1024, (batch,), device="cuda")  # each row's own cache slot
             caches = [torch.randn(batch, 2, 1024, 128, device="cuda", dtype=dtype) for _ in range(2)]
             copies = [c.clone() for c in caches]
             q1 = _triton.rope_store(qkv, pos, inv, slot, *caches, 12, 2)
@@ -231,9 +231,10 @@ def check_kernels() -> dict:
                 q = torch.randn(batch, 2, 6, 128, device="cuda", dtype=dtype)
                 k, v = (torch.randn(batch, 2, size, 128, device="cuda", dtype=dtype) for _ in range(2))
                 mask = torch.full((batch, 1, 1, size), float("-inf"), device="cuda", dtype=dtype)
-                mask[..., :filled] = 0.0
+                at = (filled - 1 - 7 * torch.arange(batch, device="cuda")).clamp(min=0)  # each row's own length
+                for row in range(batch):
+                    mask[row, ..., :int(at[row]) + 1] = 0.0
                 mask[0, ..., :filled // 3] = float("-inf")  # row 0 left-padded
-                at = torch.tensor([filled - 1], device="cuda")
                 compare(f"decode_attention {tag} b{batch} cache{size}",
                         _triton.decode_attention(q, k, v, mask, at), kernels.decode_attention_torch(q, k, v, mask, at))
         qkv = torch.randn(3, 1250, 2048, device="cuda", dtype=dtype)
@@ -372,8 +373,9 @@ def main() -> None:
 
     from qwen2vl_cli.batch.inputs import BatchItem
     from qwen2vl_cli.batch.runner import BatchConfig, BatchSummary, Results, auto_batch_size, run_batch
-    from qwen2vl_cli.checkpoint import build_checkpoint
-    from qwen2vl_cli.session import ChatRequest, Completion, GenerationOptions, Media, ModelSpec, ModelSession
+    from tests.checkpoint import build_checkpoint
+    from qwen2vl_cli.engine.session import ModelSession
+    from qwen2vl_cli.types import ChatRequest, Completion, GenerationOptions, Media, ModelSpec
     from qwen2vl_cli.sources import FetchLimits, ImageOptions, resolve_image
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-bench-"))

@@ -6,7 +6,7 @@ table) and peak GPU memory, at the given prompt lengths.
     python benchmarks/quant.py --out RESULT.json [--lengths 1,6144] [--new-tokens 256]
 
 The checkpoints are random-weight (no weights can be downloaded here), built in the released layouts by
-qwen2vl_cli.checkpoint; the answers are forced to full length (an unused end-of-text id).
+tests/checkpoint.py; the answers are forced to full length (an unused end-of-text id).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
     from qwen_vl_utils import process_vision_info
     from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from qwen2vl_cli.quant import load_kwargs
+    from qwen2vl_cli.engine.quant import load_kwargs
 
     kernel = load_kwargs(str(folder), AutoConfig.from_pretrained(folder), None, "cuda")
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder, torch_dtype="auto", device_map="auto", **kernel)
@@ -71,7 +71,8 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
     """qwen2vl's session: the fast path for float weights, transformers' generate for quantized ones."""
     import torch
 
-    from qwen2vl_cli.session import ChatRequest, GenerationOptions, ModelSession, ModelSpec
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions, ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession
     from qwen2vl_cli.sources import FetchLimits, ImageOptions
 
     session = ModelSession(ModelSpec(str(folder), device="cuda")).load()
@@ -102,7 +103,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from qwen2vl_cli.checkpoint import build_checkpoint, quantize_checkpoint
+    from tests.checkpoint import build_checkpoint, quantize_checkpoint
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from .errors import ServerError
 from .server.protocol import SIZED_HEADER
-from .session import ChatRequest, Completion, Media, TextDelta
+from .types import ChatRequest, Completion, Media, TextDelta
 from .sources import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, decode_image,
                       display_name, prepare_image, read_source)
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
@@ -53,6 +53,7 @@ class RemoteSession:
         self.concurrency = concurrency
         self.timeout = timeout
         self.model = None  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
+        self._pool: ThreadPoolExecutor | None = None
 
     # ---- media ---------------------------------------------------------------------------------
     def image_media(self, source: str, options: ImageOptions, limits: FetchLimits) -> Media:
@@ -102,8 +103,8 @@ class RemoteSession:
             self.model = "qwen2vl" if isinstance(facts, dict) and "pid" in facts else "openai"
         return self
 
-    def prepare(self, requests: list[ChatRequest], on_device: bool = False):
-        return None
+    def prepare_one(self, request: ChatRequest):
+        return None  # the server prepares
 
     def body(self, request: ChatRequest, stream: bool) -> dict:
         """The OpenAI request for a ChatRequest; greedy is temperature 0 (what vLLM and qwen2vl read as greedy)."""
@@ -199,8 +200,35 @@ class RemoteSession:
             time.sleep(wait if wait is not None else min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
         raise ServerError(self.url, "no answer")  # pragma: no cover - the loop returns or raises
 
-    def generate_batch(self, requests: list[ChatRequest], prepared=None) -> list[Completion]:
+    def generate_batch(self, requests: list[ChatRequest]) -> list[Completion]:
         """Up to `concurrency` requests in flight at once."""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self.complete, requests))
+
+    def submit(self, request: ChatRequest, emit, stream: bool = False, prepared=None) -> "_Call":
+        """Send `request` when one of `concurrency` connections is free; `emit` gets its Completion or error."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="qwen2vl-client")
+        call = _Call()
+
+        def run() -> None:
+            if call.cancelled:
+                return
+            try:
+                emit(self.complete(request))
+            except BaseException as exc:  # noqa: BLE001 - the caller's to report
+                emit(exc)
+
+        call.future = self._pool.submit(run)
+        return call
+
+
+class _Call:
+    """A submitted request to a server: cancel() drops it if it has not been sent."""
+
+    cancelled = False
+    future = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
 

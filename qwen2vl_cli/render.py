@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, TextIO
 
-from .session import Completion, TextDelta
+from .types import Completion, TextDelta
 
 
 @dataclass

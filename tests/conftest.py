@@ -42,7 +42,7 @@ def _offline_and_isolated(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen2-VL in Hugging Face layout, loaded through from_pretrained by the tests."""
-    from qwen2vl_cli.checkpoint import build_checkpoint
+    from tests.checkpoint import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen2vl"), "tiny")
 
@@ -94,7 +94,7 @@ def cli(tiny_model):
 def break_the_fast_layers_cache(monkeypatch) -> None:
     """Makes the fast path's text layers drop the cache argument (under either name), as they did with
     transformers 5.24 before the fix: the prompt's keys never reach the cache, answers go wrong silently."""
-    from qwen2vl_cli import fastpath
+    from qwen2vl_cli.engine.fast import decoder as fastpath
 
     original = fastpath.install_text
 

@@ -72,7 +72,7 @@ def test_greedy_is_deterministic_and_sampling_is_seeded(cli, images):
 def test_model_loads_once_per_process(cli, images, monkeypatch):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from qwen2vl_cli import session as session_module
+    from qwen2vl_cli.engine import session as session_module
 
     monkeypatch.setattr(session_module, "_SESSIONS", {})
     calls = []

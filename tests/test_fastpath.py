@@ -8,7 +8,7 @@ import torch
 from transformers.activations import ACT2FN
 from transformers.models.qwen2_vl import modeling_qwen2_vl as stock
 
-from qwen2vl_cli import kernels
+from qwen2vl_cli.engine.fast import kernels
 
 from .conftest import break_the_fast_layers_cache, noise_image
 
@@ -57,7 +57,7 @@ def test_fast_modules_keep_the_models_answers(tiny_model):
     for a padded batch of images of different sizes, and for two images of one size (one attention call)."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from qwen2vl_cli.fastpath import FastDecoder
+    from qwen2vl_cli.engine.fast.decoder import enable
 
     processor = AutoProcessor.from_pretrained(tiny_model)
     processor.tokenizer.padding_side = "left"
@@ -70,7 +70,7 @@ def test_fast_modules_keep_the_models_answers(tiny_model):
     inputs = [processor(text=t, images=i, padding=True, return_tensors="pt") for i, t in batches]
     with torch.inference_mode():
         before = [(model(**x).logits, model.generate(**x, max_new_tokens=10, do_sample=False)) for x in inputs]
-        FastDecoder(model)
+        enable(model)
         assert model.model.visual._qwen2vl_fast and model.model.language_model._qwen2vl_fast
         after = [(model(**x).logits, model.generate(**x, max_new_tokens=10, do_sample=False)) for x in inputs]
     for (logits, ids), (new_logits, new_ids) in zip(before, after):
@@ -85,11 +85,11 @@ def test_prefill_equals_the_models_forward(tiny_model):
     Padded at the end, as the text graphs pad a prompt to their length, it gives the same again."""
     from transformers import AutoProcessor, DynamicCache, Qwen2VLForConditionalGeneration
 
-    from qwen2vl_cli.fastpath import FastDecoder
+    from qwen2vl_cli.engine.fast.decoder import enable
 
     processor = AutoProcessor.from_pretrained(tiny_model)
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
-    decoder = FastDecoder(model)
+    decoder = enable(model)
     image = "<|vision_start|><|image_pad|><|vision_end|>"
     cases = [processor(text=f"{image}and{image}Compare them.", images=[noise_image(84, 112, 5), noise_image(56, 56, 6)],
                        return_tensors="pt"),
@@ -130,7 +130,8 @@ def test_prefill_equals_the_models_forward(tiny_model):
 def test_text_only_answer_after_an_image_equals_generate(tiny_model, monkeypatch):
     """A text-only prompt decodes from its own positions, not the previous image prompt's rope delta
     (a served session mixes the two), alone and in a padded batch."""
-    from qwen2vl_cli.session import ChatRequest, GenerationOptions, Media, ModelSession, ModelSpec
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions, Media, ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession
 
     session = ModelSession(ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")).load()
     options = GenerationOptions(max_new_tokens=12)
@@ -149,16 +150,18 @@ def test_text_only_answer_after_an_image_equals_generate(tiny_model, monkeypatch
 def test_streamed_answer_starts_the_vision_tower_before_tokenizing(tiny_model, monkeypatch):
     """stream() runs the vision tower once, from the image processor's output (before the prompt is
     tokenized), and its answer is generate's."""
-    from qwen2vl_cli.prefill import Prefill
-    from qwen2vl_cli.session import ChatRequest, Completion, GenerationOptions, Media, ModelSession, ModelSpec
+    from qwen2vl_cli.engine.fast.prefill import Prefill
+    from qwen2vl_cli.types import ChatRequest, Completion, GenerationOptions, Media, ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession
 
-    session = ModelSession(ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")).load()
+    spec = ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")
     request = ChatRequest("Describe.", [Media("image", "x", noise_image(112, 84, 8))],
                           generation=GenerationOptions(max_new_tokens=12))
     monkeypatch.setenv("QWEN2VL_FASTPATH", "off")
-    plain = list(session.stream(request))[-1]
+    plain = list(ModelSession(spec).load().stream(request))[-1]
     monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
-    assert session._fast_decoder(), "the fast path's contract check failed"  # its probe prompts are not counted
+    session = ModelSession(spec).load()
+    assert session.fast, "the fast path's contract check failed"  # its probe prompts are not counted
     calls: list[str] = []
     original_vision, original_tokenize = Prefill._vision, session.processor.tokenizer.__class__.__call__
     monkeypatch.setattr(Prefill, "_vision", lambda self, *a: calls.append("vision") or original_vision(self, *a))
@@ -175,7 +178,7 @@ def test_prefill_graphs_are_made_for_shapes_seen_twice(tiny_model, capsys):
     turns graphs off with one warning instead of failing the request."""
     from types import SimpleNamespace
 
-    from qwen2vl_cli.prefill import GRAPH_MAX_TOKENS, GRAPHS_KEPT, Prefill
+    from qwen2vl_cli.engine.fast.prefill import GRAPH_MAX_TOKENS, GRAPHS_KEPT, Prefill
 
     prefill = Prefill(SimpleNamespace(model=None), use_graphs=True)
     cuda = SimpleNamespace(is_cuda=True)
@@ -205,7 +208,7 @@ def test_a_broken_contract_steps_aside_for_the_stock_code(cli, images, monkeypat
     """transformers 5.24 renamed the layers' cache argument, and the fast layers silently left the cache empty:
     wrong answers, exit 0. Reproduced here on any version (fast layers that drop the cache), the load-time
     check must catch it: one note on stderr, the stock forwards back, generate's answers."""
-    from qwen2vl_cli import session as session_module
+    from qwen2vl_cli.engine import session as session_module
 
     expected = cli("describe", images["a"], "-n", "16")
     batch_expected = cli("batch", images["a"], images["b"], "-n", "16", "-b", "2").stdout
@@ -214,7 +217,7 @@ def test_a_broken_contract_steps_aside_for_the_stock_code(cli, images, monkeypat
     monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
     result = cli("describe", images["a"], "-n", "16")
     session = next(iter(session_module._SESSIONS.values()))
-    assert session.fast is False
+    assert session.fast is None
     assert result.exit_code == 0 and result.stdout == expected.stdout
     assert result.stderr.count("the fast path is off") == 1
     assert all("forward" not in layer.__dict__ for layer in session.model.model.language_model.layers)
@@ -227,8 +230,8 @@ def test_images_beside_a_video_do_not_start_the_vision_tower_early(cli, images, 
     """With a video in the conversation the prefill does not apply (the model's forward runs the vision tower),
     so the early start must not run: on CUDA it ran on CPU pixels (the processor keeps images on the CPU
     beside videos) and failed with a device mismatch; here it was wasted work. Same answer as generate."""
-    from qwen2vl_cli import session as session_module
-    from qwen2vl_cli.prefill import Prefill
+    from qwen2vl_cli.engine import session as session_module
+    from qwen2vl_cli.engine.fast.prefill import Prefill
 
     from .test_video import make_video
 

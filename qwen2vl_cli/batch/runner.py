@@ -1,6 +1,6 @@
-"""The batch loop: skip what is done, decode and prepare the next batches on CPU threads while the model
-generates the current one, group images by size so padding stays small, write every result as it
-finishes, and say at the end what happened."""
+"""The batch loop: skip what is done, decode and prepare the next items on CPU threads while the engine answers
+the ones before, submit each as a place frees up (the engine batches them continuously), write every result as
+it is answered, and say at the end what happened."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import InputError, describe_exception
-from ..session import ChatRequest, Completion, GenerationOptions, ModelSession
+from ..types import ChatRequest, GenerationOptions, TextDelta
 from ..sources import FetchLimits, ImageOptions
 from .inputs import BatchItem
 
-WINDOW_BATCHES = 4  # items are sorted by size within windows of this many batches
-CPU_BATCH_SIZE = 4
-MAX_AUTO_BATCH_SIZE = 64
+WINDOW_ITEMS = 64  # items are decoded and sorted by size in windows of this many
+READY_ITEMS = 16  # prepared items waiting for a place in the engine, at most
 
 
 @dataclass(frozen=True)
@@ -88,31 +87,19 @@ class Results:
         self.advance(1)
 
 
-def auto_batch_size(session: ModelSession, config: BatchConfig) -> int:
-    """From free GPU memory and the worst-case item (max pixels + max new tokens); 4 on the CPU."""
-    if session.device == "remote":  # keep --concurrency requests in flight, and the next ones ready
+def in_flight_limit(session, config: BatchConfig) -> int:
+    """Items submitted and not answered yet, at most: every row of the engine's running batch busy (or every
+    connection to a server), and as many ready to take a row as it frees (prepared images wait on the GPU)."""
+    if session.device == "remote":
         return session.concurrency * 2
-    if not (session.device or "").startswith("cuda"):
-        return CPU_BATCH_SIZE
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(torch.device(session.device))
-    text = session.model.config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * session.model.dtype.itemsize
-    image_tokens = (config.images.max_pixels or 16384 * 28 * 28) // (28 * 28)
-    per_item = (image_tokens + config.generation.max_new_tokens + 64) * kv_per_token * 4  # activations, headroom
-    return int(max(1, min(MAX_AUTO_BATCH_SIZE, free * 0.6 // per_item)))
+    rows = config.batch_size or session.engine.capacity
+    return rows + max(4, rows // 2)
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def run_batch(items: list[BatchItem], session: ModelSession, config: BatchConfig, results: Results,
+def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Results,
               on_start: Callable[[int, int], None] = lambda todo, batch: None) -> BatchSummary:
-    """Caption every item not done yet; Ctrl-C stops after the batch in flight is written."""
+    """Caption every item not done yet, each submitted as a place in the engine frees up and written as soon as
+    it is answered; Ctrl-C stops at once, with every answer so far written."""
     summary = results.summary
     summary.total = len(items)
     states = [results.state(item) for item in items]
@@ -123,32 +110,52 @@ def run_batch(items: list[BatchItem], session: ModelSession, config: BatchConfig
         return summary
     loading = time.perf_counter()
     session.load()
+    if config.batch_size and session.device != "remote":
+        session.engine.max_rows = config.batch_size
     summary.load_s = time.perf_counter() - loading
     started = time.perf_counter()
-    batch_size = config.batch_size or auto_batch_size(session, config)
-    on_start(len(todo), batch_size)
+    on_start(len(todo), config.batch_size or (session.concurrency if session.device == "remote" else 0))
     stop = threading.Event()
-    ready: queue.Queue = queue.Queue(maxsize=2)
-    producer = threading.Thread(target=_produce, args=(todo, session, config, batch_size, ready, stop),
+    ready: queue.Queue = queue.Queue(maxsize=READY_ITEMS)
+    answered: queue.Queue = queue.Queue()
+    producer = threading.Thread(target=_produce, args=(todo, session, config, ready, stop),
                                 name="qwen2vl-prepare", daemon=True)
     producer.start()
+    pending: dict[int, object] = {}  # id(item) -> the session's ticket
+    ended = False
     try:
-        while True:
-            kind, payload = ready.get()
-            if kind == "end":
-                break
-            if kind == "error":
-                raise payload
-            if kind == "failed":
-                for item, reason in payload:
-                    results.write(item, None, reason)
+        while not ended or pending:
+            while not ended and len(pending) < in_flight_limit(session, config):
+                try:
+                    kind, payload = ready.get(timeout=0.05) if not pending else ready.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "end":
+                    ended = True
+                elif kind == "error":
+                    raise payload
+                elif kind == "failed":
+                    for item, reason in payload:
+                        results.write(item, None, reason)
+                else:
+                    item, request, prepared = payload
+                    emit = lambda event, item=item: None if isinstance(event, TextDelta) else answered.put((item, event))  # noqa: E731
+                    pending[id(item)] = session.submit(request, emit, prepared=prepared)
+            try:
+                item, event = answered.get(timeout=0.05)
+            except queue.Empty:
                 continue
-            batch_items, requests, prepared = payload
-            _generate(session, batch_items, requests, prepared, results)
+            pending.pop(id(item), None)
+            if isinstance(event, BaseException):
+                results.write(item, None, describe_exception(event)[0])
+            else:
+                results.write(item, event.text, None)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         stop.set()
+        for ticket in pending.values():
+            ticket.cancel()
         while producer.is_alive():  # unblock a producer waiting on a full queue
             try:
                 ready.get_nowait()
@@ -158,29 +165,9 @@ def run_batch(items: list[BatchItem], session: ModelSession, config: BatchConfig
     return summary
 
 
-def _generate(session: ModelSession, items: list[BatchItem], requests: list[ChatRequest], prepared,
-              results: Results) -> None:
-    """One batch; on out-of-memory or a failing item, split and retry so one item never sinks the rest."""
-    try:
-        completions: list[Completion] = session.generate_batch(requests, prepared)
-    except Exception as exc:  # noqa: BLE001 - isolate the item(s) that fail
-        if len(items) == 1:
-            results.write(items[0], None, describe_exception(exc)[0])
-            return
-        _release_cuda_memory()
-        half = len(items) // 2
-        _generate(session, items[:half], requests[:half], None, results)
-        _generate(session, items[half:], requests[half:], None, results)
-        return
-    for item, completion in zip(items, completions):
-        results.write(item, completion.text, None)
-
-
-def _release_cuda_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def _decode(item: BatchItem, session, config: BatchConfig):
@@ -193,9 +180,9 @@ def _decode(item: BatchItem, session, config: BatchConfig):
         return item, None, describe_exception(exc)[0]
 
 
-def _produce(todo: list[BatchItem], session: ModelSession, config: BatchConfig, batch_size: int,
-             ready: queue.Queue, stop: threading.Event) -> None:
-    """Decode windows of items on a thread pool, sort them by size, prepare batches, hand them over."""
+def _produce(todo: list[BatchItem], session, config: BatchConfig, ready: queue.Queue, stop: threading.Event) -> None:
+    """Decode windows of items on a thread pool, sort them by size (same-size images share the vision tower's
+    attention call when prefilled together), prepare each, hand them over."""
 
     def hand_over(message) -> bool:
         while not stop.is_set():
@@ -208,7 +195,7 @@ def _produce(todo: list[BatchItem], session: ModelSession, config: BatchConfig, 
 
     try:
         with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="qwen2vl-decode") as pool:
-            for window in _chunks(todo, batch_size * WINDOW_BATCHES):
+            for window in _chunks(todo, WINDOW_ITEMS):
                 if stop.is_set():
                     return
                 decoded = list(pool.map(lambda item: _decode(item, session, config), window))
@@ -218,11 +205,16 @@ def _produce(todo: list[BatchItem], session: ModelSession, config: BatchConfig, 
                 good = sorted(((item, media) for item, media, reason in decoded if not reason),
                               key=lambda pair: (pair[1].facts["width"] * pair[1].facts["height"],
                                                 pair[1].facts["width"]))
-                for group in _chunks(good, batch_size):
-                    requests = [ChatRequest(prompt=item.prompt or config.prompt, system=config.system, media=[media],
-                                            generation=config.generation) for item, media in group]
-                    prepared = session.prepare(requests, on_device=True)
-                    if not hand_over(("batch", ([item for item, _ in group], requests, prepared))):
+                for item, media in good:
+                    request = ChatRequest(prompt=item.prompt or config.prompt, system=config.system, media=[media],
+                                          generation=config.generation)
+                    try:
+                        prepared = session.prepare_one(request)
+                    except Exception as exc:  # noqa: BLE001 - a bad item must not stop the run
+                        if not hand_over(("failed", [(item, describe_exception(exc)[0])])):
+                            return
+                        continue
+                    if not hand_over(("item", (item, request, prepared))):
                         return
         hand_over(("end", None))
     except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..render import Environment, OutputOptions
-from ..session import ChatRequest
+from ..types import ChatRequest
 from ..sources import FetchLimits
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,

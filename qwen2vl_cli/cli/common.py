@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 from ..errors import UsageError
-from ..quant import QUANTIZE_CHOICES
+from ..engine.quant import QUANTIZE_CHOICES
 from ..render import Environment, OutputOptions, render_answer
-from ..session import (ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model,
-                       get_session)
+from ..types import ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model
+from ..engine.session import get_session
 from ..sources import PATCH_FACTOR, FetchLimits, ImageOptions
 from ..video import VideoOptions, describe_facts
 

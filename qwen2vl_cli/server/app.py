@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExitStatus, Qwen2VLError, UsageError, describe_exception
-from ..session import Completion, ModelSession, ModelSpec, TextDelta
+from ..types import Completion, ModelSpec, TextDelta
+from ..engine.session import ModelSession
 from ..sources import FetchLimits
 from . import registry
 from .registry import DEFAULT_PORT, PROOF_HEADER, proof
 from .protocol import (SIZED_HEADER, MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
                        parse_chat_request, usage_body)
-from .worker import GenerationWorker, Job
+from .worker import Job, start_job
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 64
@@ -152,7 +153,7 @@ async def _send_json(send, status: int, body: dict, headers: list | None = None)
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
+def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
     """The FastAPI application (no model work happens on the event loop). `token` is this session's secret:
     /health proves it holds it (an HMAC of the client's challenge) without revealing it."""
     from fastapi import FastAPI, Request
@@ -162,7 +163,8 @@ def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
 
     app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, config=config)
-    max_prompt = min(config.max_prompt_tokens or worker.session.context or 32768, worker.session.context or 32768)
+    engine = session.engine
+    max_prompt = min(config.max_prompt_tokens or session.context or 32768, session.context or 32768)
     policy = MediaPolicy(config.limits, config.allowed_local, config.max_images, config.max_videos, max_prompt)
     started = time.time()
 
@@ -194,19 +196,18 @@ def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
         given = request.headers.get("authorization", "").encode()
         if config.api_key and not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
             return answer
-        return {**answer, "model": config.model_name, "device": worker.session.device or config.spec.device,
-                "loaded": worker.session.model is not None, "busy": worker.busy, "running": worker.running,
-                "queued": worker.queued, "idle_s": round(worker.idle_s, 1), "started": started}
+        return {**answer, "model": config.model_name, "device": session.device or config.spec.device,
+                "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
+                "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(started),
-                                             "owned_by": "qwen2vl", "max_model_len": worker.session.context}]}
+                                             "owned_by": "qwen2vl", "max_model_len": session.context}]}
 
     def admit(body, as_sent: bool):
         """Parse, resolve media, and check the prompt's size (on a worker thread: tokenizing takes time)."""
         parsed = parse_chat_request(body, config.model_name, dataclasses.replace(policy, as_sent=as_sent))
-        session = worker.session
         if parsed.characters > CHARS_PER_TOKEN_BOUND * max_prompt:
             raise RequestError(f"the prompt is {parsed.characters} characters, far over this server's limit of "
                                f"{max_prompt} tokens (--max-prompt-tokens)", param="messages")
@@ -222,10 +223,10 @@ def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        if worker.queued + worker.running >= config.max_queue:
+        if engine.queued + engine.running >= config.max_queue:
             raise RequestError(f"the server is busy ({config.max_queue} requests waiting; --max-queue)", status=429,
                                code="queue_full", kind="rate_limit_error",
-                               headers={"Retry-After": str(worker.retry_after_s())})
+                               headers={"Retry-After": str(engine.retry_after_s())})
         try:
             body = json.loads(await request.body() or b"null")
         except (ValueError, UnicodeDecodeError):
@@ -233,8 +234,7 @@ def create_app(config: ServerConfig, worker: GenerationWorker, token: str = ""):
         except RecursionError:  # thousands of nested brackets
             raise RequestError("the request body is nested too deeply") from None
         parsed = await run_in_threadpool(admit, body, request.headers.get(SIZED_HEADER) == "1")
-        job = Job(parsed.request, parsed.stream, asyncio.get_running_loop())
-        worker.submit(job)
+        job = start_job(engine, parsed.request, parsed.stream)
         request_id = new_id()
         if parsed.stream:
             return StreamingResponse(_sse(job, request_id, config.model_name, parsed.include_usage),
@@ -256,10 +256,10 @@ async def _answer_or_gone(job: Job, request, poll_s: float = 0.25):
             if done:
                 return waiting.result()
             if await request.is_disconnected():
-                job.cancelled.set()
+                job.cancel()
                 raise asyncio.CancelledError()
     except BaseException:
-        job.cancelled.set()
+        job.cancel()
         waiting.cancel()
         raise
 
@@ -294,7 +294,7 @@ async def _sse(job: Job, request_id: str, model: str, include_usage: bool):
                 break
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()
+        job.cancel()
 
 
 def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
@@ -315,12 +315,11 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
 
     with loading or contextlib.nullcontext():
         session = ModelSession(config.spec).load()
-    worker = GenerationWorker(session, config.keep_alive_s)
-    worker.start()
+    session.engine.keep_alive_s = config.keep_alive_s
     token = secrets.token_hex(16)
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else shown_host}:{port}"
-    server = uvicorn.Server(uvicorn.Config(create_app(config, worker, token), log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(create_app(config, session, token), log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))
     registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
                           "model": config.model_name, "device": session.device, "started": time.time()})
@@ -333,7 +332,7 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
         server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
-        worker.stop()
+        session.engine.close()
         registry.remove_state(os.getpid())
 
 

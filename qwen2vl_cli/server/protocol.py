@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Qwen2VLError
-from ..session import ChatRequest, Completion, GenerationOptions, Media
+from ..types import ChatRequest, Completion, GenerationOptions, Media
 from ..sources import IMAGE_MAX_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, display_name
 from ..video import MAX_FRAMES
 

@@ -100,7 +100,7 @@ def measured(request):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A full-size random-weight Qwen2-VL (the real configuration), built on the GPU once."""
-    from qwen2vl_cli.checkpoint import build_checkpoint
+    from tests.checkpoint import build_checkpoint
 
     folder = Path(os.environ.get("QWEN2VL_GPU_CHECKPOINT") or tmp_path_factory.mktemp("gpu-checkpoint")) / SIZE
     marker = folder / "qwen2vl_random_checkpoint.json"
@@ -166,7 +166,7 @@ def free_sessions() -> None:
 
     import torch
 
-    from qwen2vl_cli import session as session_module
+    from qwen2vl_cli.engine import session as session_module
 
     for session in session_module._SESSIONS.values():
         session.unload()

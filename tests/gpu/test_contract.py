@@ -13,8 +13,9 @@ from .conftest import DEVICE
 
 
 def test_the_contract_holds_here(checkpoint, measured):
-    from qwen2vl_cli.fastpath import CONTRACT_TOLERANCE
-    from qwen2vl_cli.session import GenerationOptions, ModelSpec, get_session
+    from qwen2vl_cli.engine.fast.decoder import CONTRACT_TOLERANCE
+    from qwen2vl_cli.types import GenerationOptions, ModelSpec
+    from qwen2vl_cli.engine.session import get_session
 
     session = get_session(ModelSpec(model=str(checkpoint), device=DEVICE)).load()
     assert session.fast_path_enabled(GenerationOptions()), "the fast path stepped aside"
@@ -24,15 +25,17 @@ def test_the_contract_holds_here(checkpoint, measured):
 
 
 def test_an_empty_cache_is_caught(checkpoint, measured, monkeypatch):
-    from qwen2vl_cli import fastpath
-    from qwen2vl_cli.session import ModelSession, ModelSpec, _contract_probes
+    from qwen2vl_cli.engine.fast import decoder as fastpath
+    from qwen2vl_cli.types import ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession, _contract_probes
 
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "off")  # a model without the fast path: `enable` puts it on below
     session = ModelSession(ModelSpec(model=str(checkpoint), device=DEVICE)).load()
     break_the_fast_layers_cache(monkeypatch)
     single = [probe for probe in _contract_probes() if len(probe) == 1]  # the batch probe fails outright
     probes = [(session.to_device(prepared), prepared) for prepared in map(session.prepare, single)]
     with pytest.raises(fastpath.ContractError) as caught:
-        fastpath.FastDecoder(session.model, probes)
+        fastpath.enable(session.model, probes)
     error = re.search(r"relative error ([0-9.e+-]+)", str(caught.value))
     measured("relative_error_with_an_empty_cache", float(error.group(1)) if error else str(caught.value))
     assert all("forward" not in layer.__dict__ for layer in session.model.model.language_model.layers)

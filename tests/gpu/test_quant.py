@@ -20,7 +20,7 @@ NEAR_TIE_HALF = 1e-2  # float16 kernels: a first differing token only where the 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from qwen2vl_cli.checkpoint import build_checkpoint
+    from tests.checkpoint import build_checkpoint
 
     folder = tmp_path_factory.mktemp("quantized")
     return quantize_all(build_checkpoint(folder / "small", "small"), folder)
@@ -33,7 +33,8 @@ def frames(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantized_answers_like_the_twin_on_cuda(quantized, media, frames, measured, name):
-    from qwen2vl_cli.session import ModelSession, ModelSpec
+    from qwen2vl_cli.types import ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession
 
     quant_dir, twin_dir = quantized[name]
     quant = ModelSession(ModelSpec(str(quant_dir), device=DEVICE)).load()

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 
-from .errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, UsageError
 
 QUANTIZE_CHOICES = ("4bit", "8bit")
 EXTRA = "pip install 'qwen2vl-cli[quant]'"
@@ -106,7 +106,7 @@ def quiet_loading(active: bool):
         return
     import tempfile
 
-    from .errors import debug_enabled
+    from ..errors import debug_enabled
 
     os.environ.setdefault("GPTQMODEL_LOG_LEVEL", "WARN")
     sys.stdout.flush()

@@ -253,7 +253,7 @@ def _pack(values, bits: int, dim: int):
     return words.movedim(0, dim).int().contiguous()
 
 
-if __name__ == "__main__":  # python -m qwen2vl_cli.checkpoint DIR [tiny|small|2b|7b]
+if __name__ == "__main__":  # python -m tests.checkpoint DIR [tiny|small|2b|7b]
     import sys
 
     print(build_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "tiny"))

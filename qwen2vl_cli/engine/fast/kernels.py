@@ -40,8 +40,9 @@ def rope_store_torch(qkv, positions, inv_freq, slot, keys, values, heads, kv_hea
     k = qkv[:, q_size:q_size + kv_size].view(batch, kv_heads, head_dim)
     v = qkv[:, q_size + kv_size:].view(batch, kv_heads, head_dim)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    keys.index_copy_(2, slot, k[:, :, None])
-    values.index_copy_(2, slot, v[:, :, None])
+    rows = torch.arange(batch, device=keys.device)
+    keys[rows, :, slot] = k
+    values[rows, :, slot] = v
     return q
 
 
@@ -121,7 +122,8 @@ def add_rms_norm(hidden, delta, weight, eps, inplace=False):
 
 
 def rope_store(qkv, positions, inv_freq, slot, keys, values, heads, kv_heads):
-    """Rotate the step's q and k (text positions), write k and v at `slot` of the cache; q is [B, heads, hd]."""
+    """Rotate the step's q and k (text positions), write each row's k and v at its `slot` [B] of the cache;
+    q is [B, heads, hd]."""
     return _run("rope_store", rope_store_torch, qkv, positions, inv_freq, slot, keys, values, heads, kv_heads,
                 triton_ok=_triton_head_dim(keys.shape[-1]))
 
@@ -145,6 +147,7 @@ def quick_gelu(x):
 
 def decode_attention(q, keys, values, mask, slot):
     """One decode step's attention: q [B, kv_heads, groups, hd] (the query heads that share a K/V head)
-    against the static cache [B, kv_heads, size, hd], additive mask [B, 1, 1, size], keys 0..slot written."""
+    against the static cache [B, kv_heads, size, hd], additive mask [B, 1, 1, size], each row's keys 0..slot
+    written (slot [B])."""
     return _run("decode_attention", decode_attention_torch, q, keys, values, mask, slot,
                 triton_ok=_triton_head_dim(q.shape[-1]))

@@ -1,8 +1,6 @@
-"""ModelSession: loads Qwen2-VL and its processor once per process, builds prompts the seed recipe's
-way, and generates: `stream()` for one conversation, `generate_batch()` for many.
-
-The chat request types live here too; they are plain data that the CLI, the batch runner and the
-server all build. torch and transformers are imported only when a session loads.
+"""ModelSession: loads Qwen2-VL and its processor once per process, builds prompts the seed recipe's way,
+turns requests into tensors, and answers through its Engine (engine/scheduler.py), which owns generation.
+torch and transformers are imported only when a session loads.
 """
 
 from __future__ import annotations
@@ -13,131 +11,43 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
-from .errors import ModelLoadError, UsageError
-from .modelfiles import (explain_load_failure, hub_offline, hub_reachable, local_model_dir, not_cached_message,
-                         validate_model_dir)
-
-DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
-DEFAULT_MAX_NEW_TOKENS = 512
-DEVICES = ("auto", "cuda", "cpu", "mps")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+from ..errors import ModelLoadError, UsageError
+from ..modelfiles import (explain_load_failure, hub_offline, hub_reachable, local_model_dir, not_cached_message,
+                          validate_model_dir)
+from ..types import ChatRequest, Completion, GenerationOptions, Media, ModelSpec, TextDelta, stop_at
 
 
-def default_model() -> str:
-    """The model used when --model is not given: $QWEN2VL_MODEL, else Qwen2-VL-2B-Instruct."""
-    return os.environ.get("QWEN2VL_MODEL") or DEFAULT_MODEL
+class _Done:
+    """A stopping criterion per row of a `generate` batch: a row stops once its Answer is done (its stop string,
+    its caller gone); generation ends when every row has."""
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to load, and where and how."""
-
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    quantize: str | None = None  # "4bit" or "8bit": quantize on load with bitsandbytes
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding settings; greedy unless a sampling option is given."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings (not included)
-    frequency_penalty: float | None = None  # OpenAI's: minus penalty x times a token was generated so far
-    presence_penalty: float | None = None  # OpenAI's: minus penalty once a token has been generated
-
-    @property
-    def penalized(self) -> bool:
-        """Any penalty that changes the logits (the fast path takes none of them)."""
-        return (self.repetition_penalty not in (None, 1.0) or bool(self.frequency_penalty)
-                or bool(self.presence_penalty))
-
-    @property
-    def sampling(self) -> bool:
-        if self.temperature is not None:
-            return self.temperature > 0
-        return self.top_p is not None or self.top_k is not None
-
-
-@dataclass
-class Media:
-    """One image or video of a conversation, decoded and sized for the processor."""
-
-    kind: Literal["image", "video"]
-    source: str
-    data: Any
-    metadata: Any = None  # video: the sampling metadata the processor needs
-    facts: dict = field(default_factory=dict)  # what the model sees: sizes, frames, tokens
-    notes: list[str] = field(default_factory=list)  # what was reduced to fit, for stderr
-
-
-@dataclass
-class ChatRequest:
-    """One conversation turn: media and a prompt, optionally a system message.
-
-    `conversation` holds a whole multi-turn chat instead (the server's requests), with the media
-    objects in place; `media` then lists them in order.
-    """
-
-    prompt: str
-    media: list[Media] = field(default_factory=list)
-    system: str | None = None
-    vision_ids: bool = False
-    generation: GenerationOptions = field(default_factory=GenerationOptions)
-    conversation: list[dict] | None = None
-
-    def messages(self) -> list[dict]:
-        """The conversation in the form qwen-vl-utils and the chat template take."""
-        if self.conversation is not None:
-            return self.conversation
-        content: list[dict] = [{"type": m.kind, m.kind: m.data} for m in self.media]
-        content.append({"type": "text", "text": self.prompt})
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages.append({"role": "user", "content": content})
-        return messages
-
-
-@dataclass
-class TextDelta:
-    """A piece of the answer, as it is generated."""
-
-    text: str
-
-
-@dataclass
-class Completion:
-    """The whole answer with its usage and timings (seconds)."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    first_token_s: float | None
-    total_s: float
-
-
-class _Stop:
-    """A stopping criterion that ends generation when the caller goes away (Ctrl-C, closed stream), or when
-    `event` (anything with is_set(), e.g. "every request of this batch was cancelled") says so."""
-
-    def __init__(self, event=None) -> None:
-        self.event = event if event is not None else threading.Event()
+    def __init__(self, answers) -> None:
+        self.answers = answers
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        done = [a.done or a.ticket.cancelled.is_set() for a in self.answers]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Feed:
+    """A transformers streamer that hands each row's new token to its Answer (the first call is the prompt)."""
+
+    def __init__(self, answers) -> None:
+        self.answers, self.prompt_seen = answers, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for answer, token in zip(self.answers, value.reshape(-1).tolist()):
+            answer.add(token)
+
+    def end(self) -> None:
+        pass
 
 
 class _Penalties:
@@ -156,18 +66,6 @@ class _Penalties:
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop string starts in `text`, or None."""
-    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
-    return min(found) if found else None
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many characters at the end of `text` could be the start of a stop string (not shown yet)."""
-    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
-                if text.endswith(stop[:n])), default=0)
-
-
 class ModelSession:
     """Qwen2-VL and its processor, loaded once, reused for every request of the process."""
 
@@ -179,10 +77,12 @@ class ModelSession:
         self.context: int | None = None  # the model's positions: prompt + answer must fit
         self.load_s: float = 0.0
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
-        self.fast = None  # FastDecoder, built on first greedy use where enabled; False: its contract check failed
+        self.fast = None  # fast.decoder.FastDecoder where the fast path is on (decided at load)
         self.quantization: str | None = None  # "GPTQ-Int4", ...: what the loaded weights are
+        self.eos_ids: set[int] = set()
+        self.pad_id = 0
         self._prepare_stream = None  # CUDA stream for GPU-side preprocessing
-        self._streams = None  # one long-lived thread generates streamed answers: per-thread GPU caches stay warm
+        self._engine = None
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> "ModelSession":
@@ -245,8 +145,37 @@ class ModelSession:
         text = getattr(self.model.config, "text_config", self.model.config)
         self.context = (getattr(text, "max_position_embeddings", None)
                         or getattr(self.model.config, "max_position_embeddings", None))
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        pad = self.model.generation_config.pad_token_id
+        self.pad_id = min(self.eos_ids) if pad is None else pad
+        self.fast = self._enable_fast()
         self.load_s = time.perf_counter() - start
         return self
+
+    @property
+    def engine(self):
+        """The Engine (scheduler.py) that answers for this session: made on first use."""
+        if self._engine is None:
+            from .scheduler import Engine
+
+            self._engine = Engine(self)
+        return self._engine
+
+    def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
+        """One answer: TextDelta pieces as they come, then one Completion (the engine schedules it)."""
+        self.load()
+        return self.engine.stream(request)
+
+    def submit(self, request: ChatRequest, emit, stream: bool = False, prepared=None):
+        """Queue one request with the engine; `emit` gets its events (see scheduler.Ticket)."""
+        self.load()
+        return self.engine.submit(request, emit, stream, prepared)
+
+    def generate_batch(self, requests: list[ChatRequest], cancelled=None) -> list[Completion]:
+        """Answers to several requests, in their order (the engine batches them with whatever else runs)."""
+        self.load()
+        return self.engine.generate(requests, cancelled)
 
     def unload(self) -> None:
         """Free the model's memory (the server's --keep-alive); the next request loads it again."""
@@ -254,6 +183,8 @@ class ModelSession:
             return
         self.model = None
         self.fast = None
+        if self._engine is not None:
+            self._engine.drop_cache()
         import gc
 
         import torch
@@ -265,7 +196,7 @@ class ModelSession:
     # ---- media ---------------------------------------------------------------------------------
     def image_media(self, source: str, options, limits) -> Media:
         """An image source, decoded and sized for this model (sources.resolve_image)."""
-        from .sources import PATCH_FACTOR, display_name, resolve_image
+        from ..sources import PATCH_FACTOR, display_name, resolve_image
 
         image = resolve_image(source, options, limits)
         width, height = image.size
@@ -274,7 +205,7 @@ class ModelSession:
 
     def video_media(self, source: str, options, limits) -> Media:
         """A video, frame directory or glob, sampled and sized (video.resolve_video)."""
-        from .video import resolve_video
+        from ..video import resolve_video
 
         video = resolve_video(source, options, limits)
         return Media("video", video.source, video.frames, metadata=video.metadata, facts=video.facts,
@@ -316,6 +247,31 @@ class ModelSession:
         if self.device and self.device.startswith("cuda"):
             inputs = inputs.__class__({k: v if v.is_cuda else v.pin_memory() for k, v in inputs.items()})
         return inputs
+
+    def prepare_one(self, request: ChatRequest, early: bool = False):
+        """`prepare` for one request, its images processed on the GPU; `early`: the fast path's vision tower
+        starts on them while the prompt is tokenized (on the calling thread's stream: the engine's)."""
+        images_only = all(m.kind == "image" for m in request.media)
+        start = self.fast.prefill.start if early and self.fast and images_only else None
+        return self.prepare([request], on_device=True, on_images=start)
+
+    def collate(self, prepared: list):
+        """Several `prepare_one` results as one batch, as `prepare` would have made it: prompts left-padded, media
+        tensors one after another."""
+        import torch
+
+        width = max(p["input_ids"].shape[1] for p in prepared)
+        pads = {"input_ids": self.processor.tokenizer.pad_token_id or 0, "attention_mask": 0, "mm_token_type_ids": 0}
+        batch = {}
+        for key in prepared[0].keys():
+            values = [p[key] for p in prepared if p.get(key) is not None]
+            if key in pads:
+                values = [torch.nn.functional.pad(v.to(values[0].device), (width - v.shape[1], 0), value=pads[key])
+                          for v in values]
+            batch[key] = torch.cat([v.to(values[0].device) for v in values]) if isinstance(values[0], torch.Tensor) else values
+        for key in {k for p in prepared for k in p.keys()} - set(batch):
+            batch[key] = torch.cat([p[key] for p in prepared if p.get(key) is not None])
+        return prepared[0].__class__(batch)
 
     def check_context(self, requests: list[ChatRequest], prompt_tokens: list[int] | None = None) -> None:
         """Prompt + media + new tokens must fit the model's context: a UsageError naming the numbers, before
@@ -377,158 +333,73 @@ class ModelSession:
 
     # ---- generation ----------------------------------------------------------------------------
     def fast_path_enabled(self, options: GenerationOptions) -> bool:
-        """The static-cache decoder serves greedy decoding: by default on CUDA, QWEN2VL_FASTPATH=on|off forces it;
-        never for quantized weights (its fused projections read float weights) nor where its contract check
-        with this transformers failed (the stock code answers then)."""
+        """Whether the fast path answers with these options: greedy, no penalties, where it is on."""
+        return bool(self.fast) and not options.sampling and not options.penalized
+
+    def _enable_fast(self):
+        """The fast path (fast.decoder), an explicit step of loading: by default on CUDA, QWEN2VL_FASTPATH=on|off
+        forces it; never for quantized weights (its fused projections read float weights). Checked against the
+        stock model on probe prompts; where that fails, None and one note on stderr (the stock code answers)."""
         setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
         wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
-        return (wanted and not options.sampling and not options.penalized and not self.quantization
-                and self._fast_decoder() is not None)
+        if not wanted or self.quantization:
+            return None
+        import transformers
+
+        from .fast.decoder import ContractError, enable
+
+        probes = [(self.to_device(prepared), prepared) for prepared in map(self.prepare, _contract_probes())]
+        try:
+            return enable(self.model, probes)
+        except ContractError as exc:
+            print(f"qwen2vl: note: the fast path is off with transformers {transformers.__version__} ({exc}); "
+                  "answering with transformers' generate", file=sys.stderr)
+            return None
 
     def describe_weights(self) -> str:
         """One --verbose line: what was loaded and which path answers."""
         weights = self.quantization or str(self.model.dtype).removeprefix("torch.")
-        if self.quantization:
+        if self.fast:
+            path = "fast path on (continuous batching)"
+        elif self.quantization:
             path = "fast path off (quantized layers: transformers' generate)"
         else:
-            path = "fast path " + ("on" if (self.device or "").startswith("cuda") else "off (CPU)")
+            path = "fast path off (" + ("CPU" if not (self.device or "").startswith("cuda") else "its check failed") + ")"
         return f"{self.spec.model}: {weights} weights on {self.device}; {path}"
 
-    def _fast_decoder(self):
-        """The FastDecoder, built on first use and checked against the stock model on probe prompts; None
-        (with one note on stderr) where that check fails."""
-        if self.fast is None:
-            import transformers
-
-            from .fastpath import ContractError, FastDecoder
-
-            probes = [(self.to_device(prepared), prepared) for prepared in map(self.prepare, _contract_probes())]
-            try:
-                self.fast = FastDecoder(self.model, probes)
-            except ContractError as exc:
-                self.fast = False
-                print(f"qwen2vl: note: the fast path is off with transformers {transformers.__version__} ({exc}); "
-                      "answering with transformers' generate", file=sys.stderr)
-        return self.fast or None
-
-    def _generate(self, inputs, options: GenerationOptions, streamer=None, stop: "_Stop | None" = None, host=None):
-        """Prompt + new token ids for a batch: the fast decoder where it applies, else `model.generate`.
-        `host` is `inputs` as prepared, before the copy to the GPU (the fast path reads token ids there)."""
+    def generate_stock(self, inputs, options: GenerationOptions, answers) -> None:
+        """transformers' `generate` over a batch, each row's tokens handed to its Answer as they come; a row
+        stops when its Answer is done."""
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        if self.fast_path_enabled(options):
-            eos = self.model.generation_config.eos_token_id
-            eos_ids = set(eos if isinstance(eos, list) else [eos])
-            pad = self.model.generation_config.pad_token_id
-            return self._fast_decoder().generate(inputs, options.max_new_tokens, eos_ids,
-                                                 min(eos_ids) if pad is None else pad, streamer=streamer,
-                                                 stop=stop.event if stop else None, host=host)
+        extra = {}
+        if options.frequency_penalty or options.presence_penalty:
+            extra["logits_processor"] = LogitsProcessorList([_Penalties(
+                inputs["input_ids"].shape[1], options.frequency_penalty, options.presence_penalty)])
         with torch.inference_mode():
-            extra = {"stopping_criteria": StoppingCriteriaList([stop])} if stop else {}
-            if options.frequency_penalty or options.presence_penalty:
-                from transformers import LogitsProcessorList
+            self.model.generate(**inputs, streamer=_Feed(answers), stopping_criteria=StoppingCriteriaList([_Done(answers)]),
+                                **extra, **self.generate_kwargs(options))
 
-                extra["logits_processor"] = LogitsProcessorList([_Penalties(
-                    inputs["input_ids"].shape[1], options.frequency_penalty, options.presence_penalty)])
-            return self.model.generate(**inputs, streamer=streamer, **extra, **self.generate_kwargs(options))
+    def decode(self, ids: list[int]) -> str:
+        return self.detokenizer.decode(ids, skip_special_tokens=True)
 
-    def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
-        """Generate one answer: TextDelta pieces as they come, then one Completion."""
-        from transformers import TextIteratorStreamer
-
-        self.load()
-        start = time.perf_counter()
-        streamer = TextIteratorStreamer(self.detokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = _Stop()
-        outcome: dict[str, Any] = {}
-        first_token: list[float] = []
-        original_put = streamer.put
-
-        def put(value):  # the first call carries the prompt; the second, the first new token
-            if streamer.next_tokens_are_prompt is False and not first_token:
-                first_token.append(time.perf_counter() - start)
-            original_put(value)
-
-        streamer.put = put
-
-        def run():  # on the generating thread: the vision tower starts while the prompt is tokenized
-            try:
-                # the vision tower starts early only where the prefill will take it: no video beside the images
-                early = self.fast_path_enabled(request.generation) and all(m.kind == "image" for m in request.media)
-                prepared = self.prepare([request], on_device=True,
-                                        on_images=self.fast.prefill.start if early else None)
-                inputs = self.to_device(prepared)
-                outcome["prompt_len"] = inputs["input_ids"].shape[1]
-                outcome["ids"] = self._generate(inputs, request.generation, streamer, stop, host=prepared)
-            except BaseException as exc:  # surfaced in the caller's thread below
-                outcome["error"] = exc
-                streamer.end()
-
-        if self._streams is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._streams = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen2vl-generate")
-        running = self._streams.submit(run)
-        stops, held = request.generation.stop, ""
-        try:
-            for piece in streamer:
-                held += piece
-                cut = stop_at(held, stops) if stops else None
-                if cut is not None:  # a stop string: show what came before it, generate no further
-                    held = held[:cut]
-                    break
-                keep = held_back(held, stops) if stops else 0
-                if len(held) > keep:
-                    yield TextDelta(held[:len(held) - keep])
-                    held = held[len(held) - keep:]
-            if held:
-                yield TextDelta(held)
-        finally:
-            stop.event.set()
-            running.result()
-        if "error" in outcome:
-            raise outcome["error"]
-        prompt_len = outcome["prompt_len"]
-        new_ids = outcome["ids"][0, prompt_len:].tolist()
-        yield self._completion(new_ids, prompt_len, request.generation,
-                               first_token[0] if first_token else None, time.perf_counter() - start)
-
-    def generate_batch(self, requests: list[ChatRequest], prepared=None, cancelled=None) -> list[Completion]:
-        """Answer several requests in one batched generate (the first request's generation options; each
-        request's own stop strings).
-
-        `prepared` is `prepare(requests)` done ahead, e.g. on a worker thread while the GPU was busy.
-        `cancelled` (anything with is_set()) ends the generation early when it turns true.
-        """
-        self.load()
-        start = time.perf_counter()
-        inputs = self.to_device(prepared if prepared is not None else self.prepare(requests))
-        prompt_len = inputs["input_ids"].shape[1]
-        output = self._generate(inputs, requests[0].generation, stop=_Stop(cancelled) if cancelled else None)
-        total = time.perf_counter() - start
-        mask = inputs["attention_mask"].tolist()
-        rows = output[:, prompt_len:].tolist()
-        return [self._completion(ids, int(sum(mask[row])), request.generation, None, total)
-                for row, (ids, request) in enumerate(zip(rows, requests))]
-
-    def _completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
-                    first_token_s: float | None, total_s: float) -> Completion:
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
+    def completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
+                   first_token_s: float | None, total_s: float) -> Completion:
+        """The Completion of generated `ids`: cut after the first end token, and before a stop string."""
         for index, token in enumerate(ids):
-            if token in eos_ids:
+            if token in self.eos_ids:
                 ids, reason = ids[: index + 1], "stop"
                 break
         else:
             reason = "length" if len(ids) >= options.max_new_tokens else "stop"
-        text = self.detokenizer.decode(ids, skip_special_tokens=True)
+        text = self.decode(ids)
         cut = stop_at(text, options.stop) if options.stop else None
         if cut is not None:  # the answer ends before the stop string; count the tokens up to it
             low, high = 1, len(ids)
             while low < high:  # the shortest prefix whose text reaches the stop string
                 middle = (low + high) // 2
-                if stop_at(self.detokenizer.decode(ids[:middle], skip_special_tokens=True), options.stop) is None:
+                if stop_at(self.decode(ids[:middle]), options.stop) is None:
                     low = middle + 1
                 else:
                     high = middle

@@ -1,8 +1,10 @@
 """The GPU fast path for Qwen2-VL, over the loaded model's own weights:
 
-- FastDecoder: greedy decoding with a static KV cache, fused QKV and gate/up projections and the fused
-  kernels of kernels.py; on CUDA the whole step is one CUDA graph that feeds itself (next token,
-  position, cache slot) and is replayed for every token while the host reads tokens a few steps behind.
+- FastDecoder: the prompt's forward and a greedy decode step over a static KV cache, with fused QKV and
+  gate/up projections and the fused kernels of kernels.py; `enable` puts it on a model and checks it.
+- Rows: the running batch the engine (engine/scheduler.py) decodes: requests join and leave between steps;
+  on CUDA a step is one CUDA graph that feeds itself (next token, position, cache slot), replayed while the
+  host reads tokens a few steps behind.
 - install_vision / install_text: the vision tower and the language model's layers, same arithmetic with
   fewer kernels and no host syncs, used by every forward (the prefill, and `generate` when it runs).
 
@@ -11,14 +13,12 @@ positions plus rope_deltas), so greedy answers equal `model.generate`'s: tests c
 the CPU, the GPU suite (tests/gpu) on CUDA. Sampling and repetition penalties stay on `generate`.
 
 It reaches into transformers' internals (layer forwards, the cache, M-RoPE positions), which change between
-releases. So the contract is checked where it matters, at load: FastDecoder runs a few probe prompts
+releases. So the contract is checked where it matters, at load: `enable` runs a few probe prompts
 through the stock model and through the fast path, and where the logits differ (or anything fails) it takes
 its patches off and raises ContractError; the session then answers with the stock code. Never a wrong answer.
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from . import kernels
 from .prefill import Prefill, captured, rope_index
 
-CACHE_BLOCK = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
-AHEAD = 3  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
+CACHE_BLOCK = 256  # cache lengths are rounded up to this
+AHEAD = 2  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
 # the contract check's largest relative error of logits, {float32: ..., half precision: ...}. Rounding: 0 on the
 # CPU in float32; 0.003-0.036 in bf16 on the H100 (random-weight 2B). A cache left empty: see tests/gpu.
 CONTRACT_TOLERANCE = {True: 1e-3, False: 0.25}
@@ -37,13 +37,35 @@ class ContractError(RuntimeError):
     """transformers' model or processor does not behave as the fast path expects: use the stock code."""
 
 
-class FastDecoder:
-    """Greedy decoding over a loaded Qwen2VLForConditionalGeneration; `generate` mirrors HF's contract."""
+def enable(model, probes=(), use_graphs: bool | None = None) -> "FastDecoder":
+    """Put the fast path on `model` (fused weights, fast vision and text layers), then check the contract with
+    transformers on `probes` (pairs of inputs on the device and as prepared): on each, the prompt's logits and the
+    next step's must be the stock model's. Where they are not, or the check fails, the patches come off and
+    ContractError says why."""
+    decoder = FastDecoder(model, use_graphs)
+    cache_arg = decoder.cache_arg
+    references = [_reference(model, inputs, cache_arg) for inputs, _ in probes]  # the stock code, before patching
+    decoder.install()
+    try:
+        for (inputs, host), reference in zip(probes, references):
+            decoder.errors.append(decoder._check(inputs, host, reference))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the contract is not the one we know
+        uninstall(model)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ContractError(f"{type(exc).__name__}: {first}") from exc
+    tolerance = CONTRACT_TOLERANCE[decoder.dtype == torch.float32]
+    if decoder.errors and max(decoder.errors) > tolerance:
+        uninstall(model)
+        raise ContractError(f"its answers differ from transformers' (relative error {max(decoder.errors):.2g} "
+                            f"> {tolerance:g})")
+    return decoder
 
-    def __init__(self, model, probes=(), use_graphs: bool | None = None) -> None:
-        """Patch `model` for the fast path, then check the contract with transformers on `probes` (pairs of
-        inputs on the device and as prepared): on each, the prompt's logits and the next step's must be the
-        stock model's. Where they are not, or the check fails, the patches come off and ContractError says why."""
+
+class FastDecoder:
+    """The fast path's parts over a loaded Qwen2VLForConditionalGeneration: the prompt's forward (`_prefill`) and
+    one greedy decode step over a static cache (`_step`), which Rows runs for a batch. Made by `enable`."""
+
+    def __init__(self, model, use_graphs: bool | None = None) -> None:
         import inspect
 
         self.model = model
@@ -51,6 +73,7 @@ class FastDecoder:
         self.language = model.model.language_model
         self.heads, self.kv_heads = text.num_attention_heads, text.num_key_value_heads
         self.head_dim = text.hidden_size // text.num_attention_heads
+        self.layer_count = text.num_hidden_layers
         self.eps = text.rms_norm_eps
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -58,37 +81,29 @@ class FastDecoder:
         self.inv_freq = self.language.rotary_emb.inv_freq.float().to(self.device)
         # newer transformers (5.24) call the forward's past_key_values `cache` (the old name is deprecated)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        references = [_reference(model, inputs, self.cache_arg) for inputs, _ in probes]  # the stock code
-        self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.lock = threading.Lock()
-        self.layers = [self._fuse(layer) for layer in self.language.layers]
-        install_vision(model)
-        install_text(model, self.layers)
-        self.prefill = Prefill(model, self.use_graphs)
+        self.layers: list[dict] = []
+        self.prefill: Prefill | None = None
         self.errors: list[float] = []  # per probe: the larger relative error of its two logits
-        try:
-            for (inputs, host), reference in zip(probes, references):
-                self.errors.append(self._check(inputs, host, reference))
-        except Exception as exc:  # noqa: BLE001 - any failure here means the contract is not the one we know
-            uninstall(model)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ContractError(f"{type(exc).__name__}: {first}") from exc
-        tolerance = CONTRACT_TOLERANCE[self.dtype == torch.float32]
-        if self.errors and max(self.errors) > tolerance:
-            uninstall(model)
-            raise ContractError(f"its answers differ from transformers' (relative error {max(self.errors):.2g} "
-                                f"> {tolerance:g})")
+
+    def install(self) -> None:
+        """Fuse the projections and put the fast vision and text layers in (every forward uses them)."""
+        self.layers = [self._fuse(layer) for layer in self.language.layers]
+        install_vision(self.model)
+        install_text(self.model, self.layers)
+        self.prefill = Prefill(self.model, self.use_graphs)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layer_count * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     @torch.inference_mode()
     def _check(self, inputs, host, reference) -> float:
         """The fast path's prefill and first decode step on one probe, against the stock model's logits."""
         logits, prompt_kv, delta = self._prefill(inputs, host)
         attention = inputs["attention_mask"]
-        batch, length = inputs["input_ids"].shape
-        graph = _Graph(self, batch, CACHE_BLOCK)
-        graph.start(prompt_kv, attention, length, reference["next"], attention.sum(-1) + delta.reshape(-1),
-                    {-1}, 0)
-        second = self._step_logits(graph.tokens, graph.positions, graph.slot, graph.keys, graph.values, graph.mask)
+        rows = Rows(self, attention.shape[0], CACHE_BLOCK, {-1}, 0)
+        rows.join(prompt_kv, attention, reference["next"], attention.sum(-1) + delta.reshape(-1))
+        second = self._step_logits(rows.tokens, rows.positions, rows.slot, rows.keys, rows.values, rows.mask)
         return max(_relative(logits, reference["logits"]), _relative(second, reference["second"]))
 
     def _fuse(self, layer) -> dict:
@@ -113,16 +128,16 @@ class FastDecoder:
 
     # ---- one decode step (pure tensor work: capturable) -----------------------------------------
     def _step(self, tokens, positions, slot, keys, values, mask):
-        """tokens [B], positions [B], slot [1] -> next greedy tokens [B]; writes K/V at `slot`."""
+        """tokens [B], positions [B], slot [B] -> next greedy tokens [B]; writes each row's K/V at its `slot`."""
         return self._step_logits(tokens, positions, slot, keys, values, mask).argmax(-1)
 
     def _step_logits(self, tokens, positions, slot, keys, values, mask):
         """One decode step's logits [B, vocab] (see _step).
 
-        `mask` is additive ([B, 1, 1, size]: 0 where visible, -inf elsewhere); this step's slot opens.
+        `mask` is additive ([B, 1, 1, size]: 0 where visible, -inf elsewhere); each row's slot opens.
         """
         batch = tokens.shape[0]
-        mask.index_fill_(3, slot, 0.0)
+        mask.scatter_(3, slot.view(batch, 1, 1, 1), 0.0)
         hidden, delta = self.language.embed_tokens(tokens), None
         q_size, groups = self.heads * self.head_dim, self.heads // self.kv_heads
         for index, w in enumerate(self.layers):
@@ -139,49 +154,6 @@ class FastDecoder:
         _, x = kernels.add_rms_norm(hidden, delta, self.language.norm.weight, self.eps)
         return self.model.lm_head(x)
 
-    # ---- generation ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, inputs, max_new_tokens: int, eos_ids: set[int], pad_id: int, streamer=None,
-                 stop: threading.Event | None = None, host=None):
-        """Greedy tokens after the prompt, as `model.generate` returns them: [B, L + new], pad after EOS.
-
-        The graph feeds itself (next token, position and cache slot stay on the GPU), and the host reads
-        each step's tokens a few steps late, so the GPU always has steps queued, even while another
-        thread (the batch runner preparing the next batch) holds the interpreter for a while.
-        `host`: the inputs before their copy to the GPU (the prefill reads token ids there).
-        """
-        with self.lock:
-            input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
-            batch, length = input_ids.shape
-            logits, prompt_kv, delta = self._prefill(inputs, host)
-            first = logits.argmax(-1)
-            rows = [first.tolist()]
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
-                streamer.put(torch.tensor(rows[0]))
-            finished = [token in eos_ids for token in rows[0]]
-            limit = max_new_tokens - 1
-            if limit > 0 and not all(finished):
-                size = -(-(length + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
-                graph = self._graph_for(batch, size)
-                positions = attention.sum(-1) + delta.reshape(-1).to(attention.device)
-                graph.start(prompt_kv, attention, length, first, positions, eos_ids, pad_id)
-                del prompt_kv, logits
-                pinned = torch.empty((limit, batch), dtype=torch.long, pin_memory=self.device.type == "cuda")
-                events: list = []
-                for step in range(limit):
-                    if stop is not None and stop.is_set():
-                        break
-                    events.append(graph.advance(pinned[step]))
-                    unread = len(events) - (len(rows) - 1)
-                    if unread > AHEAD and self._consume(pinned, events, rows, finished, eos_ids, streamer):
-                        break
-                while len(rows) - 1 < len(events) and not all(finished):
-                    self._consume(pinned, events, rows, finished, eos_ids, streamer)
-            if streamer is not None:
-                streamer.end()
-            return torch.cat([input_ids, torch.tensor(rows, device=input_ids.device).T], dim=1)
-
     def _prefill(self, inputs, host=None):
         """The prompt's forward: (logits of its last token [B, vocab], (keys, values) per layer, M-RoPE delta
         [B, 1]: a new token's position is its index + delta). One conversation takes prefill.Prefill; a batch
@@ -195,29 +167,6 @@ class FastDecoder:
         logits = self.model(**inputs, position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
                             **{self.cache_arg: cache}).logits[:, -1]
         return logits, [(layer.keys, layer.values) for layer in cache.layers], delta.to(self.device)
-
-    @staticmethod
-    def _consume(host, events, rows, finished, eos_ids, streamer) -> bool:
-        """Take the oldest step not yet read; True once every row has finished."""
-        step = len(rows) - 1
-        if events[step] is not None:
-            events[step].synchronize()
-        tokens = host[step]
-        rows.append(tokens.tolist())
-        if streamer is not None:
-            streamer.put(tokens.clone())
-        for row, token in enumerate(rows[-1]):
-            finished[row] = finished[row] or token in eos_ids
-        return all(finished)
-
-    def _graph_for(self, batch: int, size: int) -> "_Graph":
-        key = (batch, size)
-        if key not in self.graphs:
-            if len(self.graphs) >= 2:  # bound the memory held by caches of earlier shapes
-                self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = _Graph(self, batch, size)
-        return self.graphs[key]
-
 
 @torch.inference_mode()
 def _reference(model, inputs, cache_arg: str) -> dict:
@@ -383,76 +332,99 @@ def install_vision(model) -> None:
     visual._qwen2vl_fast = True
 
 
-class _Graph:
-    """Static buffers (cache, mask, the step's inputs) for one (batch, cache length), and the captured step.
+class Rows:
+    """The running batch: a static K/V cache of `capacity` rows x `size` positions, each row with its own
+    length (`slot`: where its next K/V goes). A prefilled request joins between steps in the first free row
+    (its prompt's K/V copied in) and leaves when it is done; the last row in use then moves into its place, so
+    the rows in use are always 0..count-1. A step runs over the smallest power of two of rows that covers them,
+    replayed from a CUDA graph per such count, and feeds itself: next token, position and slot advance on the
+    GPU, and a row that has produced an end token gets the pad token from then on (as in `generate`)."""
 
-    One replay computes the next tokens and moves its own inputs on: tokens, positions and cache slot
-    advance on the GPU, and rows that have finished get the pad token, as in `generate`.
-    """
-
-    def __init__(self, decoder: FastDecoder, batch: int, size: int) -> None:
-        self.decoder = decoder
-        shape = (batch, decoder.kv_heads, size, decoder.head_dim)
-        count = len(decoder.layers)
+    def __init__(self, decoder: FastDecoder, capacity: int, size: int, eos_ids: set[int], pad_id: int) -> None:
+        self.decoder, self.capacity, self.size = decoder, capacity, size
+        shape = (capacity, decoder.kv_heads, size, decoder.head_dim)
         device, dtype = decoder.device, decoder.dtype
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(count)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(count)]
-        self.mask = torch.zeros((batch, 1, 1, size), device=device, dtype=dtype)
-        self.tokens = torch.zeros(batch, device=device, dtype=torch.long)
-        self.positions = torch.zeros(batch, device=device, dtype=torch.long)
-        self.slot = torch.zeros(1, device=device, dtype=torch.long)
-        self.finished = torch.zeros(batch, device=device, dtype=torch.bool)
-        self.pad = torch.zeros((), device=device, dtype=torch.long)
-        self.eos = torch.zeros(0, device=device, dtype=torch.long)
-        self.graph = None
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(decoder.layer_count)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(decoder.layer_count)]
+        self.mask = torch.full((capacity, 1, 1, size), float("-inf"), device=device, dtype=dtype)
+        self.tokens = torch.zeros(capacity, device=device, dtype=torch.long)
+        self.positions = torch.zeros(capacity, device=device, dtype=torch.long)
+        self.slot = torch.zeros(capacity, device=device, dtype=torch.long)
+        self.finished = torch.ones(capacity, device=device, dtype=torch.bool)
+        self.eos = torch.tensor(sorted(eos_ids), device=device)
+        self.pad = torch.tensor(pad_id, device=device)
+        self.count = 0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def start(self, prompt_kv, attention, length: int, first, positions, eos_ids: set[int], pad_id: int) -> None:
-        """Copy the prefill's K/V (a (keys, values) pair per layer) into the static cache, only the prompt's
-        real tokens visible; set the inputs."""
+    def join(self, prompt_kv, attention, first, positions) -> range:
+        """Rows for a prefilled group: its (keys, values) per layer, attention mask [B, L] (left padding), first
+        tokens [B] and the positions they take [B]."""
+        batch, length = attention.shape
+        rows = slice(self.count, self.count + batch)
         for index, (keys, values) in enumerate(prompt_kv):
-            self.keys[index][:, :, :length].copy_(keys[:, :, :length])
-            self.values[index][:, :, :length].copy_(values[:, :, :length])
-        self.mask.fill_(float("-inf"))
-        self.mask[:, 0, 0, :length].masked_fill_(attention.bool(), 0.0)
-        eos = torch.tensor(sorted(eos_ids), device=self.tokens.device)
-        if eos.shape != self.eos.shape or not bool((eos == self.eos).all()):
-            self.eos, self.graph = eos, None  # the graph reads `eos`: recapture for other stop tokens
-        self.pad.fill_(pad_id)
-        self.tokens.copy_(first)
-        self.finished.copy_((first[:, None] == self.eos).any(-1))
-        self.positions.copy_(positions)
-        self.slot.fill_(length)
+            self.keys[index][rows, :, :length].copy_(keys[:, :, :length])
+            self.values[index][rows, :, :length].copy_(values[:, :, :length])
+        self.mask[rows].fill_(float("-inf"))
+        self.mask[rows, 0, 0, :length].masked_fill_(attention.bool(), 0.0)
+        self.tokens[rows].copy_(first)
+        self.finished[rows].copy_((first[:, None] == self.eos).any(-1))
+        self.positions[rows].copy_(positions)
+        self.slot[rows].fill_(length)
+        self.count += batch
+        return range(rows.start, rows.stop)
 
-    def _advance(self) -> None:
-        decoder = self.decoder
-        token = decoder._step(self.tokens, self.positions, self.slot, self.keys, self.values, self.mask)
-        token = torch.where(self.finished, self.pad, token)
-        self.finished |= (token[:, None] == self.eos).any(-1)
-        self.tokens.copy_(token)
-        self.positions += 1
-        self.slot += 1
+    def leave(self, row: int) -> None:
+        """Free `row`: the last row in use moves into it (cache, mask and step inputs: all on the GPU)."""
+        last = self.count - 1
+        if row != last:
+            for buffers in (self.keys, self.values):
+                for layer in buffers:
+                    layer[row].copy_(layer[last])
+            for buffer in (self.mask, self.tokens, self.positions, self.slot, self.finished):
+                buffer[row].copy_(buffer[last])
+        self.finished[last] = True  # a row past the ones in use may still be stepped: it writes at slot 0
+        self.slot[last] = 0
+        self.count -= 1
 
-    def advance(self, host_row):
-        """Run one step and copy its tokens into `host_row`; returns the event to wait on (None on the CPU)."""
-        if self.decoder.use_graphs and self.graph is None:
-            self._capture()  # where that fails, graphs are off from here on
+    def bucket(self) -> int:
+        """The rows a step runs over: the smallest power of two covering the rows in use."""
+        return min(self.capacity, 1 << max(0, self.count - 1).bit_length())
+
+    def _advance(self, bucket: int) -> None:
+        rows = slice(0, bucket)
+        tokens, positions, slot, finished = (t[rows] for t in (self.tokens, self.positions, self.slot, self.finished))
+        token = self.decoder._step(tokens, positions, slot, [k[rows] for k in self.keys],
+                                   [v[rows] for v in self.values], self.mask[rows])
+        token = torch.where(finished, self.pad, token)
+        finished |= (token[:, None] == self.eos).any(-1)
+        tokens.copy_(token)
+        positions += 1
+        slot.copy_((slot + 1).clamp_(max=self.size - 1))  # only rows out of use get there (admission sees to it)
+
+    def step(self, host_row):
+        """Run one step and copy its tokens into `host_row` [capacity]; returns the event to wait on (None on
+        the CPU) and the rows it ran over."""
+        bucket = self.bucket()
+        if self.decoder.use_graphs and bucket not in self.graphs:
+            self._capture(bucket)  # where that fails, graphs are off from here on
         if not self.decoder.use_graphs:
-            self._advance()
-            host_row.copy_(self.tokens)
-            return None
-        self.graph.replay()
-        host_row.copy_(self.tokens, non_blocking=True)
+            self._advance(bucket)
+            host_row[:bucket].copy_(self.tokens[:bucket])
+            return None, bucket
+        self.graphs[bucket].replay()
+        host_row[:bucket].copy_(self.tokens[:bucket], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return event
+        return event, bucket
 
-    def _capture(self) -> None:
+    def _capture(self, bucket: int) -> None:
         """Record the step (after prefill.captured's warm-up, which writes the K/V and mask of the step about
         to run: harmless), then put the inputs the warm-up moved on back. Where this GPU or build cannot
         capture it: one warning, and graphs off for the decoder."""
-        saved = [t.clone() for t in (self.tokens, self.positions, self.slot, self.finished)]
+        buffers = (self.tokens, self.positions, self.slot, self.finished)
+        saved = [t.clone() for t in buffers]
         try:
-            self.graph, _ = captured(self._advance, self.tokens.device)
+            self.graphs[bucket], _ = captured(lambda: self._advance(bucket), self.tokens.device)
         except RuntimeError as exc:
             import sys
 
@@ -460,5 +432,5 @@ class _Graph:
             print(f"qwen2vl: warning: CUDA graphs unavailable for decoding ({str(exc).splitlines()[0]}); "
                   "running without", file=sys.stderr)
         finally:
-            for buffer, value in zip((self.tokens, self.positions, self.slot, self.finished), saved):
+            for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)

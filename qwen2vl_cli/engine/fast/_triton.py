@@ -77,7 +77,7 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
         tl.store(q_ptr + (b * HEADS + h) * HD + d, out)
     else:
         kv = h - HEADS
-        offset = b * c_b + kv * c_h + tl.load(slot_ptr) * c_s + d
+        offset = b * c_b + kv * c_h + tl.load(slot_ptr + b) * c_s + d
         tl.store(k_ptr + offset, out)
         tl.store(v_ptr + offset, tl.load(qkv_ptr + b * qkv_row + (HEADS + KV_HEADS + kv) * HD + d))
 
@@ -224,7 +224,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, out_ptr, m
     d = tl.arange(0, HD)
     q = tl.load(q_ptr + ((b * KV_HEADS + h) * GROUPS + g[:, None]) * HD + d[None, :], mask=(g < GROUPS)[:, None],
                 other=0.0)
-    visible = tl.load(slot_ptr) + 1
+    visible = tl.load(slot_ptr + b) + 1
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, HD), tl.float32)
@@ -276,7 +276,8 @@ def _decode_combine_kernel(out_ptr, ml_ptr, o_ptr, splits, KV_HEADS: tl.constexp
 
 
 def decode_attention(q, keys, values, mask, slot):
-    """q [B, kv, groups, hd] against cache slots 0..slot (additive mask [B, 1, 1, size]) -> [B, kv, groups, hd].
+    """q [B, kv, groups, hd] against each row's cache slots 0..slot[b] (additive mask [B, 1, 1, size])
+    -> [B, kv, groups, hd].
 
     Split over the cache (flash-decoding): each program takes one stretch, a second kernel combines them,
     so even batch 1 with 2 K/V heads spreads over the whole GPU.

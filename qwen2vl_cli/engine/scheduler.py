@@ -1,0 +1,518 @@
+"""The engine: one thread owns the model and answers every request, whatever command or client it comes from.
+
+Requests come in as Tickets (`Engine.submit`). Where the fast path serves them (greedy decoding, by default on
+CUDA) they are batched continuously: a prepared request is prefilled between decode steps and joins the running
+batch (fast.decoder.Rows) in a free row; it leaves as soon as it is done (end of text, its own max tokens or stop
+string, or its caller gone), and a waiting request takes the row at the next step. Streamed and non-streamed
+requests share the batch. The others (sampling, penalties, quantized weights, the CPU by default) are answered by
+transformers' `generate` on the same thread: non-streamed ones with the same options together, as one padded batch.
+
+One failure policy: a prefill that runs out of GPU memory is split and retried, down to one request, whose caller
+gets the error; an error reaches the callers of the requests it concerns and the engine serves on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+from ..types import ChatRequest, Completion, TextDelta, held_back, stop_at
+
+MAX_ROWS = 64  # rows of the running batch at most (each a full-length K/V cache row)
+CPU_ROWS = 8
+MIN_CACHE = 4096  # a row's length in the cache at least (positions); grown for longer requests
+CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take
+PREFILL_TOKENS = 16384  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
+STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
+
+
+class Ticket:
+    """One submitted request. `emit` gets TextDelta pieces (when streamed), then a Completion, or an exception;
+    it is called on the engine's thread. `cancel()` stops it: its row is free at the next step."""
+
+    def __init__(self, request: ChatRequest, emit: Callable, stream: bool, prepared=None) -> None:
+        self.request, self.emit, self.stream, self.prepared = request, emit, stream, prepared
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.answer: Answer | None = None
+        self.fast: bool | None = None  # decided by the engine: continuous batch or `generate`
+        self.row: int | None = None
+        self.closed = threading.Event()  # the engine is done with it (answered, failed or cancelled)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def done(self) -> bool:
+        return self.closed.is_set()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prepared["attention_mask"].sum())
+
+    @property
+    def span(self) -> int:
+        """Cache positions the answer can take: the prompt and every new token."""
+        return self.prepared["input_ids"].shape[1] + self.request.generation.max_new_tokens
+
+
+class Answer:
+    """A ticket's tokens as they come: text pieces for a stream (held back where a stop string may begin), and
+    whether it is done (an end token, its max tokens, a stop string)."""
+
+    def __init__(self, session, ticket: Ticket) -> None:
+        self.session, self.ticket = session, ticket
+        self.options = ticket.request.generation
+        self.ids: list[int] = []
+        self.done = False
+        self.first_token_s: float | None = None
+        self.watch = ticket.stream or bool(self.options.stop)  # decode as it goes (else once, at the end)
+        self.prefix = self.read = 0  # incremental decoding: text of ids[prefix:read] is already out
+        self.held = ""  # decoded, not shown yet: it could be the start of a stop string
+
+    def add(self, token: int) -> bool:
+        """Take the next token; True once the answer is done."""
+        if self.done:
+            return True
+        if not self.ids:
+            self.first_token_s = time.perf_counter() - self.ticket.submitted
+        self.ids.append(token)
+        if token in self.session.eos_ids:
+            self.done = True
+        elif self.watch:
+            self.held += self._new_text()
+            cut = stop_at(self.held, self.options.stop) if self.options.stop else None
+            if cut is not None:
+                self.held, self.done = self.held[:cut], True
+            elif self.ticket.stream:
+                keep = held_back(self.held, self.options.stop) if self.options.stop else 0
+                if len(self.held) > keep:
+                    self.ticket.emit(TextDelta(self.held[:len(self.held) - keep]))
+                    self.held = self.held[len(self.held) - keep:]
+        if len(self.ids) >= self.options.max_new_tokens:
+            self.done = True
+        return self.done
+
+    def _new_text(self) -> str:
+        """The text the newest tokens add (none while they end inside a character)."""
+        decode = self.session.decode
+        shown = decode(self.ids[self.prefix:self.read])
+        text = decode(self.ids[self.prefix:])
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(shown):]
+        return ""
+
+    def finish(self) -> Completion:
+        """The Completion (a stream gets what it has not seen first)."""
+        if self.ticket.stream and not stop_at(self.held, self.options.stop or ()):
+            rest = self.held + (self._new_text() if self.read < len(self.ids) else "")
+            cut = stop_at(rest, self.options.stop) if self.options.stop else None
+            if rest[:cut]:
+                self.ticket.emit(TextDelta(rest[:cut]))
+        self.held = ""
+        return self.session.completion(self.ids, self.ticket.prompt_tokens, self.options, self.first_token_s,
+                                       time.perf_counter() - self.ticket.submitted)
+
+
+class Engine:
+    """Owns the session's model on one thread; `submit`, `stream` and `generate` are safe from any thread."""
+
+    def __init__(self, session, keep_alive_s: float | None = None, max_rows: int | None = None) -> None:
+        self.session = session
+        self.keep_alive_s = keep_alive_s  # unload the model after this long without requests
+        self.max_rows = max_rows
+        self.inbox: queue.Queue[Ticket | None] = queue.Queue()
+        self.waiting: deque[Ticket] = deque()  # prepared, not yet answering
+        self.live: list[Ticket | None] = []  # by row of the running batch
+        self.rows = None  # fast.decoder.Rows, made for the first request the fast path serves
+        self.in_flight: deque = deque()  # decode steps queued on the GPU: (event, host tokens, owners by row)
+        self.host: list = []  # pinned buffers the steps copy their tokens into, reused round-robin
+        self.preparing = 0
+        self.stock_running = 0  # requests in the `generate` under way
+        self.prefill_limit = PREFILL_TOKENS
+        self.last_active = time.monotonic()
+        self.job_s = 1.0  # a running average of how long an answer takes, for Retry-After
+        self.closing = threading.Event()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.pool: ThreadPoolExecutor | None = None  # prepares requests while the GPU decodes others
+
+    # ---- the callers' side -----------------------------------------------------------------------
+    def submit(self, request: ChatRequest, emit: Callable, stream: bool = False, prepared=None) -> Ticket:
+        """Queue a request; `prepared` is `session.prepare([request])` done ahead (e.g. by a batch's producer)."""
+        ticket = Ticket(request, emit, stream, prepared)
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.closing.clear()
+                self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
+                self.thread.start()
+                # at exit, the thread stops between steps: a process must not end inside a CUDA or torch call
+                atexit.register(self.close, 10.0)
+        self.inbox.put(ticket)
+        return ticket
+
+    def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
+        """One answer as it is generated: TextDelta pieces, then the Completion. Closing the iterator (Ctrl-C, a
+        client gone) cancels the request."""
+        events: queue.Queue = queue.Queue()
+        ticket = self.submit(request, events.put, stream=True)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Completion):
+                    return
+        finally:
+            if not ticket.done:
+                ticket.cancel()
+                ticket.closed.wait(timeout=30)  # the engine has stopped working on it: safe to exit, or go on
+
+    def generate(self, requests: list[ChatRequest], cancelled=None) -> list[Completion]:
+        """Answers to several requests, in their order; the first error is raised. `cancelled` (anything with
+        is_set()) cancels them all when it turns true."""
+        results: queue.Queue = queue.Queue()
+        tickets = [self.submit(request, lambda event, i=i: results.put((i, event))) for i, request in enumerate(requests)]
+        answers: list = [None] * len(tickets)
+        try:
+            for _ in tickets:
+                while True:
+                    try:
+                        index, event = results.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        if cancelled is not None and cancelled.is_set():
+                            raise _Cancelled() from None
+                if isinstance(event, BaseException):
+                    raise event
+                answers[index] = event
+        finally:
+            for ticket in tickets:
+                if not ticket.done:
+                    ticket.cancel()
+        return answers
+
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop the engine's thread once it is between steps (`wait_s`: wait that long for it)."""
+        self.closing.set()
+        self.inbox.put(None)
+        if wait_s and self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(wait_s)
+
+    @property
+    def running(self) -> int:
+        """Requests being answered now."""
+        return sum(ticket is not None for ticket in self.live) + self.stock_running
+
+    @property
+    def queued(self) -> int:
+        return self.inbox.qsize() + len(self.waiting) + self.preparing
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.preparing or self.in_flight or self.running)
+
+    @property
+    def idle_s(self) -> float:
+        return 0.0 if self.busy or not self.inbox.empty() else time.monotonic() - self.last_active
+
+    @property
+    def capacity(self) -> int:
+        """How many requests are answered together at most (the running batch's rows, or one stock batch)."""
+        return self.rows.capacity if self.rows is not None else STOCK_BATCH
+
+    def retry_after_s(self) -> int:
+        """A fair guess of when a place in the queue frees up (a 429's Retry-After)."""
+        return max(1, math.ceil(self.job_s * max(1, self.queued) / max(1, self.capacity)))
+
+    # ---- the engine's thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self.closing.is_set():
+            try:
+                self._take(block=not (self.waiting or self.in_flight or self.rows and self.rows.count))
+                self._drop_cancelled()
+                if self.waiting and not self.waiting[0].fast:
+                    self._answer_stock()
+                    continue
+                self._admit()
+                if self.rows is not None and self.rows.count:
+                    self._enqueue_step()
+                while self.in_flight and (len(self.in_flight) > self._ahead() or not self.rows.count):
+                    self._consume()
+            except BaseException as exc:  # noqa: BLE001 - the requests it concerns get it; the engine lives on
+                self._fail_running(exc)
+
+    def _ahead(self) -> int:
+        from .fast.decoder import AHEAD
+
+        return AHEAD if self.session.device and self.session.device.startswith("cuda") else 0
+
+    def _take(self, block: bool) -> None:
+        """New tickets from the inbox: prepared ones wait for a row; the others are prepared, here when the engine
+        has nothing else to do (a lone request: the vision tower starts while the prompt is tokenized), else on
+        the preparing threads, which hand them back through the inbox."""
+        while True:
+            try:
+                ticket = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                if block:
+                    self._maybe_unload()
+                    continue
+                return
+            block = False
+            if ticket is None:
+                return
+            self.last_active = time.monotonic()
+            if ticket.cancelled.is_set():
+                ticket.closed.set()
+                continue
+            try:
+                self._ensure_loaded()
+            except BaseException as exc:  # noqa: BLE001
+                ticket.emit(exc)
+                continue
+            if ticket.fast is None:
+                ticket.fast = self.session.fast_path_enabled(ticket.request.generation)
+            if ticket.prepared is not None:
+                self.waiting.append(ticket)
+            elif self.waiting or self.in_flight or (self.rows is not None and self.rows.count) or not self.inbox.empty():
+                self._prepare_later(ticket)
+            else:
+                self._prepare(ticket, early=ticket.fast)
+
+    def _ensure_loaded(self) -> None:
+        if self.session.model is None:
+            self.session.load()
+
+    def _prepare(self, ticket: Ticket, early: bool = False) -> None:
+        try:
+            ticket.prepared = self.session.prepare_one(ticket.request, early=early)
+        except BaseException as exc:  # noqa: BLE001 - a bad request is its caller's error
+            ticket.closed.set()
+            ticket.emit(exc)
+            return
+        self.waiting.append(ticket)
+
+    def _prepare_later(self, ticket: Ticket) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen2vl-prepare")
+        self.preparing += 1
+
+        def prepare() -> None:
+            try:
+                ticket.prepared = self.session.prepare_one(ticket.request)
+            except BaseException as exc:  # noqa: BLE001
+                ticket.closed.set()
+                ticket.emit(exc)
+            else:
+                self.inbox.put(ticket)
+            finally:
+                self.preparing -= 1
+
+        self.pool.submit(prepare)
+
+    def _maybe_unload(self) -> None:
+        if (self.keep_alive_s is not None and self.session.model is not None and not self.busy
+                and time.monotonic() - self.last_active >= self.keep_alive_s):
+            self.session.unload()
+
+    def drop_cache(self) -> None:
+        """Free the running batch's cache (the model is unloading; nothing is running)."""
+        self.rows, self.host, self.live = None, [], []
+
+    def _drop_cancelled(self) -> None:
+        for ticket in [t for t in self.waiting if t.cancelled.is_set()]:
+            self.waiting.remove(ticket)
+            ticket.closed.set()
+        for ticket in [t for t in self.live if t is not None and t.cancelled.is_set()]:
+            self._release(ticket)
+
+    # ---- the continuous batch --------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Prefill waiting fast-path requests into free rows (as many as fit, PREFILL_TOKENS at most at once)."""
+        if not self.waiting or not self.waiting[0].fast:
+            return
+        if self.rows is None or (self.waiting[0].span > self.rows.size and not self.rows.count and not self.in_flight):
+            self._make_rows(self.waiting[0].span)
+        rows = self.rows
+        group: list[Ticket] = []
+        while self.waiting and self.waiting[0].fast and rows.count + len(group) < rows.capacity:
+            ticket = self.waiting[0]
+            if ticket.span > rows.size:
+                break  # it waits for the batch to drain; the cache grows for it then
+            width = max(t.prepared["input_ids"].shape[1] for t in group + [ticket])
+            if group and width * (len(group) + 1) > self.prefill_limit:
+                break
+            group.append(self.waiting.popleft())
+        if group:
+            self._prefill(group)
+
+    def _make_rows(self, span: int) -> None:
+        import torch
+
+        from .fast.decoder import CACHE_BLOCK, Rows
+
+        fast = self.session.fast
+        self.rows, self.host, self.live = None, [], []
+        size = max(MIN_CACHE, -(-span // CACHE_BLOCK) * CACHE_BLOCK)
+        if fast.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(fast.device)
+            capacity = int(free * CACHE_SHARE // (size * fast.kv_bytes_per_token))
+            capacity = max(1, min(MAX_ROWS, capacity))
+        else:
+            capacity = CPU_ROWS
+        if self.max_rows:
+            capacity = min(capacity, self.max_rows)
+        self.rows = Rows(fast, capacity, size, self.session.eos_ids, self.session.pad_id)
+        self.live = [None] * capacity
+        pinned = fast.device.type == "cuda"
+        self.host = [torch.empty(capacity, dtype=torch.long, pin_memory=pinned) for _ in range(self._ahead() + 2)]
+
+    def _prefill(self, group: list[Ticket]) -> None:
+        import torch
+
+        session, rows = self.session, self.rows
+        try:
+            host = group[0].prepared if len(group) == 1 else session.collate([t.prepared for t in group])
+            inputs = session.to_device(host)
+            with torch.inference_mode():
+                logits, prompt_kv, delta = session.fast._prefill(inputs, host)
+                first = logits.argmax(-1)
+                attention = inputs["attention_mask"]
+                joined = rows.join(prompt_kv, attention, first, attention.sum(-1) + delta.reshape(-1).to(attention.device))
+            del prompt_kv, logits
+            tokens = first.tolist()
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            if len(group) == 1:
+                group[0].closed.set()
+                group[0].emit(exc)
+                return
+            self.prefill_limit = max(1, self.prefill_limit // 2)  # one failure policy: smaller, and again
+            self.waiting.extendleft(reversed(group))
+            return
+        except BaseException as exc:  # noqa: BLE001 - this group's requests get the error
+            if len(group) > 1:  # each on its own, so one bad request does not fail the others
+                for ticket in group:
+                    self._prefill([ticket])
+                return
+            group[0].closed.set()
+            group[0].emit(exc)
+            return
+        for ticket, row, token in zip(group, joined, tokens):
+            ticket.row, ticket.answer = row, Answer(session, ticket)
+            self.live[row] = ticket
+            if ticket.answer.add(token):
+                self._release(ticket)
+
+    def _enqueue_step(self) -> None:
+        host = self.host[0]
+        self.host.append(self.host.pop(0))
+        event, bucket = self.rows.step(host)
+        self.in_flight.append((event, host, tuple(self.live[:bucket])))
+
+    def _consume(self) -> None:
+        """Read the oldest step in flight; each row's token goes to the ticket that held the row then."""
+        event, host, owners = self.in_flight.popleft()
+        if event is not None:
+            event.synchronize()
+        tokens = host[:len(owners)].tolist()
+        for ticket, token in zip(owners, tokens):
+            if ticket is not None and not ticket.done and ticket.answer.add(token):
+                self._release(ticket)
+
+    def _release(self, ticket: Ticket) -> None:
+        """A ticket is done (or cancelled): its caller gets the Completion, and its row is free."""
+        ticket.closed.set()
+        row, rows = ticket.row, self.rows
+        if row is not None:
+            last = rows.count - 1
+            rows.leave(row)
+            moved, self.live[last] = self.live[last], None
+            if row != last:
+                self.live[row], moved.row = moved, row
+            ticket.row = None
+        if not ticket.cancelled.is_set():
+            self._finished(ticket, ticket.answer.finish())
+
+    def _finished(self, ticket: Ticket, completion: Completion) -> None:
+        ticket.closed.set()
+        self.last_active = time.monotonic()
+        self.job_s = 0.8 * self.job_s + 0.2 * completion.total_s
+        ticket.emit(completion)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        """An error outside one request's prefill (a decode step): every request answering gets it, and the
+        running batch starts anew."""
+        for ticket in [t for t in self.live if t is not None] + list(self.waiting):
+            if not ticket.done:
+                ticket.closed.set()
+                ticket.emit(exc)
+        self.waiting.clear()
+        self.in_flight.clear()
+        self.rows, self.live = None, []
+        if type(exc).__name__ == "OutOfMemoryError":
+            import torch
+
+            torch.cuda.empty_cache()
+            self.max_rows = max(1, (self.max_rows or MAX_ROWS) // 2)  # smaller next time
+
+    # ---- transformers' generate ------------------------------------------------------------------
+    def _answer_stock(self) -> None:
+        """The first waiting request, with the non-streamed ones that share its options (one padded batch)."""
+        first = self.waiting.popleft()
+        group = [first]
+        if not first.stream:
+            same = dataclasses.replace(first.request.generation, stop=())
+            for ticket in list(self.waiting):
+                if len(group) >= STOCK_BATCH:
+                    break
+                if (not ticket.fast and not ticket.stream
+                        and dataclasses.replace(ticket.request.generation, stop=()) == same):
+                    self.waiting.remove(ticket)
+                    group.append(ticket)
+        self.stock_running = len(group)
+        try:
+            self._generate(group)
+        finally:
+            self.stock_running = 0
+
+    def _generate(self, group: list[Ticket]) -> None:
+        session = self.session
+        try:
+            host = group[0].prepared if len(group) == 1 else session.collate([t.prepared for t in group])
+            for ticket in group:
+                ticket.answer = Answer(session, ticket)
+            session.generate_stock(session.to_device(host), group[0].request.generation, [t.answer for t in group])
+        except BaseException as exc:  # noqa: BLE001
+            if len(group) > 1 and not isinstance(exc, KeyboardInterrupt):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                for ticket in group:  # one failure policy: smaller, down to one request
+                    ticket.answer = None
+                    self._generate([ticket])
+                return
+            group[0].closed.set()
+            group[0].emit(exc)
+            return
+        for ticket in group:
+            if ticket.cancelled.is_set():
+                ticket.closed.set()
+            else:
+                self._finished(ticket, ticket.answer.finish())
+
+
+class _Cancelled(Exception):
+    """Every request of an Engine.generate call was cancelled."""

@@ -1,0 +1,202 @@
+"""The engine's continuous batching (engine/scheduler.py over fast/decoder.Rows), run on the CPU in float32 with
+the fast path forced on: whatever shares the batch, whenever a request joins or leaves it, each answer is the
+seed recipe's (transformers' generate on that request alone)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import pytest
+
+from .conftest import noise_image
+
+CASES = [  # (images, prompt, max new tokens, streamed)
+    (["a"], "Describe this image.", 24, True),
+    (["b"], "What is here?", 5, False),
+    (["c"], "Count the colours.", 14, True),
+    ([], "Write a poem about rain.", 9, False),
+    (["a"], "Colours?", 3, True),
+    (["b", "c"], "Compare them.", 12, False),
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine-images")
+    out = {}
+    for name, (w, h, seed) in {"a": (84, 56, 11), "b": (56, 84, 12), "c": (112, 56, 13)}.items():
+        out[name] = folder / f"{name}.png"
+        noise_image(w, h, seed).save(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, paths):
+    """The seed recipe's answer to each case, alone: apply_chat_template + process_vision_info + generate."""
+    from qwen_vl_utils import process_vision_info
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    answers = []
+    for names, prompt, new, _ in CASES:
+        messages = [{"role": "user", "content": [*({"type": "image", "image": f"file://{paths[n]}"} for n in names),
+                                                 {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images, videos = process_vision_info(messages)
+        inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=new, do_sample=False)[0, inputs.input_ids.shape[1]:]
+        answers.append(processor.decode(ids, skip_special_tokens=True))
+    assert len(set(answers)) == len(answers), "the cases should have different answers: the test can fail"
+    return answers
+
+
+@pytest.fixture()
+def session(tiny_model):
+    """A session with the fast path on (decided at load), its own engine."""
+    from qwen2vl_cli.engine.session import ModelSession
+    from qwen2vl_cli.types import ModelSpec
+
+    os.environ["QWEN2VL_FASTPATH"] = "on"
+    try:
+        loaded = ModelSession(ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")).load()
+    finally:
+        del os.environ["QWEN2VL_FASTPATH"]
+    assert loaded.fast, "the fast path's check failed"
+    yield loaded
+    loaded.engine.close(wait_s=10)
+
+
+def request_for(session, paths, case, **options):
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions
+
+    names, prompt, new, _ = case
+    media = [session.image_media(str(paths[n]), ImageOptions(), FetchLimits()) for n in names]
+    return ChatRequest(prompt, media, generation=GenerationOptions(max_new_tokens=new, **options))
+
+
+class Collector:
+    """Events of several submitted requests, by index."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+        self.deltas: dict[int, list[str]] = {}
+        self.first_delta = threading.Event()
+
+    def emit(self, index: int):
+        def put(event) -> None:
+            from qwen2vl_cli.types import TextDelta
+
+            if isinstance(event, TextDelta):
+                self.deltas.setdefault(index, []).append(event.text)
+                self.first_delta.set()
+            else:
+                self.events.put((index, event))
+        return put
+
+    def wait(self, count: int, timeout: float = 120) -> dict:
+        results = {}
+        for _ in range(count):
+            index, event = self.events.get(timeout=timeout)
+            if isinstance(event, BaseException):
+                raise event
+            results[index] = event
+        return results
+
+
+def watch_joins(monkeypatch) -> list[tuple[int, int]]:
+    """(rows in use before, rows joining) for every join into the running batch."""
+    from qwen2vl_cli.engine.fast.decoder import Rows
+
+    joins: list[tuple[int, int]] = []
+    original = Rows.join
+
+    def join(self, prompt_kv, attention, *args):
+        joins.append((self.count, attention.shape[0]))
+        return original(self, prompt_kv, attention, *args)
+
+    monkeypatch.setattr(Rows, "join", join)
+    return joins
+
+
+def test_requests_join_and_leave_the_running_batch_with_the_seed_recipes_answers(session, paths, reference,
+                                                                                 monkeypatch):
+    """Two rows for six requests of different lengths: the later ones join as rows free up, one arrives while
+    the first is decoding; streamed and non-streamed share the batch; every answer is the recipe's."""
+    joins = watch_joins(monkeypatch)
+    session.engine.max_rows = 2
+    collector = Collector()
+    requests = [request_for(session, paths, case) for case in CASES]
+    session.engine.submit(requests[0], collector.emit(0), stream=CASES[0][3])
+    assert collector.first_delta.wait(60)  # the first is decoding now
+    for index in range(1, len(CASES)):
+        session.engine.submit(requests[index], collector.emit(index), stream=CASES[index][3])
+    results = collector.wait(len(CASES))
+    assert [results[i].text for i in range(len(CASES))] == reference
+    for index, (_, _, new, streamed) in enumerate(CASES):
+        assert results[index].completion_tokens <= new
+        assert ("".join(collector.deltas.get(index, [])) == reference[index]) if streamed else index not in collector.deltas
+    assert max(before + joining for before, joining in joins) <= 2
+    assert any(before > 0 for before, _ in joins), "no request joined a batch that was running"
+    assert session.engine.rows.count == 0 and not any(session.engine.live)
+
+
+def test_stop_strings_and_cancelled_requests_free_their_rows(session, paths, reference):
+    """A stop string ends its own row (text cut before it), a cancelled stream frees its row at once, and the
+    requests beside them answer as alone."""
+    from qwen2vl_cli.types import Completion
+
+    stop = reference[0][6:10]
+    collector = Collector()
+    engine = session.engine
+    engine.submit(request_for(session, paths, CASES[0], stop=(stop,)), collector.emit(0), stream=True)
+    long = engine.submit(request_for(session, paths, (["c"], "Tell me everything.", 400, True)), collector.emit(9),
+                         stream=True)
+    engine.submit(request_for(session, paths, CASES[2]), collector.emit(2), stream=False)
+    results = collector.wait(2)
+    long.cancel()
+    assert long.closed.wait(30)
+    assert results[0].text == reference[0][:reference[0].index(stop)] and results[0].finish_reason == "stop"
+    assert "".join(collector.deltas[0]) == results[0].text
+    assert results[2].text == reference[2]
+    assert collector.events.empty()  # the cancelled one gets no Completion
+    after = list(engine.stream(request_for(session, paths, CASES[4])))
+    assert isinstance(after[-1], Completion) and after[-1].text == reference[4]
+    assert engine.rows.count == 0
+
+
+def test_a_prefill_out_of_memory_is_split_and_retried(session, paths, reference, monkeypatch):
+    """One failure policy: a group prefill that runs out of memory is retried smaller; no request is lost."""
+    import torch
+
+    fast = session.fast
+    original = fast._prefill
+    failures: list[int] = []
+
+    def prefill(inputs, host=None):
+        if inputs["input_ids"].shape[0] > 1:
+            failures.append(inputs["input_ids"].shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(inputs, host)
+
+    monkeypatch.setattr(fast, "_prefill", prefill)
+    answers = session.generate_batch([request_for(session, paths, case) for case in CASES])
+    assert [a.text for a in answers] == reference
+    assert failures, "no group was prefilled together: the test did not test the policy"
+
+
+def test_sampled_requests_beside_greedy_ones(session, paths, reference):
+    """Sampling is answered by transformers' generate on the engine's thread; greedy answers beside it do not
+    change, and a seeded sample is repeatable."""
+    collector = Collector()
+    engine = session.engine
+    for index in (0, 2):
+        engine.submit(request_for(session, paths, CASES[index]), collector.emit(index), stream=True)
+    engine.submit(request_for(session, paths, CASES[1], temperature=0.8, seed=5), collector.emit(1))
+    results = collector.wait(3)
+    assert results[0].text == reference[0] and results[2].text == reference[2]
+    again = session.generate_batch([request_for(session, paths, CASES[1], temperature=0.8, seed=5)])[0]
+    assert again.text == results[1].text and results[1].completion_tokens > 0
