@@ -143,51 +143,6 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, st
     return round(same / total, 4), f"{sum(x == y for x, y in zip(ours, theirs))}/{len(theirs)}"
 
 
-def ttft_timeline(session, request) -> dict:
-    """Host timestamps (ms from the call) of one streamed answer's steps up to its first token."""
-    from qwen2vl_cli.engine.fast.prefill import Prefill
-
-    marks: dict = {}
-    start = [0.0]
-
-    def mark(name):
-        while name in marks:  # a step that comes again
-            name += "'"
-        marks[name] = round((time.perf_counter() - start[0]) * 1000, 2)
-
-    def wrap(owner, attribute, name):
-        original = getattr(owner, attribute)
-
-        def wrapped(*args, **kwargs):
-            mark(f"{name} called")
-            result = original(*args, **kwargs)
-            mark(f"{name} returned")
-            return result
-
-        setattr(owner, attribute, wrapped)
-        return original
-
-    tokenizer = session.processor.tokenizer
-    saved = [(Prefill, "start", wrap(Prefill, "start", "vision start")),
-             (Prefill, "_vision", wrap(Prefill, "_vision", "vision")),
-             (Prefill, "run", wrap(Prefill, "run", "prefill")),
-             (type(tokenizer), "__call__", wrap(type(tokenizer), "__call__", "tokenize")),
-             (type(session.processor.image_processor), "__call__",
-              wrap(type(session.processor.image_processor), "__call__", "image processor")),
-             (type(session), "prepare", wrap(type(session), "prepare", "prepare"))]
-    try:
-        synchronize()
-        start[0] = time.perf_counter()
-        stream = session.stream(request)
-        next(stream)
-        mark("first piece")
-        list(stream)
-    finally:
-        for owner, attribute, original in saved:
-            setattr(owner, attribute, original)
-    return dict(sorted(marks.items(), key=lambda item: item[1]))
-
-
 def check_kernels() -> dict:
     """Each Triton kernel against its torch version (HF's arithmetic) on fresh random inputs."""
     import torch
@@ -254,125 +209,24 @@ def check_kernels() -> dict:
     return results
 
 
-def cuda_ms(fn, repeat: int = 5) -> float:
-    """Median wall time of fn() in ms, synchronized."""
-    import statistics
-
-    times = []
-    for _ in range(repeat):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 2)
-
-
-def profile_table(fn, path: Path, title: str) -> None:
-    """torch.profiler's kernels for fn(), by GPU time, appended to `path`."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        synchronize()
-    with path.open("a") as handle:
-        handle.write(f"\n==== {title}\n")
-        handle.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    del torch
-
-
-def breakdown(session, request, requests, profile_path: Path | None = None) -> dict:
-    """Where a first token's time goes, and one decode step's time at batch 1 and at a full batch."""
-    import torch
-
-    model = session.model
-    out: dict = {}
-    prepared = session.prepare([request])
-    out["prepare_ms"] = cuda_ms(lambda: session.prepare([request]))
-    out["prepare_on_device_ms"] = cuda_ms(lambda: session.prepare([request], on_device=True))
-    out["to_device_ms"] = cuda_ms(lambda: session.to_device(prepared))
-    processor, image = session.processor, request.media[0].data
-    text = session.prompt_text(request)
-    out["prepare_template_ms"] = cuda_ms(lambda: session.prompt_text(request))
-    out["prepare_image_on_device_ms"] = cuda_ms(lambda: processor.image_processor(
-        images=[image], device="cuda", do_resize=False, return_tensors="pt"))
-    expanded = text.replace("<|image_pad|>", "<|image_pad|>" * int(prepared["image_grid_thw"].prod() // 4))
-    out["prepare_tokenize_ms"] = cuda_ms(lambda: processor.tokenizer([expanded], return_tensors="pt"))
-    inputs = session.to_device(prepared)
-    prefill = session.fast.prefill
-    with torch.inference_mode():
-        out["vision_ms"] = cuda_ms(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
-        out["prefill_ms"] = cuda_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
-        for graphs in (False, True):
-            prefill.use_graphs = graphs
-            name = "graph" if graphs else "eager"
-            run = lambda: prefill.run(inputs, prepared)  # noqa: E731
-            run(), run()
-            out[f"prefill_{name}_ms"] = cuda_ms(run)
-            synchronize()
-            start = time.perf_counter()
-            run()
-            out[f"prefill_{name}_host_ms"] = round((time.perf_counter() - start) * 1000, 2)  # before the GPU is done
-            synchronize()
-            for (kind, _), graph in prefill.graphs.items() if graphs else ():
-                if kind == "vision":
-                    out["vision_graph_ms"] = cuda_ms(lambda: graph(inputs["pixel_values"]))
-        big = session.to_device(session.prepare(requests))
-        count = len(requests)
-        out[f"vision_ms_per_image_batch{count}"] = round(cuda_ms(
-            lambda: model.model.visual(big["pixel_values"], grid_thw=big["image_grid_thw"]), 3) / count, 2)
-        out[f"prefill_ms_per_image_batch{count}"] = round(cuda_ms(
-            lambda: model(**big, use_cache=True, logits_to_keep=1), 3) / count, 2)
-    q = torch.randn(1, 16, 4920, 80, device="cuda", dtype=torch.bfloat16)  # one image's vision attention
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            with sdpa_kernel([backend]):
-                out[f"vision_attention_{backend.name.lower()}_ms"] = round(cuda_ms(
-                    lambda: [torch.nn.functional.scaled_dot_product_attention(q, q, q) for _ in range(10)], 3) / 10, 3)
-        except RuntimeError as exc:
-            out[f"vision_attention_{backend.name.lower()}_ms"] = str(exc).splitlines()[0][:80]
-    for (batch, size), graph in session.fast.graphs.items():
-        if graph.graph is not None:
-            out[f"decode_step_ms_batch{batch}_cache{size}"] = round(cuda_ms(
-                lambda: [graph.graph.replay() for _ in range(20)], 3) / 20, 3)
-            if profile_path is not None:
-                profile_table(lambda: [graph.graph.replay() for _ in range(10)], profile_path,
-                              f"10 decode steps, batch {batch}, cache {size}")
-    if profile_path is not None:
-        with torch.inference_mode():
-            profile_table(lambda: model(**inputs, use_cache=True, logits_to_keep=1), profile_path,
-                          "prefill, one 1230-token image")
-            profile_table(lambda: prefill.run(inputs, prepared), profile_path,
-                          "qwen2vl's prefill (vision and text graphs), one 1230-token image")
-            profile_table(lambda: session.prepare([request]), profile_path, "prepare (CPU)")
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", choices=["2b", "7b"], default="2b")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32, help="the seed recipe's batch size")
-    parser.add_argument("--session-batch-size", type=int, default=None, help="qwen2vl's (default: from free memory)")
+    parser.add_argument("--session-batch-size", type=int, default=None, help="qwen2vl's rows (default: from free memory)")
     parser.add_argument("--seed-images", type=int, default=64, help="images for the (slow) seed recipe")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--check-float32", action="store_true", help="also compare qwen2vl and the seed recipe in float32")
     parser.add_argument("--check-kernels", action="store_true", help="compare the Triton kernels with torch's")
-    parser.add_argument("--breakdown", action="store_true", help="time the parts: preprocessing, vision, prefill, step")
     parser.add_argument("--skip-seed", action="store_true", help="leave out the (slow) seed recipe")
-    parser.add_argument("--cprofile", action="store_true", help="where the host's time goes up to a first token")
     args = parser.parse_args()
 
     import torch
     import transformers
 
     from qwen2vl_cli.batch.inputs import BatchItem
-    from qwen2vl_cli.batch.runner import BatchConfig, BatchSummary, Results, auto_batch_size, run_batch
+    from qwen2vl_cli.batch.runner import BatchConfig, BatchSummary, Results, run_batch
     from tests.checkpoint import build_checkpoint
     from qwen2vl_cli.engine.session import ModelSession
     from qwen2vl_cli.types import ChatRequest, Completion, GenerationOptions, Media, ModelSpec
@@ -466,37 +320,9 @@ def main() -> None:
 
     summary = run_batch(items, session, config, Results([Collect()], BatchSummary(), lambda n: None))
     report["session_batch_images_per_s"] = round(summary.images_per_second, 2)
-    report["session_batch_size"] = args.session_batch_size or auto_batch_size(session, config)
+    report["session_batch_size"] = session.engine.rows.capacity  # rows of the running batch
     report["session_batch_failed"] = summary.failed
     report["session_batch_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    if args.cprofile and args.json_out:
-        import cProfile
-        import io
-        import pstats
-
-        one = GenerationOptions(max_new_tokens=1)
-
-        def first_token():  # what stream() does up to the first token, on this thread (cProfile sees one)
-            session._generate(session.to_device(session.prepare([request], on_device=True)), one).tolist()
-
-        first_token()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(5):
-            first_token()
-        profiler.disable()
-        text = io.StringIO()
-        for order in ("tottime", "cumulative"):
-            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(45)
-        Path(args.json_out).with_suffix(".cprofile.txt").write_text(text.getvalue())
-    if args.breakdown:
-        report["ttft_timeline"] = [ttft_timeline(session, request) for _ in range(2)]
-        print(json.dumps(report["ttft_timeline"], indent=1), flush=True)
-        resolved = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
-            str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=options) for p in same_paths]
-        report["breakdown"] = breakdown(session, request, resolved,
-                                        Path(args.json_out).with_suffix(".prof.txt") if args.json_out else None)
-        print(json.dumps(report["breakdown"], indent=1), flush=True)
 
     # ---- same answers: qwen2vl batch vs the seed recipe batched, on the same 16 photos ----------
     tokenizer = session.processor.tokenizer

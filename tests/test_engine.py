@@ -200,3 +200,28 @@ def test_sampled_requests_beside_greedy_ones(session, paths, reference):
     assert results[0].text == reference[0] and results[2].text == reference[2]
     again = session.generate_batch([request_for(session, paths, CASES[1], temperature=0.8, seed=5)])[0]
     assert again.text == results[1].text and results[1].completion_tokens > 0
+
+
+def test_the_running_batch_grows_for_a_longer_request(session, paths, tiny_model, monkeypatch):
+    """A request longer than the cache's rows arrives while another decodes: the rows are copied into longer
+    ones (and more of them) between steps, and both answers are generate's."""
+    from qwen2vl_cli.engine import scheduler
+    from qwen2vl_cli.engine.session import ModelSession
+    from qwen2vl_cli.types import ModelSpec
+
+    monkeypatch.setattr(scheduler, "MIN_CACHE", 256)
+    resized: list[int] = []  # rows in use at each resize
+    original = scheduler.Engine._resize
+    monkeypatch.setattr(scheduler.Engine, "_resize", lambda self, *a: resized.append(
+        self.rows.count if self.rows else 0) or original(self, *a))
+    cases = [(["a"], "Describe this image at length.", 160, True), ([], "Count slowly to a thousand.", 400, False)]
+    stock = ModelSession(ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")).load()
+    expected = [stock.generate_batch([request_for(stock, paths, case)])[0].text for case in cases]
+    collector = Collector()
+    session.engine.submit(request_for(session, paths, cases[0]), collector.emit(0), stream=True)
+    assert collector.first_delta.wait(60)
+    session.engine.submit(request_for(session, paths, cases[1]), collector.emit(1), stream=False)
+    results = collector.wait(2)
+    assert [results[0].text, results[1].text] == expected
+    assert session.engine.rows.size >= 512 and session.engine.rows.capacity >= 2
+    assert any(count > 0 for count in resized), "the batch was not resized while a request was decoding"

@@ -338,17 +338,22 @@ class Engine:
 
     # ---- the continuous batch --------------------------------------------------------------------
     def _admit(self) -> None:
-        """Prefill waiting fast-path requests into free rows (as many as fit, PREFILL_TOKENS at most at once)."""
-        if not self.waiting or not self.waiting[0].fast:
+        """Prefill waiting fast-path requests into free rows (as many as fit, PREFILL_TOKENS at most at once). The
+        running batch grows to the rows asked for (within its memory) and to the longest request's length."""
+        fast = [t for t in self.waiting if t.fast]
+        if not fast or not self.waiting[0].fast:
             return
-        if self.rows is None or (self.waiting[0].span > self.rows.size and not self.rows.count and not self.in_flight):
-            self._make_rows(self.waiting[0].span)
+        longest = max(t.span for t in fast)
+        count = self.rows.count if self.rows is not None else 0
+        wanted = 1 << (count + len(fast) - 1).bit_length()  # a power of two: the decode graphs' row counts
+        if self.rows is None or longest > self.rows.size or wanted > self.rows.capacity:
+            self._resize(wanted, longest)
         rows = self.rows
         group: list[Ticket] = []
         while self.waiting and self.waiting[0].fast and rows.count + len(group) < rows.capacity:
             ticket = self.waiting[0]
             if ticket.span > rows.size:
-                break  # it waits for the batch to drain; the cache grows for it then
+                break  # longer than the memory allows beside the rows in use: it waits for them
             width = max(t.prepared["input_ids"].shape[1] for t in group + [ticket])
             if group and width * (len(group) + 1) > self.prefill_limit:
                 break
@@ -356,25 +361,42 @@ class Engine:
         if group:
             self._prefill(group)
 
-    def _make_rows(self, span: int) -> None:
+    def _resize(self, capacity: int, span: int) -> None:
+        """A running batch of at least `capacity` rows and `span` positions each where memory allows (within
+        CACHE_SHARE of what is free, MAX_ROWS, --batch-size), the rows in use copied over; never smaller than now."""
         import torch
 
         from .fast.decoder import CACHE_BLOCK, Rows
 
-        fast = self.session.fast
-        self.rows, self.host, self.live = None, [], []
-        size = max(MIN_CACHE, -(-span // CACHE_BLOCK) * CACHE_BLOCK)
+        fast, old = self.session.fast, self.rows
+        size = max(MIN_CACHE, -(-span // CACHE_BLOCK) * CACHE_BLOCK, old.size if old else 0)
+        limit = min(MAX_ROWS, self.max_rows or MAX_ROWS)
         if fast.device.type == "cuda":
-            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(fast.device)
-            capacity = int(free * CACHE_SHARE // (size * fast.kv_bytes_per_token))
-            capacity = max(1, min(MAX_ROWS, capacity))
+            held = old.capacity * old.size * fast.kv_bytes_per_token if old else 0
+            limit = min(limit, int((free + held) * CACHE_SHARE // (size * fast.kv_bytes_per_token)))
         else:
-            capacity = CPU_ROWS
-        if self.max_rows:
-            capacity = min(capacity, self.max_rows)
-        self.rows = Rows(fast, capacity, size, self.session.eos_ids, self.session.pad_id)
-        self.live = [None] * capacity
+            limit = min(limit, CPU_ROWS)
+        count = old.count if old else 0
+        if limit < max(1, count):  # no room for this length beside the rows in use: keep the length we have
+            size, limit = old.size, old.capacity
+        capacity = max(min(capacity, limit), count, 1, old.capacity if old and size == old.size else 1)
+        if old is not None and capacity == old.capacity and size == old.size:
+            return
+        while self.in_flight:  # the rows in use are copied as they are after every queued step
+            self._consume()
+        count = old.count if old else 0
+        self.rows = rows = Rows(fast, capacity, size, self.session.eos_ids, self.session.pad_id)
+        if old is not None and count:
+            for new_layers, old_layers in ((rows.keys, old.keys), (rows.values, old.values)):
+                for new, before in zip(new_layers, old_layers):
+                    new[:count, :, :old.size].copy_(before[:count])
+            rows.mask[:count, ..., :old.size].copy_(old.mask[:count])
+            for name in ("tokens", "positions", "slot", "finished"):
+                getattr(rows, name)[:count].copy_(getattr(old, name)[:count])
+            rows.count = count
+        del old
+        self.live = (self.live + [None] * capacity)[:capacity]
         pinned = fast.device.type == "cuda"
         self.host = [torch.empty(capacity, dtype=torch.long, pin_memory=pinned) for _ in range(self._ahead() + 2)]
 

@@ -132,3 +132,45 @@ def _judge(differing: dict) -> None:
         assert all(d.get("seed_top2_margin", 1.0) < 1e-2 for d in differing.values()), differing
     else:
         assert not differing, differing
+
+
+def test_continuous_batch_answers_equal_the_seed_recipe(checkpoint, seed, media, measured, monkeypatch):
+    """The engine on CUDA with two rows for six requests of different lengths (streamed and not): later ones
+    join the running batch as rows free up, and each answer is the seed recipe's, alone, cut to its length."""
+    import queue
+
+    from qwen2vl_cli.engine.fast.decoder import Rows
+    from qwen2vl_cli.engine.session import ModelSession
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions
+    from qwen2vl_cli.types import ChatRequest, Completion, GenerationOptions, ModelSpec
+
+    joins: list[int] = []
+    original = Rows.join
+    monkeypatch.setattr(Rows, "join", lambda self, kv, attention, *a: joins.append(self.count)
+                        or original(self, kv, attention, *a))
+    session = ModelSession(ModelSpec(model=str(checkpoint), device=DEVICE, dtype="float32")).load()
+    assert session.fast, "the fast path stepped aside"
+    session.engine.max_rows = 2
+    cases = [("small", 32, True), ("photo", 7, False), ("small_tall", 20, True), ("tiny", 3, False),
+             ("photo", 26, True), ("small", 12, False)]
+    events: queue.Queue = queue.Queue()
+    expected = []
+    for index, (name, new, stream) in enumerate(cases):
+        text, ids, scores, processor = seed(_user(_image(media[name]), {"type": "text", "text": "Describe this image."}))
+        expected.append((processor.batch_decode([ids[:new]], skip_special_tokens=True)[0], ids[:new], scores, processor))
+        image = session.image_media(str(media[name]), ImageOptions(), FetchLimits())
+        request = ChatRequest("Describe this image.", [image], generation=GenerationOptions(max_new_tokens=new))
+        session.engine.submit(request, lambda event, i=index: events.put((i, event)), stream=stream)
+    answers: dict[int, str] = {}
+    while len(answers) < len(cases):
+        index, event = events.get(timeout=300)
+        assert not isinstance(event, BaseException), event
+        if isinstance(event, Completion):
+            answers[index] = event.text
+    differing = {f"{i}:{cases[i][0]}": _explain(answers[i], *expected[i]) for i in range(len(cases))
+                 if answers[i] != expected[i][0]}
+    measured("joins_into_a_running_batch", sum(count > 0 for count in joins))
+    measured("differing", differing)
+    assert any(count > 0 for count in joins), "no request joined a running batch"
+    session.engine.close(wait_s=30)
+    _judge(differing)

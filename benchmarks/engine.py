@@ -1,0 +1,258 @@
+"""The engine's benchmark (issue 15): qwen2vl's continuous-batching engine beside the code before it (static
+batches), side by side in one run, on a random-weight 2B (real shapes, bf16) and 1280x960 photos (1230 tokens):
+
+  - batch captioning, 128 new tokens each (`run_batch`, as `qwen2vl batch` runs it): images/s;
+  - realistic answer lengths (per item from a seeded distribution, 16-320 tokens), the same items through
+    `generate_batch` (the engine: one request each; before: static batches of its batch size, each as long as
+    its longest answer): images/s and useful tokens/s;
+  - 16 concurrent clients through `qwen2vl serve` (8 streamed, 8 not, 4 requests each): images/s, and the
+    streamed requests' time to first token while the others run (median);
+  - one `qwen2vl describe` one-liner with no session running: wall seconds.
+
+Each side runs in its own process with its own tree on PYTHONPATH (the tree before: `git archive COMMIT`).
+
+    python benchmarks/engine.py --baseline DIR [--images 192] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 128
+MAX_PIXELS = 1280 * 28 * 28
+UNUSED_EOS = 151935  # an id the tokenizer never makes: every answer runs to its length
+CLIENTS, PER_CLIENT = 16, 4
+
+
+def lengths(count: int, seed: int = 0) -> list[int]:
+    """Answer lengths as captions come: most short, a long tail (lognormal, median ~80, 16-320)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [int(n) for n in np.clip(rng.lognormal(np.log(80), 0.7, count), 16, 320)]
+
+
+def side(tree: str, checkpoint: str, photos: list[str], out: str) -> None:
+    """One side's measures, in this process (its tree first on sys.path)."""
+    sys.path.insert(0, tree)
+    import torch
+
+    try:
+        from qwen2vl_cli.engine.session import ModelSession
+        from qwen2vl_cli.types import ChatRequest, GenerationOptions, Media, ModelSpec
+    except ImportError:  # the tree before the engine
+        from qwen2vl_cli.session import ChatRequest, GenerationOptions, Media, ModelSession, ModelSpec
+    from qwen2vl_cli.batch.inputs import BatchItem
+    from qwen2vl_cli.batch.runner import BatchConfig, BatchSummary, Results, run_batch
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions, resolve_image
+
+    report: dict = {"tree": tree}
+    session = ModelSession(ModelSpec(model=checkpoint, device="cuda", dtype="bfloat16", attn="sdpa")).load()
+    session.model.generation_config.eos_token_id = [UNUSED_EOS]
+    if hasattr(session, "eos_ids"):
+        session.eos_ids = {UNUSED_EOS}
+    images = [resolve_image(p, ImageOptions(max_pixels=MAX_PIXELS)) for p in photos]
+    request = lambda i, n: ChatRequest("Describe this image.", [Media("image", photos[i], images[i])],  # noqa: E731
+                                       generation=GenerationOptions(max_new_tokens=n))
+    list(session.stream(request(0, 16)))  # warm-up: kernels, graphs
+    session.generate_batch([request(i, 16) for i in range(8)])
+
+    class Sink:
+        def state(self, item):
+            return None
+
+        def write(self, record):
+            if record["error"]:
+                report.setdefault("errors", []).append(record["error"])
+
+        def close(self):
+            pass
+
+    config = BatchConfig(prompt="Describe this image.", system=None, images=ImageOptions(max_pixels=MAX_PIXELS),
+                         limits=FetchLimits(), generation=GenerationOptions(max_new_tokens=NEW_TOKENS), workers=8)
+    torch.cuda.reset_peak_memory_stats()
+    summary = run_batch([BatchItem(p) for p in photos], session, config, Results([Sink()], BatchSummary(), lambda n: None))
+    report["batch_128_images_per_s"] = round(summary.images_per_second, 2)
+    report["batch_128_failed"] = summary.failed
+    report["batch_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    wanted = lengths(len(photos))
+    requests = [request(i, n) for i, n in enumerate(wanted)]
+    start = time.perf_counter()
+    if hasattr(session, "engine"):
+        answers = session.generate_batch(requests)
+        report["rows"] = session.engine.rows.capacity
+    else:  # static batches, each as long as its longest answer (what a batch of generate calls does)
+        from qwen2vl_cli.batch.runner import auto_batch_size
+
+        size = auto_batch_size(session, config)
+        report["rows"] = size
+        answers = []
+        for first in range(0, len(requests), size):
+            chunk = requests[first:first + size]
+            longest = GenerationOptions(max_new_tokens=max(r.generation.max_new_tokens for r in chunk))
+            for r in chunk:
+                r.generation = longest
+            answers += session.generate_batch(chunk)
+    seconds = time.perf_counter() - start
+    useful = sum(min(a.completion_tokens, n) for a, n in zip(answers, wanted))
+    report["realistic_images_per_s"] = round(len(requests) / seconds, 2)
+    report["realistic_useful_tokens_per_s"] = round(useful / seconds, 1)
+    report["realistic_lengths"] = {"mean": round(statistics.mean(wanted), 1), "min": min(wanted), "max": max(wanted)}
+    Path(out).write_text(json.dumps(report))
+
+
+def serve_and_clients(tree: str, checkpoint: str, photos: list[str]) -> dict:
+    """`qwen2vl serve` of one tree, 16 clients at once (8 streamed, 8 not); images/s and streamed TTFT."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": _path(tree)}
+    port = 8701 if tree != str(ROOT) else 8702
+    server = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", checkpoint, "--port", str(port),
+                               "--max-queue", "256"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        uris = ["data:image/jpeg;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in photos]
+
+        def body(i: int, stream: bool) -> dict:
+            return {"model": "qwen2vl", "stream": stream, "max_tokens": NEW_TOKENS, "temperature": 0,
+                    "mm_processor_kwargs": {"max_pixels": MAX_PIXELS},
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris[i]}},
+                                                              {"type": "text", "text": "Describe this image."}]}]}
+
+        for _ in range(2):
+            httpx.post(url + "/v1/chat/completions", json=body(0, False) | {"max_tokens": 8}, timeout=300)
+        ttft: list[float] = []
+        tokens: list[int] = []
+        errors: list[str] = []
+
+        def client(index: int) -> None:
+            streamed = index % 2 == 0
+            with httpx.Client(timeout=600) as http:
+                for k in range(PER_CLIENT):
+                    i = (index * PER_CLIENT + k) % len(uris)
+                    start = time.perf_counter()
+                    if streamed:
+                        with http.stream("POST", url + "/v1/chat/completions", json=body(i, True)) as response:
+                            first = None
+                            for line in response.iter_lines():
+                                if line.startswith("data: ") and '"content": "' in line and first is None:
+                                    first = time.perf_counter() - start
+                                    if '"content": ""' not in line:
+                                        ttft.append(first)
+                                    else:
+                                        first = None
+                            if response.status_code != 200:
+                                errors.append(str(response.status_code))
+                    else:
+                        response = http.post(url + "/v1/chat/completions", json=body(i, False))
+                        if response.status_code != 200:
+                            errors.append(response.text[:200])
+                        else:
+                            tokens.append(response.json()["usage"]["completion_tokens"])
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+        return {"server_images_per_s": round(CLIENTS * PER_CLIENT / seconds, 2),
+                "server_streamed_ttft_ms_median": round(statistics.median(ttft) * 1000, 1) if ttft else None,
+                "server_streamed_ttft_ms_max": round(max(ttft) * 1000, 1) if ttft else None,
+                "server_nonstreamed_mean_tokens": round(statistics.mean(tokens), 1) if tokens else None,
+                "server_errors": errors[:5]}
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _path(tree: str) -> str:
+    """PYTHONPATH with `tree` first (the carried wheels stay on it)."""
+    return os.pathsep.join([tree, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
+def one_liner(tree: str, checkpoint: str, photo: str) -> float:
+    env = {**os.environ, "PYTHONPATH": _path(tree)}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", photo, "--model", checkpoint, "-n", "128",
+                           "--max-pixels", str(MAX_PIXELS)], env=env, capture_output=True, timeout=600)
+    if done.returncode:
+        return -1.0
+    return round(time.perf_counter() - start, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="the tree before (a `git archive` of its commit)")
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--side", nargs=3, metavar=("TREE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        tree, checkpoint, out = args.side
+        side(tree, checkpoint, json.loads(Path(out).read_text()), out)
+        return
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import transformers
+
+    from benchmarks.gpu import make_photos
+    from tests.checkpoint import build_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="qwen2vl-engine-"))
+    checkpoint = str(build_checkpoint(work / "ckpt", "2b", std=0.02, dtype="bfloat16", device="cuda"))
+    torch.cuda.empty_cache()
+    photos = [str(p) for p in make_photos(work / "photos", args.images)]
+    report: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
+                    "model": "Qwen2-VL-2B (random weights, real shapes), bf16, sdpa", "images": args.images,
+                    "image_tokens": 1230}
+    for name, tree in (("before", str(Path(args.baseline).resolve())), ("engine", str(ROOT))):
+        out = work / f"{name}.json"
+        out.write_text(json.dumps(photos))
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--baseline", tree, "--side", tree, checkpoint, str(out)],
+                              env={**os.environ, "PYTHONPATH": _path(tree)}, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name}: failed")
+        measures = json.loads(out.read_text())
+        measures.update(serve_and_clients(tree, checkpoint, photos[:64]))
+        measures["one_liner_wall_s"] = one_liner(tree, checkpoint, photos[0])
+        measures["side_s"] = round(time.perf_counter() - started, 1)
+        report[name] = measures
+        print(name, json.dumps(measures), flush=True)
+    before, engine = report["before"], report["engine"]
+    report["ratios"] = {key: round(engine[key] / before[key], 2) for key in
+                        ("batch_128_images_per_s", "realistic_images_per_s", "server_images_per_s")
+                        if before.get(key) and engine.get(key)}
+    print(json.dumps(report, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
