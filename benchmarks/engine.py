@@ -133,7 +133,7 @@ def serve_and_clients(tree: str, checkpoint: str, photos: list[str]) -> dict:
         uris = ["data:image/jpeg;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in photos]
 
         def body(i: int, stream: bool) -> dict:
-            return {"model": "qwen2vl", "stream": stream, "max_tokens": NEW_TOKENS, "temperature": 0,
+            return {"model": checkpoint, "stream": stream, "max_tokens": NEW_TOKENS, "temperature": 0,
                     "mm_processor_kwargs": {"max_pixels": MAX_PIXELS},
                     "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris[i]}},
                                                               {"type": "text", "text": "Describe this image."}]}]}

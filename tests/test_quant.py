@@ -68,8 +68,12 @@ def frames(tmp_path_factory):
 
 
 def _ids(session, request) -> list[int]:
+    """The session's model's greedy ids (transformers' generate: quantized layers and twin alike)."""
+    import torch
+
     inputs = session.to_device(session.prepare([request]))
-    output = session._generate(inputs, request.generation)
+    with torch.inference_mode():
+        output = session.model.generate(**inputs, **session.generate_kwargs(request.generation))
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 

@@ -19,6 +19,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -29,8 +30,9 @@ MAX_ROWS = 64  # rows of the running batch at most (each a full-length K/V cache
 CPU_ROWS = 8
 MIN_CACHE = 4096  # a row's length in the cache at least (positions); grown for longer requests
 CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take
-PREFILL_TOKENS = 16384  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
+PREFILL_TOKENS = 32768  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
 STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
+IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
 
 
 class Ticket:
@@ -111,9 +113,11 @@ class Answer:
         return ""
 
     def finish(self) -> Completion:
-        """The Completion (a stream gets what it has not seen first)."""
+        """The Completion (a stream gets what it has not seen first, an unfinished character included, as the
+        Completion's text has it)."""
         if self.ticket.stream and not stop_at(self.held, self.options.stop or ()):
-            rest = self.held + (self._new_text() if self.read < len(self.ids) else "")
+            decode = self.session.decode
+            rest = self.held + decode(self.ids[self.prefix:])[len(decode(self.ids[self.prefix:self.read])):]
             cut = stop_at(rest, self.options.stop) if self.options.stop else None
             if rest[:cut]:
                 self.ticket.emit(TextDelta(rest[:cut]))
@@ -149,14 +153,13 @@ class Engine:
     def submit(self, request: ChatRequest, emit: Callable, stream: bool = False, prepared=None) -> Ticket:
         """Queue a request; `prepared` is `session.prepare([request])` done ahead (e.g. by a batch's producer)."""
         ticket = Ticket(request, emit, stream, prepared)
-        with self.lock:
+        with self.lock:  # the thread leaves when idle (under this lock, with the inbox empty): none is stranded
             if self.thread is None or not self.thread.is_alive():
                 self.closing.clear()
                 self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
                 self.thread.start()
-                # at exit, the thread stops between steps: a process must not end inside a CUDA or torch call
-                atexit.register(self.close, 10.0)
-        self.inbox.put(ticket)
+                _ENGINES.add(self)
+            self.inbox.put(ticket)
         return ticket
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
@@ -238,7 +241,9 @@ class Engine:
     def _run(self) -> None:
         while not self.closing.is_set():
             try:
-                self._take(block=not (self.waiting or self.in_flight or self.rows and self.rows.count))
+                idle = not (self.waiting or self.in_flight or (self.rows is not None and self.rows.count))
+                if self._take(block=idle) is _IDLE:
+                    return  # nothing to do for a while: the thread ends (and holds nothing); submit starts another
                 self._drop_cancelled()
                 if self.waiting and not self.waiting[0].fast:
                     self._answer_stock()
@@ -256,7 +261,7 @@ class Engine:
 
         return AHEAD if self.session.device and self.session.device.startswith("cuda") else 0
 
-    def _take(self, block: bool) -> None:
+    def _take(self, block: bool):
         """New tickets from the inbox: prepared ones wait for a row; the others are prepared, here when the engine
         has nothing else to do (a lone request: the vision tower starts while the prompt is tokenized), else on
         the preparing threads, which hand them back through the inbox."""
@@ -264,10 +269,15 @@ class Engine:
             try:
                 ticket = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
             except queue.Empty:
-                if block:
-                    self._maybe_unload()
-                    continue
-                return
+                if not block:
+                    return None
+                self._maybe_unload()
+                if self.keep_alive_s is None and time.monotonic() - self.last_active > IDLE_EXIT_S:
+                    with self.lock:
+                        if self.inbox.empty() and not self.preparing:
+                            self.thread = None
+                            return _IDLE
+                continue
             block = False
             if ticket is None:
                 return
@@ -534,6 +544,17 @@ class Engine:
                 ticket.closed.set()
             else:
                 self._finished(ticket, ticket.answer.finish())
+
+
+_IDLE = object()
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """At exit each engine's thread stops between steps: a process must not end inside a CUDA or torch call."""
+    for engine in list(_ENGINES):
+        engine.close(wait_s=10.0)
 
 
 class _Cancelled(Exception):
