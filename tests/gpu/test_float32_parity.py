@@ -154,12 +154,13 @@ def test_continuous_batch_answers_equal_the_seed_recipe(checkpoint, seed, media,
     cases = [("small", 32, True), ("photo", 7, False), ("small_tall", 20, True), ("tiny", 3, False),
              ("photo", 26, True), ("small", 12, False)]
     events: queue.Queue = queue.Queue()
-    expected = []
-    for index, (name, new, stream) in enumerate(cases):
+    expected, requests = [], []
+    for name, new, _ in cases:  # the seed's answers first: the requests then arrive together
         text, ids, scores, processor = seed(_user(_image(media[name]), {"type": "text", "text": "Describe this image."}))
         expected.append((processor.batch_decode([ids[:new]], skip_special_tokens=True)[0], ids[:new], scores, processor))
         image = session.image_media(str(media[name]), ImageOptions(), FetchLimits())
-        request = ChatRequest("Describe this image.", [image], generation=GenerationOptions(max_new_tokens=new))
+        requests.append(ChatRequest("Describe this image.", [image], generation=GenerationOptions(max_new_tokens=new)))
+    for index, (request, (_, _, stream)) in enumerate(zip(requests, cases)):
         session.engine.submit(request, lambda event, i=index: events.put((i, event)), stream=stream)
     answers: dict[int, str] = {}
     while len(answers) < len(cases):
