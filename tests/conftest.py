@@ -26,9 +26,12 @@ def _offline_and_isolated(tmp_path_factory):
     """No test touches the network hub or the user's cache."""
     home = tmp_path_factory.mktemp("hf_home")
     cleared = ("QWEN2VL_MODEL", "QWEN2VL_DEBUG", "QWEN2VL_SERVER", "QWEN2VL_API_KEY", "QWEN2VL_FASTPATH")
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "QWEN2VL_STATE_DIR", *cleared)}
-    # a session the user has running is not found: in-process tests stay in-process
-    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", QWEN2VL_STATE_DIR=str(tmp_path_factory.mktemp("state")))
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "QWEN2VL_STATE_DIR", "QWEN2VL_AUTOSTART",
+                                            *cleared)}
+    # a session the user has running is not found, and one-liners start none (tests/test_autostart.py does):
+    # in-process tests stay in-process
+    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", QWEN2VL_STATE_DIR=str(tmp_path_factory.mktemp("state")),
+                      QWEN2VL_AUTOSTART="0")
     for key in cleared:
         os.environ.pop(key, None)
     yield

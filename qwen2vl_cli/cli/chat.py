@@ -12,7 +12,7 @@ from ..sources import FetchLimits
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
                       MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt, NFramesOpt,
-                      NoServerOpt, NoStreamOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt,
+                      KeepAliveOpt, NoServerOpt, NoStreamOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt,
                       ResizedWidthOpt, SeedOpt, ServerOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt,
                       TopPOpt, TotalPixelsOpt, VerboseOpt, VideoBackendOpt, VisionIdsOpt)
 
@@ -52,6 +52,7 @@ def describe(
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     server: ServerOpt = None,
     no_server: NoServerOpt = False,
+    keep_alive: KeepAliveOpt = common.DEFAULT_KEEP_ALIVE,
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Describe one or more images.
@@ -61,7 +62,7 @@ def describe(
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    session = common.backend(spec, server, no_server, api_key)
+    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
     request = ChatRequest(
         prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download), env),
         system=system, vision_ids=vision_ids,
@@ -106,6 +107,7 @@ def ask(
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     server: ServerOpt = None,
     no_server: NoServerOpt = False,
+    keep_alive: KeepAliveOpt = common.DEFAULT_KEEP_ALIVE,
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Ask a question about images and videos, or chat with no media at all.
@@ -120,7 +122,7 @@ def ask(
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    session = common.backend(spec, server, no_server, api_key)
+    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
     media = common.resolve_images(session, sources or [], images, limits, env)
     media += common.resolve_videos(session, videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
@@ -164,6 +166,7 @@ def video(
     max_download: MaxDownloadOpt = DEFAULTS["video_max_download"],
     server: ServerOpt = None,
     no_server: NoServerOpt = False,
+    keep_alive: KeepAliveOpt = common.DEFAULT_KEEP_ALIVE,
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Describe a video or answer a question about it.
@@ -176,7 +179,7 @@ def video(
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    session = common.backend(spec, server, no_server, api_key)
+    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
     request = ChatRequest(
         prompt=question, system=system,
         media=common.resolve_videos(session, [source], options, FetchLimits(timeout, max_download), env, verbose),

@@ -3,6 +3,7 @@ in-process), resolve inputs through it, stream, render."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -35,8 +36,13 @@ def model_spec(model: str | None, device: str, dtype: str, attn: str, quantize: 
     return ModelSpec(model=name, device=device, dtype=dtype, attn=attn, quantize=quantize)
 
 
-def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4):
-    """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else in-process."""
+DEFAULT_KEEP_ALIVE = "5m"  # how long a session a one-liner starts stays when idle
+
+
+def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4,
+            env: Environment | None = None, keep_alive: str | None = None):
+    """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
+    is given: the one-liners) one started in the background for this and later commands, else in-process."""
     if server and no_server:
         raise UsageError("--server/--no-server", "give one or the other")
     if not no_server:
@@ -50,7 +56,45 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         found = find_server(spec.model, api_key)
         if found:
             return RemoteSession(found["url"], spec.model, api_key, concurrency)
+        started = _start_session(spec, api_key, keep_alive, env) if keep_alive is not None else None
+        if started:
+            return RemoteSession(started["url"], spec.model, api_key, concurrency)
     return get_session(spec)
+
+
+def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: Environment | None) -> dict | None:
+    """Start `qwen2vl serve` for `spec` in the background (a free loopback port, ending itself after `keep_alive`
+    idle) and return its record; None where none should start (--keep-alive 0, QWEN2VL_AUTOSTART=0, a model
+    that cannot load: the in-process load says why) or it failed to (said on stderr)."""
+    from ..errors import Qwen2VLError
+    from ..modelfiles import hub_offline, hub_reachable, local_model_dir, validate_model_dir
+    from ..server.registry import spawn_session
+    from .options import parse_duration
+
+    idle = parse_duration(keep_alive)
+    if idle is not None and idle <= 0 or os.environ.get("QWEN2VL_AUTOSTART", "1").strip().lower() in ("0", "no", "off"):
+        return None
+    folder = local_model_dir(spec.model)
+    try:
+        if folder is not None:
+            validate_model_dir(folder, spec.model)
+        elif hub_offline() or not hub_reachable():
+            return None
+    except Qwen2VLError:
+        return None
+    args = ["--model", spec.model, "--device", spec.device, "--dtype", spec.dtype, "--attn", spec.attn,
+            "--port", "0", "--keep-alive", keep_alive, "--exit-when-idle",
+            *(["--quantize", spec.quantize] if spec.quantize else [])]
+    note = env.note if env is not None else lambda text: None
+    try:
+        with env.status(f"Loading {spec.model} (in a background session) ...") if env else contextlib.nullcontext():
+            state = spawn_session(args, api_key)
+    except Qwen2VLError as exc:
+        note(f"could not start a background session ({exc}); answering in this process")
+        return None
+    note(f"started a background session for {spec.model} (pid {state['pid']}): later commands answer through "
+         f"it; it ends after {keep_alive} idle (`qwen2vl stop` ends it now; --keep-alive 0 starts none)")
+    return state
 
 
 def image_options(min_pixels: int | None, max_pixels: int | None, resized_height: int | None,

@@ -47,6 +47,18 @@ def parse_bytes(value: str | int | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
+def parse_duration(text: str) -> float | None:
+    """'10m', '90s', '1h', '0' (unload at once); 'never' or -1: keep the model loaded."""
+    text = text.strip().lower()
+    if text in ("never", "forever", "-1", "inf"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration (e.g. 30s, 10m, 1h, never)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
 # ---- model ---------------------------------------------------------------------------------------
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="ID|DIR", rich_help_panel=MODEL_PANEL, show_default=False,
@@ -145,7 +157,12 @@ ServerOpt = Annotated[str | None, typer.Option(
     help="Send the work to this OpenAI-compatible server (qwen2vl serve, vLLM, SGLang).")]
 NoServerOpt = Annotated[bool, typer.Option(
     "--no-server", rich_help_panel=SERVER_PANEL,
-    help="Load the model in this process even when a qwen2vl session is running.")]
+    help="Load the model in this process: use no running qwen2vl session and start none.")]
+KeepAliveOpt = Annotated[str, typer.Option(
+    "--keep-alive", metavar="DURATION", rich_help_panel=SERVER_PANEL,
+    help="With no session running for the model, start one in the background and answer through it: later "
+         "commands reuse it, and it ends after this long idle (30s, 5m, 1h). 0 answers in this process and "
+         "starts none (as QWEN2VL_AUTOSTART=0 does).")]
 ApiKeyOpt = Annotated[str | None, typer.Option(
     "--api-key", metavar="KEY", envvar="QWEN2VL_API_KEY", rich_help_panel=SERVER_PANEL, show_envvar=True,
     help="Bearer token for the server.")]

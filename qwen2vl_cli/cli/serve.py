@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,22 +13,10 @@ from ..render import Environment
 from ..server.registry import DEFAULT_PORT
 from ..sources import FetchLimits, FetchPolicy
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuantizeOpt,
+from .options import (DEFAULTS, ApiKeyOpt, parse_duration, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuantizeOpt,
                       QuietOpt, TimeoutOpt, parse_bytes)
 
 READY_TIMEOUT_S = 900
-
-
-def parse_duration(text: str) -> float | None:
-    """'10m', '90s', '1h', '0' (unload at once); 'never' or -1: keep the model loaded."""
-    text = text.strip().lower()
-    if text in ("never", "forever", "-1", "inf"):
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", text)
-    if not match:
-        raise typer.BadParameter(f"{text!r} is not a duration (e.g. 30s, 10m, 1h, never)")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
-    return float(match.group(1)) * scale
 
 
 def serve(
@@ -60,6 +44,7 @@ def serve(
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     quiet: QuietOpt = False,
+    exit_when_idle: Annotated[bool, typer.Option("--exit-when-idle", hidden=True, help="End the process (not only unload the model) after --keep-alive idle: the sessions commands start themselves.")] = False,
 ) -> None:
     """Keep the model loaded and serve an OpenAI-compatible API; other commands use it automatically.
 
@@ -78,7 +63,7 @@ def serve(
         allowed_local=allowed_local_media_path.resolve() if allowed_local_media_path else None,
         limits=FetchLimits(timeout, max_download, FetchPolicy(allow_fetch, _names(allowed_media_domains))),
         served_name=served_model_name, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
-        max_videos=max_videos, max_queue=max_queue, allowed_hosts=_names(allowed_hosts))
+        max_videos=max_videos, max_queue=max_queue, allowed_hosts=_names(allowed_hosts), exit_when_idle=exit_when_idle)
     if background:
         return _start_background(config, env)
 
@@ -95,31 +80,15 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 def _start_background(config, env: Environment) -> None:
     """Re-run this command detached, wait until it answers /health, print its URL."""
-    from ..server.registry import health, read_state, state_dir
+    from ..server.registry import spawn_session
 
     argv = _without_secrets([a for a in sys.argv[1:] if a not in ("--background", "-d")])
-    if "serve" not in argv:
-        argv = ["serve", *argv]
-    child_env = {**os.environ, **({"QWEN2VL_API_KEY": config.api_key} if config.api_key else {})}
-    log_dir = state_dir()
-    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_path = log_dir / f"serve-{int(time.time())}.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", *argv, "--quiet"], stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=log, start_new_session=True, env=child_env)
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    if "serve" in argv:
+        argv.remove("serve")
     with env.status(f"Starting a session for {config.model_name} ..."):
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise ServerError("serve --background", f"the server exited ({tail[0]}); log: {log_path}")
-            state = read_state(process.pid)
-            if state and health(state["url"], config.api_key, token=state.get("token"), pid=process.pid):
-                print(state["url"], flush=True)
-                env.note(f"session {process.pid} serves {config.model_name}; `qwen2vl stop` ends it")
-                return
-            time.sleep(0.2)
-    raise ServerError("serve --background", f"not ready after {READY_TIMEOUT_S}s; log: {log_path}")
+        state = spawn_session(argv, config.api_key, READY_TIMEOUT_S)
+    print(state["url"], flush=True)
+    env.note(f"session {state['pid']} serves {config.model_name}; `qwen2vl stop` ends it")
 
 
 def _without_secrets(argv: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class ServerConfig:
     max_videos: int = 4
     max_queue: int = DEFAULT_MAX_QUEUE
     allowed_hosts: tuple[str, ...] = ()  # Host headers answered; () derives them from the bind address
+    exit_when_idle: bool = False  # a session a command started: the process ends after keep_alive_s idle
 
     @property
     def model_name(self) -> str:
@@ -326,6 +328,9 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
     # process would die there, before the cleanup below; as SystemExit(0) it unwinds through it: a clean stop
     previous = signal.signal(signal.SIGTERM, _terminated)
+    if config.exit_when_idle and config.keep_alive_s is not None:
+        threading.Thread(target=_exit_when_idle, args=(server, session.engine, config.keep_alive_s),
+                         name="qwen2vl-idle", daemon=True).start()
     try:
         if on_ready:
             on_ready(url, session)
@@ -334,6 +339,14 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
         signal.signal(signal.SIGTERM, previous)
         session.engine.close()
         registry.remove_state(os.getpid())
+
+
+def _exit_when_idle(server, engine, keep_alive_s: float) -> None:
+    """A session a command started ends itself after keep_alive_s without requests (as `stop` would)."""
+    while not server.should_exit:
+        time.sleep(min(1.0, keep_alive_s / 4))
+        if not engine.busy and engine.idle_s >= keep_alive_s:
+            server.should_exit = True
 
 
 def _terminated(signum, frame):

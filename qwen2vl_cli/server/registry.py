@@ -124,6 +124,33 @@ def find_server(model: str, api_key: str | None = None) -> dict | None:
     return None
 
 
+def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: float = 900.0) -> dict:
+    """Start `qwen2vl serve SERVE_ARGS --quiet` detached (its output in a log beside the state files), wait
+    until it answers /health, and return its record. ServerError when it exits first or is not ready in time."""
+    import subprocess
+    import sys
+
+    from ..errors import ServerError
+
+    env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = folder / f"serve-{int(time.time())}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", *serve_args, "--quiet"],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ServerError("serve", f"the server exited ({tail[0]}); log: {log_path}")
+        state = read_state(process.pid)
+        if state and health(state["url"], api_key, token=state.get("token"), pid=process.pid):
+            return state
+        time.sleep(0.2)
+    raise ServerError("serve", f"not ready after {timeout:.0f}s; log: {log_path}")
+
+
 def stop_server(info: dict, timeout: float = 30.0) -> bool:
     """SIGTERM, wait for the process to end; True when it did."""
     pid = int(info["pid"])

@@ -1,0 +1,63 @@
+"""A session that starts itself: the first one-liner with no session running starts `qwen2vl serve` in the
+background and answers through it; later ones reuse it; it ends itself after --keep-alive idle; --no-server,
+--keep-alive 0 and QWEN2VL_AUTOSTART=0 start none. Real processes, a state directory of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .conftest import run_process
+
+
+def _sessions(state_dir) -> list[dict]:
+    return [json.loads(p.read_text()) for p in state_dir.glob("*.json")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself(tiny_model, images, tmp_path):
+    expected = run_process("describe", images["a"], "-m", tiny_model, "-n", "12", "--no-server")
+    assert expected.returncode == 0, expected.stderr
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    first = run_process("describe", images["a"], "-m", tiny_model, "-n", "12", "--keep-alive", "4s", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == expected.stdout  # the answer through the session is the in-process one
+    assert b"started a background session" in first.stderr and first.stderr.count(b"\n") == 1
+    [session] = _sessions(tmp_path)
+    again = run_process("ask", images["a"], "-q", "Describe this image.", "-m", tiny_model, "-n", "12", "--json",
+                        env=env)
+    assert again.returncode == 0, again.stderr
+    assert b"started" not in again.stderr and _sessions(tmp_path) == [session]  # reused, said once
+    assert json.loads(again.stdout)["text"] == expected.stdout.decode().rstrip("\n")
+    deadline = time.monotonic() + 30
+    while _alive(session["pid"]) and time.monotonic() < deadline:  # 4 s idle: it ends itself, record removed
+        time.sleep(0.2)
+    assert not _alive(session["pid"]) and not _sessions(tmp_path)
+
+
+def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    for extra, extra_env in ((["--no-server"], {}), (["--keep-alive", "0"], {}), ([], {"QWEN2VL_AUTOSTART": "0"})):
+        result = run_process("describe", images["b"], "-m", tiny_model, "-n", "4", *extra, env={**env, **extra_env})
+        assert result.returncode == 0, result.stderr
+        assert b"background session" not in result.stderr and not _sessions(tmp_path), extra
+
+
+def test_a_model_that_cannot_load_starts_no_session(tmp_path, images):
+    """A broken model directory: no server is spawned (it would fail the same way); the in-process load says why."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    state = tmp_path / "state"
+    result = run_process("describe", images["a"], "-m", broken, env={"QWEN2VL_AUTOSTART": "1",
+                                                                     "QWEN2VL_STATE_DIR": str(state)})
+    assert result.returncode == 4, result.stderr
+    assert b"background session" not in result.stderr and not list(state.glob("*.json"))
