@@ -287,7 +287,8 @@ class Engine:
                 continue
             try:
                 self._ensure_loaded()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - the model cannot load: every caller hears why
+                ticket.closed.set()
                 ticket.emit(exc)
                 continue
             if ticket.fast is None:
@@ -315,7 +316,8 @@ class Engine:
     def _prepare_later(self, ticket: Ticket) -> None:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen2vl-prepare")
-        self.preparing += 1
+        with self.lock:
+            self.preparing += 1
 
         def prepare() -> None:
             try:
@@ -326,7 +328,8 @@ class Engine:
             else:
                 self.inbox.put(ticket)
             finally:
-                self.preparing -= 1
+                with self.lock:
+                    self.preparing -= 1
 
         self.pool.submit(prepare)
 
@@ -388,15 +391,26 @@ class Engine:
         else:
             limit = min(limit, CPU_ROWS)
         count = old.count if old else 0
-        if limit < max(1, count):  # no room for this length beside the rows in use: keep the length we have
-            size, limit = old.size, old.capacity
+        if limit < max(1, count):
+            if count:  # no room for this length beside the rows in use: keep what we have (it waits for them)
+                size, limit = old.size, old.capacity
+            else:  # one row, whatever the estimate says: where it does not fit, its caller hears of it
+                limit = 1
         capacity = max(min(capacity, limit), count, 1, old.capacity if old and size == old.size else 1)
         if old is not None and capacity == old.capacity and size == old.size:
             return
         while self.in_flight:  # the rows in use are copied as they are after every queued step
             self._consume()
         count = old.count if old else 0
-        self.rows = rows = Rows(fast, capacity, size, self.session.eos_ids, self.session.pad_id)
+        try:
+            rows = Rows(fast, capacity, size, self.session.eos_ids, self.session.pad_id)
+        except torch.cuda.OutOfMemoryError:
+            if old is None:
+                raise  # not one row fits: the waiting requests hear of it
+            torch.cuda.empty_cache()
+            self.max_rows = old.capacity  # one failure policy: stay as large as we are, and go on
+            return
+        self.rows = rows
         if old is not None and count:
             for new_layers, old_layers in ((rows.keys, old.keys), (rows.values, old.values)):
                 for new, before in zip(new_layers, old_layers):
