@@ -170,3 +170,13 @@ def test_man_pages_render_without_warnings():
                              env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat", "PAGER": "cat"})
         assert out.returncode == 0 and out.stderr == "", f"{page.name}: {out.stderr}"
         assert "EXIT STATUS" in out.stdout
+
+
+def test_verbose_says_where_loading_went(cli, images):
+    """--verbose names the weights, the path that answers, and the load's phases (imports, weights)."""
+    import re
+
+    result = cli("describe", images["a"], "-n", "2", "-v")
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"float32 weights on cpu; fast path off \(CPU\); loaded in [0-9.]+s \(imports [0-9.]+s, "
+                     r"weights [0-9.]+s", result.stderr), result.stderr

@@ -76,6 +76,7 @@ class ModelSession:
         self.device: str | None = None
         self.context: int | None = None  # the model's positions: prompt + answer must fit
         self.load_s: float = 0.0
+        self.phases: dict[str, float] = {}  # where load_s went (imports, weights, ...), for --verbose
         self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self.fast = None  # fast.decoder.FastDecoder where the fast path is on (decided at load)
         self.quantization: str | None = None  # "GPTQ-Int4", ...: what the loaded weights are
@@ -98,6 +99,7 @@ class ModelSession:
         import logging
 
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecations
+        checked = time.perf_counter()
         import torch
         import transformers
         from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
@@ -106,6 +108,7 @@ class ModelSession:
 
         transformers.utils.logging.set_verbosity_error()  # the spinner and our errors say what matters
         transformers.utils.logging.disable_progress_bar()
+        imported = time.perf_counter()
         device = resolve_device(self.spec.device)
         local = {"local_files_only": True} if folder else {}  # from the cache when it holds the model
         try:
@@ -149,8 +152,11 @@ class ModelSession:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         pad = self.model.generation_config.pad_token_id
         self.pad_id = min(self.eos_ids) if pad is None else pad
+        loaded = time.perf_counter()
         self.fast = self._enable_fast()
         self.load_s = time.perf_counter() - start
+        self.phases = {"checks": checked - start, "imports": imported - checked, "weights": loaded - imported,
+                       "fast path check": start + self.load_s - loaded}
         return self
 
     @property
@@ -365,7 +371,8 @@ class ModelSession:
             path = "fast path off (quantized layers: transformers' generate)"
         else:
             path = "fast path off (" + ("CPU" if not (self.device or "").startswith("cuda") else "its check failed") + ")"
-        return f"{self.spec.model}: {weights} weights on {self.device}; {path}"
+        phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.phases.items() if seconds >= 0.05)
+        return f"{self.spec.model}: {weights} weights on {self.device}; {path}; loaded in {self.load_s:.1f}s ({phases})"
 
     def generate_stock(self, inputs, options: GenerationOptions, answers) -> None:
         """transformers' `generate` over a batch, each row's tokens handed to its Answer as they come; a row
