@@ -106,7 +106,8 @@ def test_stop_strings_penalties_and_disconnects(served, media):
         assert response.status_code == 200, response.text
         return response.json()["choices"][0]
 
-    full = ask()["message"]["content"]
+    ask()  # this prompt's shape a second time: its prefill graph is captured, and the answers below all replay it
+    full = ask()["message"]["content"]  # (an eager prefill pads nothing, the graph pads to 64: bf16 may differ)
     assert len(full) > 8
     stop_at = full[len(full) // 2:len(full) // 2 + 3]
     cut = ask(stop=[stop_at])
