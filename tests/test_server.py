@@ -232,3 +232,40 @@ def test_sigterm_removes_the_state_file(tiny_model, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0, process.stderr.read().decode()  # a clean stop
     assert not list(tmp_path.glob("*.json")), "a terminated server left its state file behind"
+
+
+def test_streamed_and_plain_requests_share_the_engines_batch(cli, images, tiny_model, tmp_path, monkeypatch):
+    """16 clients at once (8 streamed, 8 not, different lengths) through a server whose engine batches them
+    continuously (the fast path forced on, float32): every answer is the in-process one, and the server says
+    it ran several at once."""
+    jobs = [(images["abc"[i % 3]], ("Describe this image.", "What is it?")[i % 2], 4 + i) for i in range(16)]
+    expected = [in_process(cli, "describe", path, "-p", prompt, "-n", str(n)) for path, prompt, n in jobs]
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    process, url = start_server(tiny_model, tmp_path, "--keep-alive", "never")
+    busiest: list[int] = []
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(index: int) -> str:
+            path, prompt, n = jobs[index]
+            if index % 2:
+                reply = client.chat.completions.create(model=str(tiny_model), messages=image_message(path, prompt),
+                                                       max_tokens=n)
+                return reply.choices[0].message.content
+            chunks = client.chat.completions.create(model=str(tiny_model), messages=image_message(path, prompt),
+                                                    max_tokens=n, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        def watch() -> None:
+            for _ in range(200):
+                busiest.append(httpx.get(url + "/health", timeout=5).json()["running"])
+                time.sleep(0.02)
+
+        with ThreadPoolExecutor(max_workers=17) as pool:
+            watcher = pool.submit(watch)
+            answers = list(pool.map(ask, range(16)))
+            watcher.cancel()
+        assert answers == expected
+        assert max(busiest) > 1, "the requests were not answered together"
+    finally:
+        stop(process)

@@ -231,7 +231,12 @@ class Engine:
     @property
     def capacity(self) -> int:
         """How many requests are answered together at most (the running batch's rows, or one stock batch)."""
-        return self.rows.capacity if self.rows is not None else STOCK_BATCH
+        return self.rows.capacity if self.rows is not None else self._stock_limit()
+
+    def _stock_limit(self) -> int:
+        """Requests in one `generate` at most: --batch-size, else STOCK_BATCH on a GPU, CPU_ROWS elsewhere."""
+        cuda = (self.session.device or "").startswith("cuda")
+        return self.max_rows or (STOCK_BATCH if cuda else CPU_ROWS)
 
     def retry_after_s(self) -> int:
         """A fair guess of when a place in the queue frees up (a 429's Retry-After)."""
@@ -520,8 +525,9 @@ class Engine:
         group = [first]
         if not first.stream:
             same = dataclasses.replace(first.request.generation, stop=())
+            limit = self._stock_limit()
             for ticket in list(self.waiting):
-                if len(group) >= STOCK_BATCH:
+                if len(group) >= limit:
                     break
                 if (not ticket.fast and not ticket.stream
                         and dataclasses.replace(ticket.request.generation, stop=()) == same):
