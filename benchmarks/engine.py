@@ -176,7 +176,9 @@ def serve_and_clients(tree: str, checkpoint: str, photos: list[str]) -> dict:
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - start
+        facts = httpx.get(url + "/health", timeout=5).json()
         return {"server_images_per_s": round(CLIENTS * PER_CLIENT / seconds, 2),
+                "server_engine_timings_ms": facts.get("timings_ms"),
                 "server_streamed_ttft_ms_median": round(statistics.median(ttft) * 1000, 1) if ttft else None,
                 "server_streamed_ttft_ms_max": round(max(ttft) * 1000, 1) if ttft else None,
                 "server_nonstreamed_mean_tokens": round(statistics.mean(tokens), 1) if tokens else None,

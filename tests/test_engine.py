@@ -139,6 +139,8 @@ def test_requests_join_and_leave_the_running_batch_with_the_seed_recipes_answers
     for index, (_, _, new, streamed) in enumerate(CASES):
         assert results[index].completion_tokens <= new
         assert ("".join(collector.deltas.get(index, [])) == reference[index]) if streamed else index not in collector.deltas
+    timings = session.engine.timings_ms()  # what /health reports: where a request's first token waited
+    assert timings["requests"] == len(CASES) and all(timings[k] >= 0 for k in ("prepare", "wait", "prefill"))
     assert max(before + joining for before, joining in joins) <= 2
     assert any(before > 0 for before, _ in joins), "no request joined a batch that was running"
     assert session.engine.rows.count == 0 and not any(session.engine.live)

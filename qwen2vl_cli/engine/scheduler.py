@@ -32,6 +32,7 @@ MIN_CACHE = 4096  # a row's length in the cache at least (positions); grown for 
 CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take
 PREFILL_TOKENS = 32768  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
 STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
+PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
 IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
 
 
@@ -46,6 +47,7 @@ class Ticket:
         self.answer: Answer | None = None
         self.fast: bool | None = None  # decided by the engine: continuous batch or `generate`
         self.row: int | None = None
+        self.prepared_at: float | None = None  # when its tensors were ready (the phases the engine reports)
         self.closed = threading.Event()  # the engine is done with it (answered, failed or cancelled)
 
     def cancel(self) -> None:
@@ -144,6 +146,7 @@ class Engine:
         self.prefill_limit = PREFILL_TOKENS
         self.last_active = time.monotonic()
         self.job_s = 1.0  # a running average of how long an answer takes, for Retry-After
+        self.phases: deque = deque(maxlen=PHASES_KEPT)  # (prepare, wait, prefill) seconds of recent requests
         self.closing = threading.Event()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -238,6 +241,16 @@ class Engine:
         cuda = (self.session.device or "").startswith("cuda")
         return self.max_rows or (STOCK_BATCH if cuda else CPU_ROWS)
 
+    def timings_ms(self) -> dict:
+        """Medians over the recent fast-path requests: submitted -> prepared, prepared -> prefill started (the
+        wait for a row), prefill -> first token (with the requests prefilled beside it)."""
+        recent = list(self.phases)
+        if not recent:
+            return {}
+        middle = lambda values: round(sorted(values)[len(values) // 2] * 1000, 1)  # noqa: E731
+        return {"requests": len(recent), **{name: middle([p[i] for p in recent])
+                                            for i, name in enumerate(("prepare", "wait", "prefill"))}}
+
     def retry_after_s(self) -> int:
         """A fair guess of when a place in the queue frees up (a 429's Retry-After)."""
         return max(1, math.ceil(self.job_s * max(1, self.queued) / max(1, self.capacity)))
@@ -299,6 +312,7 @@ class Engine:
             if ticket.fast is None:
                 ticket.fast = self.session.fast_path_enabled(ticket.request.generation)
             if ticket.prepared is not None:
+                ticket.prepared_at = ticket.prepared_at or time.perf_counter()
                 self.waiting.append(ticket)
             elif self.waiting or self.in_flight or (self.rows is not None and self.rows.count) or not self.inbox.empty():
                 self._prepare_later(ticket)
@@ -316,6 +330,7 @@ class Engine:
             ticket.closed.set()
             ticket.emit(exc)
             return
+        ticket.prepared_at = time.perf_counter()
         self.waiting.append(ticket)
 
     def _prepare_later(self, ticket: Ticket) -> None:
@@ -327,6 +342,7 @@ class Engine:
         def prepare() -> None:
             try:
                 ticket.prepared = self.session.prepare_one(ticket.request)
+                ticket.prepared_at = time.perf_counter()
             except BaseException as exc:  # noqa: BLE001
                 ticket.closed.set()
                 ticket.emit(exc)
@@ -433,6 +449,7 @@ class Engine:
         import torch
 
         session, rows = self.session, self.rows
+        started = time.perf_counter()
         try:
             host = group[0].prepared if len(group) == 1 else session.collate([t.prepared for t in group])
             inputs = session.to_device(host)
@@ -460,7 +477,10 @@ class Engine:
             group[0].closed.set()
             group[0].emit(exc)
             return
+        first_token = time.perf_counter()
         for ticket, row, token in zip(group, joined, tokens):
+            self.phases.append((ticket.prepared_at - ticket.submitted, started - ticket.prepared_at,
+                                first_token - started))
             ticket.row, ticket.answer = row, Answer(session, ticket)
             self.live[row] = ticket
             if ticket.answer.add(token):

@@ -200,7 +200,8 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
             return answer
         return {**answer, "model": config.model_name, "device": session.device or config.spec.device,
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
-                "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started}
+                "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started,
+                "timings_ms": engine.timings_ms()}
 
     @app.get("/v1/models")
     async def models():
