@@ -227,3 +227,23 @@ def test_the_running_batch_grows_for_a_longer_request(session, paths, tiny_model
     assert [results[0].text, results[1].text] == expected
     assert session.engine.rows.size >= 512 and session.engine.rows.capacity >= 2
     assert any(count > 0 for count in resized), "the batch was not resized while a request was decoding"
+
+
+def test_a_failing_request_fails_alone(session, paths, reference):
+    """A request that cannot be answered (over the model's context) is refused to its caller alone, whether it
+    is prepared on the engine's thread or beside a running batch; the others answer as alone."""
+    from qwen2vl_cli.errors import UsageError
+
+    collector = Collector()
+    engine = session.engine
+    engine.submit(request_for(session, paths, CASES[0]), collector.emit(0), stream=True)
+    assert collector.first_delta.wait(60)
+    too_long = request_for(session, paths, (["a"], "Go on forever.", 10**6, False))
+    engine.submit(too_long, collector.emit(7))
+    engine.submit(request_for(session, paths, CASES[2]), collector.emit(2))
+    results = {}
+    for _ in range(3):
+        index, event = collector.events.get(timeout=120)
+        results[index] = event
+    assert isinstance(results[7], UsageError) and "context" in str(results[7])
+    assert results[0].text == reference[0] and results[2].text == reference[2]

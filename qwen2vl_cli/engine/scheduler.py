@@ -183,21 +183,15 @@ class Engine:
                 ticket.cancel()
                 ticket.closed.wait(timeout=30)  # the engine has stopped working on it: safe to exit, or go on
 
-    def generate(self, requests: list[ChatRequest], cancelled=None) -> list[Completion]:
-        """Answers to several requests, in their order; the first error is raised. `cancelled` (anything with
-        is_set()) cancels them all when it turns true."""
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Answers to several requests, in their order (batched with whatever else runs); the first error is
+        raised, and the requests not answered by then are cancelled."""
         results: queue.Queue = queue.Queue()
         tickets = [self.submit(request, lambda event, i=i: results.put((i, event))) for i, request in enumerate(requests)]
         answers: list = [None] * len(tickets)
         try:
             for _ in tickets:
-                while True:
-                    try:
-                        index, event = results.get(timeout=0.1)
-                        break
-                    except queue.Empty:
-                        if cancelled is not None and cancelled.is_set():
-                            raise _Cancelled() from None
+                index, event = results.get()
                 if isinstance(event, BaseException):
                     raise event
                 answers[index] = event
@@ -595,7 +589,3 @@ def _stop_engines() -> None:
     """At exit each engine's thread stops between steps: a process must not end inside a CUDA or torch call."""
     for engine in list(_ENGINES):
         engine.close(wait_s=10.0)
-
-
-class _Cancelled(Exception):
-    """Every request of an Engine.generate call was cancelled."""

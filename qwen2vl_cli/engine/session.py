@@ -178,10 +178,10 @@ class ModelSession:
         self.load()
         return self.engine.submit(request, emit, stream, prepared)
 
-    def generate_batch(self, requests: list[ChatRequest], cancelled=None) -> list[Completion]:
+    def generate_batch(self, requests: list[ChatRequest]) -> list[Completion]:
         """Answers to several requests, in their order (the engine batches them with whatever else runs)."""
         self.load()
-        return self.engine.generate(requests, cancelled)
+        return self.engine.generate(requests)
 
     def unload(self) -> None:
         """Free the model's memory (the server's --keep-alive); the next request loads it again."""
