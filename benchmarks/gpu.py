@@ -276,6 +276,7 @@ def main() -> None:
     synchronize()
     report["load_s"] = round(time.perf_counter() - start, 2)
     session.model.generation_config.eos_token_id = [151935]  # an unused id: every answer is 128 tokens, as
+    session.eos_ids = {151935}  # (the engine's copy, read at load)
     options = GenerationOptions(max_new_tokens=NEW_TOKENS)  # min_new_tokens makes them in the seed recipe
     image = resolve_image(str(paths[0]), ImageOptions(max_pixels=MAX_PIXELS))
     request = ChatRequest("Describe this image.", [Media("image", str(paths[0]), image)], generation=options)
@@ -340,6 +341,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         session32 = ModelSession(ModelSpec(model=str(checkpoint), device="cuda", dtype="float32", attn="sdpa")).load()
         session32.model.generation_config.eos_token_id = [151935]
+        session32.eos_ids = {151935}
         short = [ChatRequest("Describe this image.", [Media("image", str(p), resolve_image(
             str(p), ImageOptions(max_pixels=MAX_PIXELS)))], generation=GenerationOptions(max_new_tokens=64))
             for p in same_paths]

@@ -77,6 +77,7 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
 
     session = ModelSession(ModelSpec(str(folder), device="cuda")).load()
     session.model.generation_config.eos_token_id = [UNUSED_ID]
+    session.eos_ids = {UNUSED_ID}  # (the engine's copy, read at load)
     options = GenerationOptions(max_new_tokens=new_tokens)
     results = {}
     for length, image in prompts.items():
