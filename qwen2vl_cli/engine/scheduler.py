@@ -24,7 +24,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from ..types import ChatRequest, Completion, TextDelta, held_back, stop_at
+from ..types import ChatRequest, Completion, TextDelta
+from .tickets import Answer, Ticket
 
 MAX_ROWS = 64  # rows of the running batch at most (each a full-length K/V cache row)
 CPU_ROWS = 8
@@ -34,98 +35,6 @@ PREFILL_TOKENS = 32768  # prompt tokens prefilled together at most (activations;
 STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
 PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
 IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
-
-
-class Ticket:
-    """One submitted request. `emit` gets TextDelta pieces (when streamed), then a Completion, or an exception;
-    it is called on the engine's thread. `cancel()` stops it: its row is free at the next step."""
-
-    def __init__(self, request: ChatRequest, emit: Callable, stream: bool, prepared=None) -> None:
-        self.request, self.emit, self.stream, self.prepared = request, emit, stream, prepared
-        self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-        self.answer: Answer | None = None
-        self.fast: bool | None = None  # decided by the engine: continuous batch or `generate`
-        self.row: int | None = None
-        self.prepared_at: float | None = None  # when its tensors were ready (the phases the engine reports)
-        self.closed = threading.Event()  # the engine is done with it (answered, failed or cancelled)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def done(self) -> bool:
-        return self.closed.is_set()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.prepared["attention_mask"].sum())
-
-    @property
-    def span(self) -> int:
-        """Cache positions the answer can take: the prompt and every new token."""
-        return self.prepared["input_ids"].shape[1] + self.request.generation.max_new_tokens
-
-
-class Answer:
-    """A ticket's tokens as they come: text pieces for a stream (held back where a stop string may begin), and
-    whether it is done (an end token, its max tokens, a stop string)."""
-
-    def __init__(self, session, ticket: Ticket) -> None:
-        self.session, self.ticket = session, ticket
-        self.options = ticket.request.generation
-        self.ids: list[int] = []
-        self.done = False
-        self.first_token_s: float | None = None
-        self.watch = ticket.stream or bool(self.options.stop)  # decode as it goes (else once, at the end)
-        self.prefix = self.read = 0  # incremental decoding: text of ids[prefix:read] is already out
-        self.held = ""  # decoded, not shown yet: it could be the start of a stop string
-
-    def add(self, token: int) -> bool:
-        """Take the next token; True once the answer is done."""
-        if self.done:
-            return True
-        if not self.ids:
-            self.first_token_s = time.perf_counter() - self.ticket.submitted
-        self.ids.append(token)
-        if token in self.session.eos_ids:
-            self.done = True
-        elif self.watch:
-            self.held += self._new_text()
-            cut = stop_at(self.held, self.options.stop) if self.options.stop else None
-            if cut is not None:
-                self.held, self.done = self.held[:cut], True
-            elif self.ticket.stream:
-                keep = held_back(self.held, self.options.stop) if self.options.stop else 0
-                if len(self.held) > keep:
-                    self.ticket.emit(TextDelta(self.held[:len(self.held) - keep]))
-                    self.held = self.held[len(self.held) - keep:]
-        if len(self.ids) >= self.options.max_new_tokens:
-            self.done = True
-        return self.done
-
-    def _new_text(self) -> str:
-        """The text the newest tokens add (none while they end inside a character)."""
-        decode = self.session.decode
-        shown = decode(self.ids[self.prefix:self.read])
-        text = decode(self.ids[self.prefix:])
-        if len(text) > len(shown) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(shown):]
-        return ""
-
-    def finish(self) -> Completion:
-        """The Completion (a stream gets what it has not seen first, an unfinished character included, as the
-        Completion's text has it)."""
-        if self.ticket.stream and not stop_at(self.held, self.options.stop or ()):
-            decode = self.session.decode
-            rest = self.held + decode(self.ids[self.prefix:])[len(decode(self.ids[self.prefix:self.read])):]
-            cut = stop_at(rest, self.options.stop) if self.options.stop else None
-            if rest[:cut]:
-                self.ticket.emit(TextDelta(rest[:cut]))
-        self.held = ""
-        return self.session.completion(self.ids, self.ticket.prompt_tokens, self.options, self.first_token_s,
-                                       time.perf_counter() - self.ticket.submitted)
 
 
 class Engine:

@@ -19,37 +19,6 @@ from ..modelfiles import (explain_load_failure, hub_offline, hub_reachable, loca
 from ..types import ChatRequest, Completion, GenerationOptions, Media, ModelSpec, TextDelta, stop_at
 
 
-class _Done:
-    """A stopping criterion per row of a `generate` batch: a row stops once its Answer is done (its stop string,
-    its caller gone); generation ends when every row has."""
-
-    def __init__(self, answers) -> None:
-        self.answers = answers
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        done = [a.done or a.ticket.cancelled.is_set() for a in self.answers]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _Feed:
-    """A transformers streamer that hands each row's new token to its Answer (the first call is the prompt)."""
-
-    def __init__(self, answers) -> None:
-        self.answers, self.prompt_seen = answers, False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for answer, token in zip(self.answers, value.reshape(-1).tolist()):
-            answer.add(token)
-
-    def end(self) -> None:
-        pass
-
-
 class _Penalties:
     """OpenAI's frequency and presence penalties, over the tokens generated so far (not the prompt)."""
 
@@ -380,12 +349,14 @@ class ModelSession:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from .tickets import AnswersDone, Feed
+
         extra = {}
         if options.frequency_penalty or options.presence_penalty:
             extra["logits_processor"] = LogitsProcessorList([_Penalties(
                 inputs["input_ids"].shape[1], options.frequency_penalty, options.presence_penalty)])
         with torch.inference_mode():
-            self.model.generate(**inputs, streamer=_Feed(answers), stopping_criteria=StoppingCriteriaList([_Done(answers)]),
+            self.model.generate(**inputs, streamer=Feed(answers), stopping_criteria=StoppingCriteriaList([AnswersDone(answers)]),
                                 **extra, **self.generate_kwargs(options))
 
     def decode(self, ids: list[int]) -> str:
