@@ -52,7 +52,7 @@ class RemoteSession:
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout = timeout
-        self.model = None  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
+        self.kind: str | None = None  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- media ---------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class RemoteSession:
         image = prepare_image(decode_image(read_source(source, limits), name), options, name)
         width, height = image.size
         tokens = width * height // PATCH_FACTOR ** 2
-        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or self.load().model == "qwen2vl" else [
+        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or self.load().kind == "qwen2vl" else [
             f"{name}: {tokens} tokens; this server's processor resizes images to {IMAGE_TOKENS[0]}-{IMAGE_TOKENS[1]} "
             "tokens (its defaults), so the answer will differ from an in-process one"]
         return Media("image", name, png_data_uri(image), facts={"width": width, "height": height, "tokens": tokens},
@@ -75,7 +75,7 @@ class RemoteSession:
         video = resolve_video(source, options, limits)
         notes = list(video.notes)
         frames, tokens = int(video.facts["frames"]), video.facts["width"] * video.facts["height"] // PATCH_FACTOR ** 2
-        if self.load().model != "qwen2vl":  # what other servers' processors do not take as sent
+        if self.load().kind != "qwen2vl":  # what other servers' processors do not take as sent
             if frames > VLLM_FRAME_LIST_DEFAULT:
                 notes.append(f"{video.source}: sending {frames} frames; a vLLM server reads only the first "
                              f"{VLLM_FRAME_LIST_DEFAULT} unless started with --media-io-kwargs "
@@ -87,9 +87,13 @@ class RemoteSession:
         return Media("video", video.source, frame_list_uri(video.frames), facts=video.facts, notes=notes)
 
     # ---- generation ----------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self.kind is not None
+
     def load(self) -> "RemoteSession":
         """Find out once whether the server answers, and whether it is a qwen2vl server."""
-        if self.model is None:
+        if self.kind is None:
             import httpx
 
             try:
@@ -100,7 +104,7 @@ class RemoteSession:
                 facts = response.json()
             except ValueError:
                 facts = None
-            self.model = "qwen2vl" if isinstance(facts, dict) and "pid" in facts else "openai"
+            self.kind = "qwen2vl" if isinstance(facts, dict) and "pid" in facts else "openai"
         return self
 
     def prepare_one(self, request: ChatRequest):

@@ -131,9 +131,12 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 class Session(Protocol):
     """What the commands and the server use to answer: the local engine and a remote server alike."""
 
-    spec: ModelSpec
     device: str | None  # "cuda", "cpu", ...; "remote" for a server
     load_s: float
+
+    @property
+    def loaded(self) -> bool:
+        """Ready to answer without loading (or reaching the server) first."""
 
     def load(self) -> "Session":
         """Be ready to answer (load the model, or reach the server); raise ModelLoadError when it cannot."""

@@ -422,7 +422,7 @@ def test_the_client_sends_no_processor_kwargs(tiny_model, images):
     from qwen2vl_cli.sources import FetchLimits, ImageOptions
 
     session = RemoteSession("http://127.0.0.1:9", str(tiny_model))
-    session.model = "openai"
+    session.kind = "openai"
     media = session.image_media(str(images["a"]), ImageOptions(resized_height=56, resized_width=56), FetchLimits())
     body = session.body(ChatRequest("Hi", [media], vision_ids=True,
                                     generation=GenerationOptions(8, stop=("x",), frequency_penalty=0.5)), False)

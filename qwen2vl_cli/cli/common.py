@@ -145,7 +145,7 @@ def resolve_videos(session, sources: list[str], options: VideoOptions, limits: F
 def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, output: OutputOptions,
            verbose: bool = False) -> None:
     """Load the model (once per process; nothing to load with a server), stream the answer, render it."""
-    if session.model is None:
+    if not session.loaded:
         remote = session.device == "remote"
         with env.status(f"Connecting to {session.url} ..." if remote else f"Loading {spec.model} ..."):
             session.load()

@@ -129,6 +129,10 @@ class ModelSession:
         return self
 
     @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
     def engine(self):
         """The Engine (scheduler.py) that answers for this session: made on first use."""
         if self._engine is None:
