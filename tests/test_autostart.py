@@ -61,3 +61,26 @@ def test_a_model_that_cannot_load_starts_no_session(tmp_path, images):
                                                                      "QWEN2VL_STATE_DIR": str(state)})
     assert result.returncode == 4, result.stderr
     assert b"background session" not in result.stderr and not list(state.glob("*.json"))
+
+
+def test_one_liners_started_together_start_one_session(tiny_model, images, tmp_path):
+    """Three one-liners at once (as `xargs -P` runs them) with no session: one starts it, the others wait for it
+    and answer through it; every answer is the in-process one."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    expected = run_process("describe", images["c"], "-m", tiny_model, "-n", "8", "--no-server")
+    env = {**os.environ, "QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    processes = [subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "describe", str(images["c"]), "-m",
+                                   str(tiny_model), "-n", "8", "--keep-alive", "30s"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env, cwd=ROOT) for _ in range(3)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    try:
+        assert [process.returncode for process in processes] == [0, 0, 0], [err for _, err in outputs]
+        assert all(out == expected.stdout for out, _ in outputs)
+        assert sum(b"started a background session" in err for _, err in outputs) == 1
+        assert len(_sessions(tmp_path)) == 1
+    finally:
+        run_process("stop", env={"QWEN2VL_STATE_DIR": str(tmp_path)})

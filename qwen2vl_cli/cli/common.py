@@ -68,7 +68,7 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
     that cannot load: the in-process load says why) or it failed to (said on stderr)."""
     from ..errors import Qwen2VLError
     from ..modelfiles import hub_offline, hub_reachable, local_model_dir, validate_model_dir
-    from ..server.registry import spawn_session
+    from ..server.registry import find_server, spawn_session
     from .options import parse_duration
 
     idle = parse_duration(keep_alive)
@@ -87,7 +87,11 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
             *(["--quantize", spec.quantize] if spec.quantize else [])]
     note = env.note if env is not None else lambda text: None
     try:
-        with env.status(f"Loading {spec.model} (in a background session) ...") if env else contextlib.nullcontext():
+        with env.status(f"Loading {spec.model} (in a background session) ...") if env else contextlib.nullcontext(), \
+                _starting(spec.model):  # one-liners started together (xargs -P) start one session, not several
+            found = find_server(spec.model, api_key)
+            if found:
+                return found
             state = spawn_session(args, api_key)
     except Qwen2VLError as exc:
         note(f"could not start a background session ({exc}); answering in this process")
@@ -95,6 +99,22 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
     note(f"started a background session for {spec.model} (pid {state['pid']}): later commands answer through "
          f"it; it ends after {keep_alive} idle (`qwen2vl stop` ends it now; --keep-alive 0 starts none)")
     return state
+
+
+@contextlib.contextmanager
+def _starting(model: str):
+    """Held while a session for `model` is being started: this user's other commands wait, then find it."""
+    import fcntl
+    import hashlib
+
+    from ..server.registry import state_dir
+
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = hashlib.sha256(model.encode()).hexdigest()[:16]
+    with open(os.open(folder / f"starting-{name}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def image_options(min_pixels: int | None, max_pixels: int | None, resized_height: int | None,
