@@ -223,7 +223,7 @@ class RemoteSession:
             except BaseException as exc:  # noqa: BLE001 - the caller's to report
                 emit(exc)
 
-        call.future = self._pool.submit(run)
+        self._pool.submit(run)
         return call
 
 
@@ -231,7 +231,6 @@ class _Call:
     """A submitted request to a server: cancel() drops it if it has not been sent."""
 
     cancelled = False
-    future = None
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -84,3 +84,8 @@ def test_one_liners_started_together_start_one_session(tiny_model, images, tmp_p
         assert len(_sessions(tmp_path)) == 1
     finally:
         run_process("stop", env={"QWEN2VL_STATE_DIR": str(tmp_path)})
+
+
+def test_a_bad_keep_alive_is_a_usage_error_even_without_a_session(cli, images):
+    result = cli("describe", images["a"], "--keep-alive", "soon", "--no-server")
+    assert result.exit_code == 2 and "not a duration" in result.stderr

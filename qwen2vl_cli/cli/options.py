@@ -59,6 +59,12 @@ def parse_duration(text: str) -> float | None:
     return float(match.group(1)) * scale
 
 
+def _checked_duration(value: str) -> str:
+    """A --keep-alive value, checked when parsed (even where no session is started)."""
+    parse_duration(value)
+    return value
+
+
 # ---- model ---------------------------------------------------------------------------------------
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="ID|DIR", rich_help_panel=MODEL_PANEL, show_default=False,
@@ -160,6 +166,7 @@ NoServerOpt = Annotated[bool, typer.Option(
     help="Load the model in this process: use no running qwen2vl session and start none.")]
 KeepAliveOpt = Annotated[str, typer.Option(
     "--keep-alive", metavar="DURATION", rich_help_panel=SERVER_PANEL,
+    callback=_checked_duration,
     help="With no session running for the model, start one in the background and answer through it: later "
          "commands reuse it, and it ends after this long idle (30s, 5m, 1h). 0 answers in this process and "
          "starts none (as QWEN2VL_AUTOSTART=0 does).")]

@@ -13,8 +13,8 @@ from ..render import Environment
 from ..server.registry import DEFAULT_PORT
 from ..sources import FetchLimits, FetchPolicy
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, parse_duration, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuantizeOpt,
-                      QuietOpt, TimeoutOpt, parse_bytes)
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuantizeOpt,
+                      QuietOpt, TimeoutOpt, parse_bytes, parse_duration)
 
 READY_TIMEOUT_S = 900
 
