@@ -11,7 +11,10 @@ batches), side by side in one run, on a random-weight 2B (real shapes, bf16) and
 
 Each side runs in its own process with its own tree on PYTHONPATH (the tree before: `git archive COMMIT`).
 
-    python benchmarks/engine.py --baseline DIR [--images 192] [--json-out FILE]
+    python benchmarks/engine.py --baseline DIR [--images 192] [--json-out FILE] [--only engine] [--profile DIR]
+
+`--profile DIR` samples the engine side's threads (benchmarks/sampler.py): DIR/batch.json (the in-process
+measures), DIR/server.json (the server under 16 clients), DIR/one_liner.json (the one-liner after the first).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def lengths(count: int, seed: int = 0) -> list[int]:
 def side(tree: str, checkpoint: str, photos: list[str], out: str) -> None:
     """One side's measures, in this process (its tree first on sys.path)."""
     sys.path.insert(0, tree)
+    if os.environ.get("QWEN2VL_BENCH_PROFILE") and tree == str(ROOT):
+        from sampler import start
+
+        start(os.path.join(os.environ["QWEN2VL_BENCH_PROFILE"], "batch.json"))
     import torch
 
     try:
@@ -113,13 +120,13 @@ def side(tree: str, checkpoint: str, photos: list[str], out: str) -> None:
     Path(out).write_text(json.dumps(report))
 
 
-def serve_and_clients(tree: str, checkpoint: str, photos: list[str]) -> dict:
+def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: str | None) -> dict:
     """`qwen2vl serve` of one tree, 16 clients at once (8 streamed, 8 not); images/s and streamed TTFT."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": _path(tree)}
     port = 8701 if tree != str(ROOT) else 8702
-    server = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", "--model", checkpoint, "--port", str(port),
+    server = subprocess.Popen([*_python(profile and os.path.join(profile, "server.json")), "serve", "--model", checkpoint, "--port", str(port),
                                "--max-queue", "256"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -196,17 +203,25 @@ def _path(tree: str) -> str:
     return os.pathsep.join([tree, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
-def one_liners(tree: str, checkpoint: str, photo: str) -> dict:
+def _python(profile: str | None) -> list[str]:
+    """The command line that runs `python -m qwen2vl_cli` of the tree on PYTHONPATH (-P: not of the current
+    directory's), sampled into `profile` if given."""
+    if profile:
+        return [sys.executable, "-P", str(ROOT / "benchmarks" / "sampler.py"), profile, "-m", "qwen2vl_cli"]
+    return [sys.executable, "-P", "-m", "qwen2vl_cli"]
+
+
+def one_liners(tree: str, checkpoint: str, photo: str, profile: str | None) -> dict:
     """Wall seconds of `qwen2vl describe` with no session running, then of the next one (a tree with
     self-starting sessions answers it through the session the first started); the session is stopped after."""
     env = {**os.environ, "PYTHONPATH": _path(tree), "QWEN2VL_STATE_DIR": tempfile.mkdtemp(prefix="qwen2vl-state-")}
     walls = []
-    for _ in range(2):
+    for n in range(2):
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", photo, "--model", checkpoint, "-n",
+        done = subprocess.run([*_python(n and profile and os.path.join(profile, "one_liner.json")), "describe", photo, "--model", checkpoint, "-n",
                                "128", "--max-pixels", str(MAX_PIXELS)], env=env, capture_output=True, timeout=600)
         walls.append(round(time.perf_counter() - start, 2) if done.returncode == 0 else -1.0)
-    subprocess.run([sys.executable, "-m", "qwen2vl_cli", "stop"], env=env, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-P", "-m", "qwen2vl_cli", "stop"], env=env, capture_output=True, timeout=120)
     return {"one_liner_wall_s": walls[0], "next_one_liner_wall_s": walls[1]}
 
 
@@ -215,6 +230,8 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the tree before (a `git archive` of its commit)")
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--only", choices=("before", "engine"), help="measure one side")
+    parser.add_argument("--profile", metavar="DIR", help="sample the engine side's threads into DIR")
     parser.add_argument("--side", nargs=3, metavar=("TREE", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -237,21 +254,27 @@ def main() -> None:
                     "model": "Qwen2-VL-2B (random weights, real shapes), bf16, sdpa", "images": args.images,
                     "image_tokens": 1230}
     for name, tree in (("before", str(Path(args.baseline).resolve())), ("engine", str(ROOT))):
+        if args.only and name != args.only:
+            continue
+        profile = args.profile if name == "engine" else None
+        if profile:
+            os.makedirs(profile, exist_ok=True)
         out = work / f"{name}.json"
         out.write_text(json.dumps(photos))
         started = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--baseline", tree, "--side", tree, checkpoint, str(out)],
-                              env={**os.environ, "PYTHONPATH": _path(tree)}, capture_output=True, text=True)
+                              env={**os.environ, "PYTHONPATH": _path(tree), **({"QWEN2VL_BENCH_PROFILE": profile} if profile else {})},
+                              capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{name}: failed")
         measures = json.loads(out.read_text())
-        measures.update(serve_and_clients(tree, checkpoint, photos[:64]))
-        measures.update(one_liners(tree, checkpoint, photos[0]))
+        measures.update(serve_and_clients(tree, checkpoint, photos[:64], profile))
+        measures.update(one_liners(tree, checkpoint, photos[0], profile))
         measures["side_s"] = round(time.perf_counter() - started, 1)
         report[name] = measures
         print(name, json.dumps(measures), flush=True)
-    before, engine = report["before"], report["engine"]
+    before, engine = report.get("before", {}), report.get("engine", {})
     report["ratios"] = {key: round(engine[key] / before[key], 2) for key in
                         ("batch_128_images_per_s", "realistic_images_per_s", "server_images_per_s")
                         if before.get(key) and engine.get(key)}

@@ -1,6 +1,6 @@
 """RemoteSession: ModelSession's interface over any OpenAI-compatible server (qwen2vl serve, vLLM,
 SGLang). Media are read, checked and sized here by the same code as in-process answers, and sent at their
-final size: images as lossless PNG data URIs, videos as the frames the model sees, in the frame-list form
+final size: images as lossless data URIs (BMP to a qwen2vl server: nothing to compress; PNG to others), videos as the frames the model sees, in the frame-list form
 vLLM reads (`data:video/jpeg;base64,F1,F2,...`). No mm_processor_kwargs are needed, so a stock vLLM answers
 every option exactly as in-process; vision ids go as chat_template_kwargs. Images import neither torch nor
 transformers (videos need the decoders)."""
@@ -31,10 +31,25 @@ IMAGE_TOKENS = (IMAGE_MIN_PIXELS // PATCH_FACTOR ** 2, IMAGE_MAX_PIXELS // PATCH
 VIDEO_TOKENS = (VIDEO_MIN_PIXELS // PATCH_FACTOR ** 2, VIDEO_MAX_PIXELS // PATCH_FACTOR ** 2)
 
 
-def png_data_uri(image) -> str:
+def image_data_uri(image, form: str = "PNG") -> str:
+    """A lossless data URI of an RGB image: PNG (small) or BMP (no compression: ~15x quicker to make)."""
     buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
-    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+    image.save(buffer, form, **({"compress_level": 1} if form == "PNG" else {}))
+    return f"data:image/{form.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+_HTTP: dict = {}
+
+
+def http(url: str):
+    """This process's HTTP client for `url`'s scheme: one connection pool for every call, and for plain http
+    no TLS context (loading the CA certificates for each call cost a one-liner ~0.1 s apiece)."""
+    import httpx
+
+    secure = url.startswith("https:")
+    if secure not in _HTTP:
+        _HTTP.setdefault(secure, httpx.Client(verify=secure))
+    return _HTTP[secure]
 
 
 class RemoteSession:
@@ -44,7 +59,8 @@ class RemoteSession:
     load_s = 0.0
 
     def __init__(self, url: str, model: str, api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, adopt: bool = False) -> None:
+        """`adopt`: no model was named (`model` is the default): where the server serves one other, use it."""
         self.url = url.rstrip("/")
         if not self.url.endswith("/v1"):
             self.url += "/v1"
@@ -52,6 +68,7 @@ class RemoteSession:
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout = timeout
+        self.adopt = adopt
         self.kind: str | None = None  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
         self._pool: ThreadPoolExecutor | None = None
 
@@ -62,10 +79,11 @@ class RemoteSession:
         image = prepare_image(decode_image(read_source(source, limits), name), options, name)
         width, height = image.size
         tokens = width * height // PATCH_FACTOR ** 2
-        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or self.load().kind == "qwen2vl" else [
+        ours = self.load().kind == "qwen2vl"
+        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or ours else [
             f"{name}: {tokens} tokens; this server's processor resizes images to {IMAGE_TOKENS[0]}-{IMAGE_TOKENS[1]} "
             "tokens (its defaults), so the answer will differ from an in-process one"]
-        return Media("image", name, png_data_uri(image), facts={"width": width, "height": height, "tokens": tokens},
+        return Media("image", name, image_data_uri(image, "BMP" if ours else "PNG"), facts={"width": width, "height": height, "tokens": tokens},
                      notes=notes)
 
     def video_media(self, source: str, options, limits: FetchLimits) -> Media:
@@ -97,7 +115,7 @@ class RemoteSession:
             import httpx
 
             try:
-                response = httpx.get(self.url[:-len("/v1")] + "/health", timeout=10, headers=self._headers())
+                response = http(self.url).get(self.url[:-len("/v1")] + "/health", timeout=10, headers=self._headers())
             except httpx.HTTPError as exc:
                 raise ServerError(self.url, f"cannot reach the server ({type(exc).__name__})") from None
             try:
@@ -105,7 +123,21 @@ class RemoteSession:
             except ValueError:
                 facts = None
             self.kind = "qwen2vl" if isinstance(facts, dict) and "pid" in facts else "openai"
+            if self.adopt:
+                self._adopt_model()
         return self
+
+    def _adopt_model(self) -> None:
+        """The server's model where it serves exactly one (and not the default name the request would carry)."""
+        import httpx
+
+        try:
+            served = [m.get("id") for m in http(self.url).get(self.url + "/models", timeout=10,
+                                                                headers=self._headers()).json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return  # the request itself will say what is wrong
+        if len(served) == 1 and isinstance(served[0], str) and served[0] != self.model_name:
+            self.model_name = served[0]
 
     def prepare_one(self, request: ChatRequest):
         return None  # the server prepares
@@ -154,7 +186,7 @@ class RemoteSession:
         start = time.perf_counter()
         text, first, usage, finish = [], None, {}, "stop"
         try:
-            with httpx.stream("POST", self.url + "/chat/completions", json=self.body(request, True),
+            with http(self.url).stream("POST", self.url + "/chat/completions", json=self.body(request, True),
                               headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10)) as response:
                 if response.status_code >= 400:
                     response.read()
@@ -187,7 +219,7 @@ class RemoteSession:
         for attempt in range(RETRIES + 1):
             wait = None
             try:
-                response = httpx.post(self.url + "/chat/completions", json=self.body(request, False),
+                response = http(self.url).post(self.url + "/chat/completions", json=self.body(request, False),
                                       headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10))
                 if response.status_code not in RETRY_STATUSES or attempt == RETRIES:
                     self._raise_for(response)

@@ -30,6 +30,7 @@ class ModelSpec:
     dtype: str = "auto"
     attn: str = "auto"
     quantize: str | None = None  # "4bit" or "8bit": quantize on load with bitsandbytes
+    named: bool = field(default=True, compare=False)  # by --model or $QWEN2VL_MODEL (else a server's only model answers)
 
 
 @dataclass(frozen=True)

@@ -112,8 +112,8 @@ def break_the_fast_layers_cache(monkeypatch) -> None:
 
 
 def run_process(*args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 120):
-    """Run `python -m qwen2vl_cli ARGS` in a real process."""
-    full_env = {**os.environ, **(env or {})}
+    """Run `python -m qwen2vl_cli ARGS` in a real process (`env`: variables set, or unset where None)."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "qwen2vl_cli", *map(str, args)], input=input,
                           capture_output=True, env=full_env, timeout=timeout, cwd=ROOT)
 

@@ -171,16 +171,18 @@ def test_stop_strings_and_cancelled_requests_free_their_rows(session, paths, ref
 
 
 def test_a_prefill_out_of_memory_is_split_and_retried(session, paths, reference, monkeypatch):
-    """One failure policy: a group prefill that runs out of memory is retried smaller; no request is lost."""
+    """One failure policy: a prefill that runs out of memory after others of its group joined the batch is
+    retried with fewer (the rest wait for the next round); no request is lost."""
     import torch
 
-    fast = session.fast
+    fast, engine = session.fast, session.engine
     original = fast._prefill
     failures: list[int] = []
 
     def prefill(inputs, host=None):
-        if inputs["input_ids"].shape[0] > 1:
-            failures.append(inputs["input_ids"].shape[0])
+        # a part of the group joined the batch and its first token is not read yet: this prefill is not the first
+        if any(t is not None and not t.answer.ids for t in engine.live):
+            failures.append(engine.prefill_limit)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(inputs, host)
 
@@ -188,6 +190,7 @@ def test_a_prefill_out_of_memory_is_split_and_retried(session, paths, reference,
     answers = session.generate_batch([request_for(session, paths, case) for case in CASES])
     assert [a.text for a in answers] == reference
     assert failures, "no group was prefilled together: the test did not test the policy"
+    assert engine.prefill_limit < failures[0]  # smaller after the failure
 
 
 def test_sampled_requests_beside_greedy_ones(session, paths, reference):

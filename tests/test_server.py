@@ -140,6 +140,14 @@ def test_commands_discover_the_session_without_importing_torch(server, images, t
     assert explicit.returncode == 0 and explicit.stdout.decode()[:-1] == record["text"]
     forced = run_process("describe", images["a"], "-n", "12", "--no-server", "--json", env=env)
     assert json.loads(forced.stdout)["timings"]["load_s"] > 0
+    # no model named at all (no --model, no $QWEN2VL_MODEL): the server's only model answers, and is named
+    adopted = run_process("describe", images["a"], "-n", "12", "--json", "--server", server["url"],
+                          env={"QWEN2VL_MODEL": None, "QWEN2VL_STATE_DIR": str(server["state"])})
+    assert adopted.returncode == 0, adopted.stderr
+    assert json.loads(adopted.stdout)["text"] == record["text"]
+    assert json.loads(adopted.stdout)["model"] == str(tiny_model)
+    other = run_process("describe", images["a"], "--model", "someone/else", "--server", server["url"], env=env)
+    assert other.returncode != 0 and b"not served here" in other.stderr  # a named model is never swapped
 
 
 def test_errors_and_exit_codes_are_the_same_through_the_server(server, images, tmp_path, tiny_model):

@@ -33,7 +33,8 @@ def model_spec(model: str | None, device: str, dtype: str, attn: str, quantize: 
     name = model or default_model()
     if Path(os.path.expanduser(name)).is_dir():
         name = str(Path(os.path.expanduser(name)).resolve())
-    return ModelSpec(model=name, device=device, dtype=dtype, attn=attn, quantize=quantize)
+    return ModelSpec(model=name, device=device, dtype=dtype, attn=attn, quantize=quantize,
+                     named=bool(model or os.environ.get("QWEN2VL_MODEL")))
 
 
 DEFAULT_KEEP_ALIVE = "5m"  # how long a session a one-liner starts stays when idle
@@ -50,7 +51,7 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
 
         url = server or os.environ.get("QWEN2VL_SERVER")
         if url:
-            return RemoteSession(url, spec.model, api_key, concurrency)
+            return RemoteSession(url, spec.model, api_key, concurrency, adopt=not spec.named)
         from ..server.registry import find_server
 
         found = find_server(spec.model, api_key)
@@ -174,7 +175,7 @@ def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, out
     record = {
         "sources": [m.source for m in request.media],
         "prompt": request.prompt,
-        "model": spec.model,
+        "model": getattr(session, "model_name", spec.model),  # a server's, where it answers with its only model
         "timings": {"load_s": round(session.load_s, 4)},
     }
     videos = [m.facts for m in request.media if m.kind == "video" and m.facts]

@@ -71,7 +71,15 @@ class Engine:
                 self.thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
                 self.thread.start()
                 _ENGINES.add(self)
-            self.inbox.put(ticket)
+            # while the engine is busy, a request is prepared at once on a helper thread (not when the engine's
+            # thread gets to it); an idle engine prepares it itself, starting the vision tower early
+            ahead = prepared is None and self.session.model is not None and self.busy
+            if ahead:
+                self.preparing += 1
+            else:
+                self.inbox.put(ticket)
+        if ahead:
+            self._prepare_aside(ticket)
         return ticket
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
@@ -237,10 +245,15 @@ class Engine:
         self.waiting.append(ticket)
 
     def _prepare_later(self, ticket: Ticket) -> None:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen2vl-prepare")
         with self.lock:
             self.preparing += 1
+        self._prepare_aside(ticket)
+
+    def _prepare_aside(self, ticket: Ticket) -> None:
+        """Prepare on a helper thread (counted in `preparing` by the caller); back through the inbox."""
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen2vl-prepare")
 
         def prepare() -> None:
             try:
@@ -349,45 +362,66 @@ class Engine:
         self.host = [torch.empty(capacity, dtype=torch.long, pin_memory=pinned) for _ in range(self._ahead() + 2)]
 
     def _prefill(self, group: list[Ticket]) -> None:
+        """Prefill `group` into free rows. A conversation of images and text has the fast prefill to itself (CUDA
+        graphs where its shape came before; no host syncs); the others (videos) go through the model's forward
+        together. Their first tokens are read like a decode step's (`_consume`): the host does not wait."""
         import torch
 
         session, rows = self.session, self.rows
-        started = time.perf_counter()
-        try:
-            host = group[0].prepared if len(group) == 1 else session.collate([t.prepared for t in group])
-            inputs = session.to_device(host)
-            with torch.inference_mode():
-                logits, prompt_kv, delta = session.fast._prefill(inputs, host)
-                first = logits.argmax(-1)
-                attention = inputs["attention_mask"]
-                joined = rows.join(prompt_kv, attention, first, attention.sum(-1) + delta.reshape(-1).to(attention.device))
-            del prompt_kv, logits
-            tokens = first.tolist()
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            if len(group) == 1:
-                group[0].closed.set()
-                group[0].emit(exc)
-                return
-            self.prefill_limit = max(1, self.prefill_limit // 2)  # one failure policy: smaller, and again
-            self.waiting.extendleft(reversed(group))
-            return
-        except BaseException as exc:  # noqa: BLE001 - this group's requests get the error
-            if len(group) > 1:  # each on its own, so one bad request does not fail the others
-                for ticket in group:
-                    self._prefill([ticket])
-                return
-            group[0].closed.set()
-            group[0].emit(exc)
-            return
-        first_token = time.perf_counter()
-        for ticket, row, token in zip(group, joined, tokens):
-            self.phases.append((ticket.prepared_at - ticket.submitted, started - ticket.prepared_at,
-                                first_token - started))
-            ticket.row, ticket.answer = row, Answer(session, ticket)
-            self.live[row] = ticket
-            if ticket.answer.add(token):
-                self._release(ticket)
+        applies = session.fast.prefill.applies
+        alone = [t for t in group if applies(t.prepared)]
+        rest = [t for t in group if t not in alone]
+        parts = [[t] for t in alone] + ([rest] if rest else [])
+        joined: list[Ticket] = []
+        firsts = []
+        for index, part in enumerate(parts):
+            started = time.perf_counter()
+            try:
+                host = part[0].prepared if len(part) == 1 else session.collate([t.prepared for t in part])
+                inputs = session.to_device(host)
+                with torch.inference_mode():
+                    logits, prompt_kv, delta = session.fast._prefill(inputs, host)
+                    first = logits.argmax(-1)
+                    attention = inputs["attention_mask"]
+                    places = rows.join(prompt_kv, attention, first, attention.sum(-1) + delta.reshape(-1).to(attention.device))
+                del prompt_kv, logits
+            except torch.cuda.OutOfMemoryError as exc:
+                torch.cuda.empty_cache()
+                if len(part) == 1 and not joined:
+                    part[0].closed.set()
+                    part[0].emit(exc)
+                    continue
+                self.prefill_limit = max(1, self.prefill_limit // 2)  # one failure policy: smaller, and again
+                self.waiting.extendleft(reversed([t for p in parts[index:] for t in p]))
+                break
+            except BaseException as exc:  # noqa: BLE001 - this part's requests get the error
+                if len(part) > 1:  # each on its own, so one bad request does not fail the others
+                    for ticket in part:
+                        self._prefill([ticket])
+                    continue
+                part[0].closed.set()
+                part[0].emit(exc)
+                continue
+            for ticket, row in zip(part, places):
+                ticket.row, ticket.answer, ticket.prefill_started = row, Answer(session, ticket), started
+                self.live[row] = ticket
+            joined += part
+            firsts.append(first)
+        if joined:
+            self._enqueue_tokens(torch.cat(firsts), tuple(joined))
+
+    def _enqueue_tokens(self, tokens, owners: tuple) -> None:
+        """Tokens made on the GPU for `owners` (in order), read in turn with the decode steps (`_consume`)."""
+        import torch
+
+        cuda = tokens.is_cuda
+        host = torch.empty(len(owners), dtype=torch.long, pin_memory=cuda)
+        host.copy_(tokens, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.in_flight.append((event, host, owners))
 
     def _enqueue_step(self) -> None:
         host = self.host[0]
@@ -416,8 +450,13 @@ class Engine:
             if row != last:
                 self.live[row], moved.row = moved, row
             ticket.row = None
+        answer = ticket.answer
+        if answer is not None and answer.first_token_s is not None and ticket.prefill_started is not None:
+            first = ticket.submitted + answer.first_token_s
+            self.phases.append((ticket.prepared_at - ticket.submitted, ticket.prefill_started - ticket.prepared_at,
+                                first - ticket.prefill_started))
         if not ticket.cancelled.is_set():
-            self._finished(ticket, ticket.answer.finish())
+            self._finished(ticket, answer.finish())
 
     def _finished(self, ticket: Ticket, completion: Completion) -> None:
         ticket.closed.set()

@@ -21,7 +21,8 @@ class Ticket:
         self.answer: Answer | None = None
         self.fast: bool | None = None  # decided by the engine: continuous batch or `generate`
         self.row: int | None = None
-        self.prepared_at: float | None = None  # when its tensors were ready (the phases the engine reports)
+        self.prepared_at: float | None = None  # when its tensors were ready, and when its prefill started
+        self.prefill_started: float | None = None  # (the phases the engine reports)
         self.closed = threading.Event()  # the engine is done with it (answered, failed or cancelled)
 
     def cancel(self) -> None:

@@ -81,12 +81,14 @@ def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT
     (and `pid`), None too unless it proves it is the session that recorded them."""
     import httpx
 
+    from ..client import http
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     challenge = secrets.token_hex(16)
     if token:
         headers[PROOF_HEADER] = challenge
     try:
-        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout, headers=headers)
+        response = http(url).get(url.rstrip("/") + "/health", timeout=timeout, headers=headers)
         answer = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
