@@ -33,6 +33,7 @@ MIN_CACHE = 4096  # a row's length in the cache at least (positions); grown for 
 CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take
 PREFILL_TOKENS = 32768  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
 STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
+PREPARERS = 4  # helper threads preparing requests (images on the GPU, tokenizing) while the engine decodes
 PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
 IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
 
@@ -253,7 +254,7 @@ class Engine:
         """Prepare on a helper thread (counted in `preparing` by the caller); back through the inbox."""
         with self.lock:
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen2vl-prepare")
+                self.pool = ThreadPoolExecutor(max_workers=PREPARERS, thread_name_prefix="qwen2vl-prepare")
 
         def prepare() -> None:
             try:

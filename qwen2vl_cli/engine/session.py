@@ -220,6 +220,10 @@ class ModelSession:
         with torch.cuda.stream(stream), self.tokenizer_lock, _after_images(self.processor, on_images):  # (no stream: no-op)
             inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
                                     return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
+        with torch.cuda.stream(stream):  # grids on the host for good: a later .cpu() waits for the decode steps queued
+            for key in ("image_grid_thw", "video_grid_thw"):
+                if key in inputs and inputs[key].is_cuda:
+                    inputs[key] = inputs[key].cpu()
         if stream is not None:
             stream.synchronize()
         self.check_context(requests, inputs["attention_mask"].sum(dim=1).tolist())
@@ -282,9 +286,11 @@ class ModelSession:
         return self._prepare_stream
 
     def to_device(self, inputs):
+        """A copy of `inputs` on the model's device; `inputs` stay on the host (BatchFeature.to moves in place, and
+        the prefill reads token ids and grids from the host copy: from a GPU one each read would wait for the GPU)."""
         import torch
 
-        moved = inputs.to(self.model.device, non_blocking=True)
+        moved = inputs.__class__(dict(inputs)).to(self.model.device, non_blocking=True)
         for value in moved.values():
             if value.is_cuda:  # made on the side stream: keep its memory until this stream is done with it
                 value.record_stream(torch.cuda.current_stream(value.device))
