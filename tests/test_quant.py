@@ -77,15 +77,35 @@ def _ids(session, request) -> list[int]:
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def assert_answers_like_twin(quant, twin, requests, near_tie: float = NEAR_TIE) -> list[dict]:
-    """Greedy ids token for token; where the two first differ, the twin's own logits for the two tokens must
-    be within `near_tie` of its largest logit (the kernels sum in another order), never a real disagreement.
-    Returns what was seen per request (for the GPU suite's record)."""
+def engine_ids(session, request) -> list[int]:
+    """The session's greedy ids as its engine answers (the fast path where it is on: continuous batch, graphs)."""
+    from qwen2vl_cli.engine import tickets
+
+    seen: list[list[int]] = []
+    original = tickets.Answer.finish
+
+    def finish(self):
+        seen.append(list(self.ids))
+        return original(self)
+
+    tickets.Answer.finish = finish
+    try:
+        session.engine.generate([request])
+    finally:
+        tickets.Answer.finish = original
+    return seen[0]
+
+
+def assert_answers_like_twin(quant, twin, requests, near_tie: float = NEAR_TIE, ours_from=_ids) -> list[dict]:
+    """Greedy ids token for token (the quantized session's from `ours_from`, the twin's from `generate`); where
+    the two first differ, the twin's own logits for the two tokens must be within `near_tie` of its largest
+    logit (the kernels sum in another order), never a real disagreement. Returns what was seen per request
+    (for the GPU suite's record)."""
     import torch
 
     seen = []
     for request in requests:
-        ours, theirs = _ids(quant, request), _ids(twin, request)
+        ours, theirs = ours_from(quant, request), _ids(twin, request)
         first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
         seen.append({"prompt": request.prompt, "tokens": len(theirs), "first_difference": first})
         if first is None:
@@ -119,6 +139,23 @@ def test_quantized_answers_equal_the_dequantized_twin(quantized, images, frames,
     requests = make_requests(images["c"], frames)
     assert not quant.fast_path_enabled(requests[0].generation)
     assert_answers_like_twin(quant, twin, requests)
+
+
+@pytest.mark.parametrize("name", ["gptq4", "awq4"])
+def test_the_fast_path_runs_quantized_layers(quantized, images, frames, name, monkeypatch):
+    """With the fast path on (the CUDA default; forced here), quantized layers run inside it (their own kernels
+    in its decode step): the engine's answers are the twin's."""
+    from qwen2vl_cli.types import ModelSpec
+    from qwen2vl_cli.engine.session import ModelSession
+
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    quant_dir, twin_dir = quantized[name]
+    quant = ModelSession(ModelSpec(str(quant_dir))).load()
+    twin = ModelSession(ModelSpec(str(twin_dir))).load()
+    requests = make_requests(images["c"], frames)
+    assert quant.fast_path_enabled(requests[0].generation), "the fast path stepped aside"
+    assert "fast path on" in quant.describe_weights()
+    assert_answers_like_twin(quant, twin, requests, ours_from=engine_ids)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))

@@ -23,6 +23,12 @@ NEEDS = {"gptq": ("optimum", "gptqmodel"), "awq": ("gptqmodel",), "bitsandbytes"
 UNQUANTIZED = ["model.visual", "visual", "lm_head"]  # the vision tower (both names) and the output head
 
 
+def fast_path_takes(description: str | None) -> bool:
+    """Whether the fast path runs these weights: float ones, and GPTQ/AWQ layers (gptqmodel's kernels, which a CUDA
+    graph can hold); not bitsandbytes (its 8-bit matmul reads outliers on the host)."""
+    return description is None or description.startswith(("GPTQ-", "AWQ-"))
+
+
 def method_of(quantization: dict | None) -> str | None:
     """The checkpoint's quantization method ("gptq", "awq", "bitsandbytes", ...), or None for float weights."""
     return str(quantization.get("quant_method", "")).lower() or None if quantization else None

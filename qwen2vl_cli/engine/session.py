@@ -323,11 +323,13 @@ class ModelSession:
 
     def _enable_fast(self):
         """The fast path (fast.decoder), an explicit step of loading: by default on CUDA, QWEN2VL_FASTPATH=on|off
-        forces it; never for quantized weights (its fused projections read float weights). Checked against the
-        stock model on probe prompts; where that fails, None and one note on stderr (the stock code answers)."""
+        forces it; float, GPTQ and AWQ weights (quant.fast_path_takes). Checked against the stock model on probe
+        prompts; where that fails, None and one note on stderr (the stock code answers)."""
+        from . import quant
+
         setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
         wanted = (self.device or "").startswith("cuda") if setting == "auto" else setting in ("1", "on", "true", "yes")
-        if not wanted or self.quantization:
+        if not wanted or not quant.fast_path_takes(self.quantization):
             return None
         import transformers
 
@@ -344,12 +346,16 @@ class ModelSession:
     def describe_weights(self) -> str:
         """One --verbose line: what was loaded and which path answers."""
         weights = self.quantization or str(self.model.dtype).removeprefix("torch.")
+        from . import quant
+
         if self.fast:
             path = "fast path on (continuous batching)"
-        elif self.quantization:
-            path = "fast path off (quantized layers: transformers' generate)"
+        elif not (self.device or "").startswith("cuda"):
+            path = "fast path off (CPU)"
+        elif not quant.fast_path_takes(self.quantization):
+            path = "fast path off (bitsandbytes layers: transformers' generate)"
         else:
-            path = "fast path off (" + ("CPU" if not (self.device or "").startswith("cuda") else "its check failed") + ")"
+            path = "fast path off (its check failed)"
         phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.phases.items() if seconds >= 0.05)
         return f"{self.spec.model}: {weights} weights on {self.device}; {path}; loaded in {self.load_s:.1f}s ({phases})"
 

@@ -144,6 +144,7 @@ def test_continuous_batch_answers_equal_the_seed_recipe(checkpoint, seed, media,
     from qwen2vl_cli.sources import FetchLimits, ImageOptions
     from qwen2vl_cli.types import ChatRequest, Completion, GenerationOptions, ModelSpec
 
+    free_sessions()  # the commands' cached sessions: this test loads its own model beside the seed recipe's
     joins: list[int] = []
     original = Rows.join
     monkeypatch.setattr(Rows, "join", lambda self, kv, attention, *a: joins.append(self.count)

@@ -20,6 +20,8 @@ its patches off and raises ContractError; the session then answers with the stoc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -107,8 +109,16 @@ class FastDecoder:
         return max(_relative(logits, reference["logits"]), _relative(second, reference["second"]))
 
     def _fuse(self, layer) -> dict:
-        """One weight for q/k/v and one for gate/up; the HF modules keep views of them (no extra memory)."""
+        """A layer's norms and projections, each projection a function of its input: over one weight for q/k/v
+        and one for gate/up (the HF modules keep views of them: no extra memory), or, for quantized layers
+        (GPTQ, AWQ), the modules' own forwards (their library's kernels; capturable in a CUDA graph)."""
         attn, mlp = layer.self_attn, layer.mlp
+        norms = {"norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight}
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() for m in projections):
+            return {"qkv": lambda x: torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1),
+                    "o": attn.o_proj, "gate_up": lambda x: torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1),
+                    "down": mlp.down_proj, **norms}
         with torch.no_grad():
             qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
@@ -123,8 +133,10 @@ class FastDecoder:
             inter = mlp.gate_proj.weight.shape[0]
             mlp.gate_proj.weight = torch.nn.Parameter(gate_up[:inter], requires_grad=False)
             mlp.up_proj.weight = torch.nn.Parameter(gate_up[inter:], requires_grad=False)
-        return {"qkv": qkv, "bias": bias, "o": attn.o_proj.weight, "gate_up": gate_up, "down": mlp.down_proj.weight,
-                "norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight}
+        return {"qkv": functools.partial(F.linear, weight=qkv, bias=bias),
+                "o": functools.partial(F.linear, weight=attn.o_proj.weight),
+                "gate_up": functools.partial(F.linear, weight=gate_up),
+                "down": functools.partial(F.linear, weight=mlp.down_proj.weight), **norms}
 
     # ---- one decode step (pure tensor work: capturable) -----------------------------------------
     def _step(self, tokens, positions, slot, keys, values, mask):
@@ -142,15 +154,15 @@ class FastDecoder:
         q_size, groups = self.heads * self.head_dim, self.heads // self.kv_heads
         for index, w in enumerate(self.layers):
             hidden, x = kernels.add_rms_norm(hidden, delta, w["norm1"], self.eps, inplace=True)
-            qkv = F.linear(x, w["qkv"], w["bias"])
+            qkv = w["qkv"](x)
             q = kernels.rope_store(qkv, positions, self.inv_freq, slot, keys[index], values[index],
                                    self.heads, self.kv_heads)
             # the query heads sharing one K/V head become that head's query rows: no K/V copies
             grouped = q.view(batch, self.kv_heads, groups, self.head_dim)
             attended = kernels.decode_attention(grouped, keys[index], values[index], mask, slot)
-            hidden, x = kernels.add_rms_norm(hidden, F.linear(attended.reshape(batch, q_size), w["o"]),
+            hidden, x = kernels.add_rms_norm(hidden, w["o"](attended.reshape(batch, q_size)),
                                              w["norm2"], self.eps, inplace=True)
-            delta = F.linear(kernels.silu_mul(F.linear(x, w["gate_up"])), w["down"])
+            delta = w["down"](kernels.silu_mul(w["gate_up"](x)))
         _, x = kernels.add_rms_norm(hidden, delta, self.language.norm.weight, self.eps)
         return self.model.lm_head(x)
 
@@ -244,7 +256,7 @@ def install_text(model, fused: list[dict]) -> None:
             batch, length, _ = hidden_states.shape
             eps = self.input_layernorm.variance_epsilon
             _, x = kernels.add_rms_norm(hidden_states, None, _w["norm1"], eps)
-            q, k, v = kernels.rope_prefill(F.linear(x, _w["qkv"], _w["bias"]), *rope(*embeddings), heads, kv_heads)
+            q, k, v = kernels.rope_prefill(_w["qkv"](x), *rope(*embeddings), heads, kv_heads)
             if store is not None:
                 k, v = store.update(k, v, attention.layer_idx)
             if attention_mask is None:
@@ -256,9 +268,9 @@ def install_text(model, fused: list[dict]) -> None:
                 k, v = (stock.repeat_kv(t, heads // kv_heads) for t in (k, v))
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[..., :k.shape[-2]],
                                                      scale=attention.scaling)
-            out = F.linear(out.transpose(1, 2).reshape(batch, length, -1), _w["o"])
+            out = _w["o"](out.transpose(1, 2).reshape(batch, length, -1))
             hidden_states, x = kernels.add_rms_norm(hidden_states, out, _w["norm2"], eps)
-            return hidden_states + F.linear(kernels.silu_mul(F.linear(x, _w["gate_up"])), _w["down"])
+            return hidden_states + _w["down"](kernels.silu_mul(_w["gate_up"](x)))
 
         layer.forward = types.MethodType(forward, layer)
     language._qwen2vl_fast = True
