@@ -169,6 +169,12 @@ class Engine:
 
     # ---- the engine's thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():  # nothing on this thread records autograd (it kept a vision tower's activations)
+            self._serve()
+
+    def _serve(self) -> None:
         while not self.closing.is_set():
             try:
                 idle = not (self.waiting or self.in_flight or (self.rows is not None and self.rows.count))

@@ -42,6 +42,7 @@ class Prefill:
         self.early: tuple | None = None  # (pixel_values, grid, features) from `start`
         self.lock = threading.Lock()
 
+    @torch.inference_mode()
     def start(self, image_inputs) -> None:
         """The image processor's output for one conversation: run the vision tower now (the GPU works while
         the host tokenizes); `run` picks the features up when its pixel values are these."""
