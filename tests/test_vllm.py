@@ -162,10 +162,10 @@ def test_penalties_and_stop_mean_the_same_on_both_servers(vllm, media, tmp_path)
     """The same OpenAI request (image sent at its final size) to vLLM and to `qwen2vl serve`."""
     from PIL import Image
 
-    from qwen2vl_cli.client import png_data_uri
+    from qwen2vl_cli.client import image_data_uri
     from qwen2vl_cli.sources import ImageOptions, prepare_image
 
-    image = png_data_uri(prepare_image(Image.open(media["a"]), ImageOptions(), "a"))
+    image = image_data_uri(prepare_image(Image.open(media["a"]), ImageOptions(), "a"))
     process, url = start_server(vllm["model"], tmp_path, "--keep-alive", "never")
     try:
         for fields in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.8}, {"frequency_penalty": 0.5,
