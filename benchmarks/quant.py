@@ -4,6 +4,7 @@ generate) and through qwen2vl's session; tokens/s over the whole answer (prefill
 table) and peak GPU memory, at the given prompt lengths.
 
     python benchmarks/quant.py --out RESULT.json [--lengths 1,6144] [--new-tokens 256]
+    python benchmarks/quant.py --out RESULT.json --kernels   # the decode step's projections alone
 
 The checkpoints are random-weight (no weights can be downloaded here), built in the released layouts by
 tests/checkpoint.py; the answers are forced to full length (an unused end-of-text id).
@@ -95,6 +96,93 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
             "weights": session.quantization or "bf16"}
 
 
+def kernel_times(rows_list=(1, 4, 16, 64), repeat: int = 50) -> dict:
+    """The fused dequantizing kernel (engine/fast/quantized.py) on the 2B's projections (one layer: q/k/v,
+    o, gate/up, down), over random packed weights, against the libraries' dequantizers (gptqmodel's GPTQ
+    Triton kernel and AWQ's, which is what their layers run: dequantize, then multiply) and against float16
+    F.linear on the same shapes. Microseconds per layer, each timed as `repeat` calls in one CUDA graph."""
+    import torch
+    import torch.nn.functional as F
+    from gptqmodel.nn_modules.triton_utils.dequant import dequant
+    from gptqmodel.quantization.awq.modules.triton.gemm import awq_dequantize_triton
+
+    from qwen2vl_cli.engine.fast import _triton
+    from qwen2vl_cli.engine.fast.quantized import FusedQuantized, Part
+
+    def timed(function) -> float:
+        function()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeat):
+                function()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1000 / (5 * repeat)
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden, inter = 1536, 8960
+    layer = {"qkv": (hidden, [1536, 256, 256]), "o": (hidden, [1536]), "gate_up": (hidden, [inter, inter]),
+             "down": (inter, [hidden])}
+    report = {}
+    for name, bits, awq in (("GPTQ-Int4", 4, False), ("GPTQ-Int8", 8, False), ("AWQ", 4, True)):
+        per, group = 32 // bits, 128
+        fused_layer, dense_layer, errors = {}, {}, []
+        for key, (k, widths) in layer.items():
+            parts = []
+            for n in widths:
+                words = lambda *shape: torch.randint(-2 ** 31, 2 ** 31 - 1, shape, device="cuda", dtype=torch.int32,  # noqa: E731
+                                                     generator=generator)
+                qweight = words(k, n // per) if awq else words(k // per, n)
+                scales = (torch.rand(k // group, n, device="cuda", generator=generator) * 0.01).half()
+                parts.append(Part(qweight, words(k // group, n // per), scales, n))
+            modules = [type("Layer", (), {"in_features": k, "bias": None})() for _ in widths]
+            fused = FusedQuantized(modules, parts, bits, awq, group)
+            fused.zero = 0  # their dequantizers read the zeros as stored (gptqmodel holds GPTQ ones as "v2")
+            weights = [awq_dequantize_triton(p.qweight, p.scales, p.qzeros) if awq else
+                       dequant(torch.float16, p.qweight, p.scales, p.qzeros,
+                               torch.arange(k, device="cuda", dtype=torch.int32) // group, bits, 32, 2 ** bits - 1)
+                       for p in parts]
+            dense = torch.cat(weights, 1).t().contiguous()  # [N, K]: what F.linear reads
+            fused_layer[key], dense_layer[key] = fused, (dense, weights, parts)
+            for rows in (1, 5):  # the one-row kernel and the tiled one
+                x = torch.randn(rows, k, device="cuda", generator=generator).half()
+                ours, theirs = _triton.quant_matmul(x, fused).float(), F.linear(x, dense).float()
+                errors.append(float((ours - theirs).norm() / theirs.norm()))
+        rows_report, configs = {}, {}
+        for block_n in (32, 64, 128):  # the one-row kernel's tile
+            for warps in (2, 4, 8):
+                _triton.GEMV.update(BLOCK_N=block_n, num_warps=warps)
+                xs = {key: torch.randn(1, k, device="cuda", generator=generator).half() for key, (k, _) in layer.items()}
+                configs[f"BLOCK_N={block_n},num_warps={warps}"] = round(sum(
+                    timed(lambda key=key: _triton.quant_matmul(xs[key], fused_layer[key])) for key in layer), 1)
+        _triton.GEMV.update(BLOCK_N=64, num_warps=4)
+        for rows in rows_list:
+            xs = {key: torch.randn(rows, k, device="cuda", generator=generator).half() for key, (k, _) in layer.items()}
+            fused_us = sum(timed(lambda key=key: _triton.quant_matmul(xs[key], fused_layer[key])) for key in layer)
+            dense_us = sum(timed(lambda key=key: F.linear(xs[key], dense_layer[key][0])) for key in layer)
+            library_us = 0.0
+            for key, (dense, weights, parts) in dense_layer.items():
+                k = layer[key][0]
+                g_idx = torch.arange(k, device="cuda", dtype=torch.int32) // 128
+                library = (lambda p: awq_dequantize_triton(p.qweight, p.scales, p.qzeros)) if awq else (
+                    lambda p: dequant(torch.float16, p.qweight, p.scales, p.qzeros, g_idx, bits, 32, 2 ** bits - 1))
+                library_us += timed(lambda key=key, library=library, parts=parts: [
+                    xs[key] @ library(p) for p in parts])
+            rows_report[rows] = {"fused_us": round(fused_us, 1), "library_us": round(library_us, 1),
+                                 "float16_us": round(dense_us, 1)}
+        report[name] = {"max_relative_error_vs_library_dequantized": max(errors), "per_layer": rows_report,
+                        "one_row_configs_us": configs}
+        print(name, json.dumps(report[name]), flush=True)
+    return report
+
+
 def main() -> None:
     """Each format and path in a process of its own (peak memory is then that format's); the results
     gathered into one file."""
@@ -112,8 +200,14 @@ def main() -> None:
     parser.add_argument("--lengths", default="1,6144")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--formats", default="BF16,GPTQ-Int8,GPTQ-Int4,AWQ")
+    parser.add_argument("--kernels", action="store_true", help="time the fused kernel alone (kernel_times)")
     parser.add_argument("--one", nargs=2, metavar=("DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kernels:
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_times()}
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        return
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompts = {int(n): (photo(folder / f"photo-{n}.png", int(n)) if int(n) > 1 else None)

@@ -158,6 +158,67 @@ def test_the_fast_path_runs_quantized_layers(quantized, images, frames, name, mo
     assert_answers_like_twin(quant, twin, requests, ours_from=engine_ids)
 
 
+# Run in a process of its own with TRITON_INTERPRET=1: Triton's interpreter runs the fused kernel on the CPU.
+FUSED_KERNEL_CHECK = """
+import json, sys
+import torch
+from qwen2vl_cli.engine.fast import _triton, quantized
+from qwen2vl_cli.engine.session import ModelSession
+from qwen2vl_cli.types import ModelSpec
+
+_triton._multiprocessors = lambda device: 64  # as many programs as a GPU wants: the K-split path runs too
+model = ModelSession(ModelSpec(sys.argv[1])).load().model
+generator = torch.Generator().manual_seed(1)
+seen = []
+for layer in model.model.language_model.layers:
+    a, m = layer.self_attn, layer.mlp
+    for modules in ([a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]):
+        fused = quantized.fuse(modules)
+        found = {"format": [fused.bits, fused.awq, fused.group], "probe": fused.probe(_triton.quant_matmul),
+                 "zero": fused.zero, "errors": []}
+        for rows in (1, 5, 17, 64):
+            x = torch.randn(rows, modules[0].in_features, generator=generator).to(model.dtype)
+            ours, theirs = _triton.quant_matmul(x, fused).float(), fused.stock(x).float()
+            found["errors"].append(float((ours - theirs).norm() / theirs.norm()))
+        fused.zero = 1 - fused.zero
+        ours = _triton.quant_matmul(x, fused).float()
+        found["wrong_zero_error"] = float((ours - theirs).norm() / theirs.norm())
+        seen.append(found)
+down = model.model.language_model.layers[0].mlp.down_proj  # two groups of 128 inputs
+if getattr(down, "g_idx", None) is not None:  # an act-order checkpoint (groups permuted) is left to the modules
+    down.g_idx.copy_(down.g_idx.flip(0))
+    seen.append({"act_order_parts": quantized.fuse([down]).parts})
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_the_fused_kernel_reads_each_layout_in_place(quantized, name):
+    """The fast path's fused dequantizing kernel (Triton, run here by its interpreter) over the layers as gptqmodel
+    loaded them: its probe settles the zeros' convention and passes, and at every decode width (1-64 rows, the
+    K-split path included) it computes what the modules compute; the other zero convention is caught (so the
+    probe can fail), and an act-order GPTQ layer is left to its module."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", FUSED_KERNEL_CHECK, str(quantized[name][0])], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    method, bits = FORMATS[name]
+    groups = [found for found in seen if "probe" in found]
+    assert len(groups) == 4 * 2  # four groups a layer, two layers
+    for found in groups:
+        assert found["format"] == [bits, method == "awq", 128], found
+        assert found["probe"] and found["zero"] == 0, found  # gptqmodel holds GPTQ zeros as they are ("v2")
+        assert max(found["errors"]) < 1e-3, found  # float16 outputs: a rounding apart at most
+        assert found["wrong_zero_error"] > 0.01, found
+    if method == "gptq":
+        assert seen[-1] == {"act_order_parts": None}
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_every_command_answers_with_a_quantized_checkpoint(quantized, images, frames, tmp_path, name):
     model = str(quantized[name][0])

@@ -349,7 +349,9 @@ class ModelSession:
         from . import quant
 
         if self.fast:
-            path = "fast path on (continuous batching)"
+            fused, total = self.fast.quantized[True], sum(self.fast.quantized.values())
+            kernel = f"; the fused dequantizing kernel runs {fused} of {total} quantized projections" if total else ""
+            path = f"fast path on (continuous batching{kernel})"
         elif not (self.device or "").startswith("cuda"):
             path = "fast path off (CPU)"
         elif not quant.fast_path_takes(self.quantization):

@@ -10,6 +10,8 @@ float32 work stays float32, so results match the torch versions up to the order 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -301,3 +303,206 @@ def decode_attention(q, keys, values, mask, slot):
         partial, ml, out, splits, KV_HEADS=kv_heads, GROUPS=groups, G_PAD=g_pad, HD=head_dim,
         S_PAD=triton.next_power_of_2(splits), num_warps=4)
     return out
+
+
+# ---- quantized projections (GPTQ 4/8-bit, AWQ 4-bit), read in place: see quantized.py -----------------
+@triton.jit
+def _dequantized(qw_ptr, qz_ptr, s_ptr, k0, n0, N, dt: tl.constexpr, BITS: tl.constexpr, AWQ: tl.constexpr,
+                 ZERO: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows k0.. and columns n0.. of one packed weight, [BLOCK_K, BLOCK_N] in `dt`: (q - zero) * scale, as the
+    libraries' dequantizers compute it (float32, rounded once). GPTQ packs q along K (qweight [K/per, N]), AWQ
+    along N in its interleaved order (qweight [K, N/per]); both pack zeros along N ([groups, N/per])."""
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_N // PER
+    lane = tl.arange(0, PER)
+    if AWQ:
+        column_shift = ((lane // 2) + (lane % 2) * (PER // 2)) * BITS  # column c sits in nibble c//2 + 4*(c%2)
+    else:
+        column_shift = lane * BITS
+    group = k0 // GROUP
+    words = n0 // PER + tl.arange(0, WORDS)
+    words_ok = words < N // PER
+    zeros = tl.load(qz_ptr + group * (N // PER) + words, mask=words_ok, other=0)
+    zero = tl.reshape((zeros[:, None] >> column_shift[None, :]) & MAXQ, (BLOCK_N,)) + ZERO
+    if AWQ:
+        k = k0 + tl.arange(0, BLOCK_K)
+        packed = tl.load(qw_ptr + k[:, None] * (N // PER) + words[None, :], mask=words_ok[None, :], other=0)
+        q = tl.reshape((packed[:, :, None] >> column_shift[None, None, :]) & MAXQ, (BLOCK_K, BLOCK_N))
+    else:
+        rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        n = n0 + tl.arange(0, BLOCK_N)
+        packed = tl.load(qw_ptr + rows[:, None] * N + n[None, :], mask=(n < N)[None, :], other=0)
+        q = tl.reshape((packed[:, None, :] >> (lane * BITS)[None, :, None]) & MAXQ, (BLOCK_K, BLOCK_N))
+    n = n0 + tl.arange(0, BLOCK_N)
+    scale = tl.load(s_ptr + group * N + n, mask=n < N, other=0.0).to(tl.float32)
+    return ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(dt)
+
+
+@triton.jit
+def _part_of(qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1, BLOCK_N: tl.constexpr):
+    """The part (of up to three side by side) this program's column block lies in: its buffers, width, first
+    column within it and first column of the output."""
+    block = tl.program_id(0)
+    if block < blocks0:
+        qw, qz, s, N, n0, c0 = qw0, qz0, s0, n_0, block * BLOCK_N, 0
+    elif block < blocks0 + blocks1:
+        qw, qz, s, N, n0, c0 = qw1, qz1, s1, n_1, (block - blocks0) * BLOCK_N, n_0
+    else:
+        qw, qz, s, N, n0, c0 = qw2, qz2, s2, n_2, (block - blocks0 - blocks1) * BLOCK_N, n_0 + n_1
+    return qw, qz, s, N, n0, c0
+
+
+@triton.jit
+def _quant_gemv_kernel(x_ptr, out_ptr, partial_ptr, bias_ptr, K, total, k_split,
+                       qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1,
+                       BITS: tl.constexpr, AWQ: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row (a decode step at batch 1): x [K] against the parts, as _quant_matmul_kernel, without tensor cores
+    or any reshuffle of the unpacked weights: the columns stay [words, values a word] as packed, and scale and zero
+    apply once a group (sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k))."""
+    qw, qz, s, N, n0, c0 = _part_of(qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1, BLOCK_N)
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_N // PER
+    lane = tl.arange(0, PER)
+    if AWQ:
+        shift = ((lane // 2) + (lane % 2) * (PER // 2)) * BITS  # column c sits in nibble c//2 + 4*(c%2)
+    else:
+        shift = lane * BITS
+    word = n0 // PER + tl.arange(0, WORDS)
+    word_ok = word < N // PER
+    columns = word[:, None] * PER + lane[None, :]  # [WORDS, PER]
+    column_ok = columns < N
+    acc = tl.zeros((WORDS, PER), dtype=tl.float32)
+    split = tl.program_id(2)
+    for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
+        group = k0 // GROUP
+        zeros = tl.load(qz + group * (N // PER) + word, mask=word_ok, other=0)
+        zero = ((zeros[:, None] >> shift[None, :]) & MAXQ).to(tl.float32) + ZERO
+        scale = tl.load(s + group * N + columns, mask=column_ok, other=0.0).to(tl.float32)
+        if AWQ:
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + k).to(tl.float32)
+            packed = tl.load(qw + k[:, None] * (N // PER) + word[None, :], mask=word_ok[None, :], other=0)
+            q = ((packed[:, :, None] >> shift[None, None, :]) & MAXQ).to(tl.float32)
+            dot = tl.sum(xk[:, None, None] * q, axis=0)
+            x_sum = tl.sum(xk, axis=0)
+        else:
+            r = tl.arange(0, BLOCK_K // PER)
+            packed = tl.load(qw + (k0 // PER + r)[:, None, None] * N + columns[None, :, :],
+                             mask=column_ok[None, :, :], other=0)
+            dot = tl.zeros((WORDS, PER), dtype=tl.float32)
+            x_sum = 0.0
+            for j in tl.static_range(PER):  # value j of each word: input k0 + PER * r + j
+                xj = tl.load(x_ptr + k0 + r * PER + j).to(tl.float32)
+                q = ((packed >> (j * BITS)) & MAXQ).to(tl.float32)
+                dot += tl.sum(xj[:, None, None] * q, axis=0)
+                x_sum += tl.sum(xj, axis=0)
+        acc += scale * (dot - zero * x_sum)
+    out_columns = c0 + columns
+    if PARTIAL:
+        tl.store(partial_ptr + split * total + out_columns, acc, mask=column_ok)
+    else:
+        dt = x_ptr.dtype.element_ty
+        out = acc.to(dt).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + out_columns, mask=column_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_columns, out.to(dt), mask=column_ok)
+
+
+@triton.jit
+def _quant_matmul_kernel(x_ptr, out_ptr, partial_ptr, bias_ptr, M, K, total, k_split,
+                         qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1,
+                         BITS: tl.constexpr, AWQ: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[:, parts' columns] = x @ dequantized(part).T for up to three parts sharing K (q/k/v, gate/up): one
+    launch. The grid is (column blocks of all parts, row blocks, K splits); with splits, float32 partial sums go
+    to `partial_ptr` [splits, M, total] for _split_sum_kernel, else the result (+ bias) to `out_ptr`."""
+    qw, qz, s, N, n0, c0 = _part_of(qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1, BLOCK_N)
+    dt = x_ptr.dtype.element_ty
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    kk = tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
+        x = tl.load(x_ptr + m[:, None].to(tl.int64) * K + (k0 + kk)[None, :], mask=m_ok[:, None], other=0.0)
+        w = _dequantized(qw, qz, s, k0, n0, N, dt, BITS, AWQ, ZERO, GROUP, BLOCK_K, BLOCK_N)
+        acc = tl.dot(x, w, acc)
+    n = n0 + tl.arange(0, BLOCK_N)
+    ok = m_ok[:, None] & (n < N)[None, :]
+    columns = (c0 + n)[None, :]
+    if PARTIAL:
+        tl.store(partial_ptr + (split * M + m[:, None]).to(tl.int64) * total + columns, acc, mask=ok)
+    else:
+        out = acc.to(dt).to(tl.float32)  # the product rounds, then the bias adds (as the modules do)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + columns, mask=(n < N)[None, :], other=0.0).to(tl.float32)
+        tl.store(out_ptr + m[:, None].to(tl.int64) * total + columns, out.to(dt), mask=ok)
+
+
+@triton.jit
+def _split_sum_kernel(partial_ptr, bias_ptr, out_ptr, size, total, splits, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(splits):  # in order: the same sum every time
+        acc += tl.load(partial_ptr + split * size + i, mask=ok, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    out = acc.to(dt).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + i % total, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, out.to(dt), mask=ok)
+
+
+QUANT_BLOCK_N = 64
+GEMV = {"BLOCK_N": 64, "num_warps": 4}  # the one-row kernel's tile (benchmarks/quant.py --kernels tries others)
+
+
+@functools.cache
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def quant_matmul(x, fused):
+    """x [..., K] @ the fused parts' dequantized weights (quantized.FusedQuantized) -> [..., sum of widths]."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    rows, k = x2.shape
+    parts = fused.parts
+    one_row = rows == 1
+    block_n = GEMV["BLOCK_N"] if one_row else QUANT_BLOCK_N
+    block_m = max(16, triton.next_power_of_2(rows))
+    blocks = [triton.cdiv(part.width, block_n) for part in parts]
+    row_blocks = 1 if one_row else triton.cdiv(rows, block_m)
+    iterations = k // fused.block_k
+    # split K until the grid fills the GPU twice over: a decode step's narrow products have few column blocks
+    wanted = 2 * _multiprocessors(x2.device)
+    splits = next((d for d in range(1, iterations + 1) if iterations % d == 0
+                   and sum(blocks) * row_blocks * d >= wanted), iterations)
+    total = fused.width
+    out = torch.empty((rows, total), device=x2.device, dtype=x2.dtype)
+    partial = torch.empty((splits, rows, total), device=x2.device, dtype=torch.float32) if splits > 1 else out
+    padded = list(parts) + [parts[0]] * (3 - len(parts))
+    bias = fused.bias if fused.bias is not None else out
+    pointers = [value for part in padded for value in (part.qweight, part.qzeros, part.scales, part.width)]
+    common = dict(BITS=fused.bits, AWQ=fused.awq, ZERO=fused.zero, GROUP=fused.group, HAS_BIAS=fused.bias is not None,
+                  PARTIAL=splits > 1, BLOCK_N=block_n, BLOCK_K=fused.block_k)
+    grid = (sum(blocks), row_blocks, splits)
+    k_split = iterations // splits * fused.block_k
+    second = blocks[1] if len(blocks) > 1 else 0
+    if one_row:
+        _quant_gemv_kernel[grid](x2, out, partial, bias, k, total, k_split, *pointers, blocks[0], second, **common,
+                                 num_warps=GEMV["num_warps"])
+    else:
+        _quant_matmul_kernel[grid](x2, out, partial, bias, rows, k, total, k_split, *pointers, blocks[0], second,
+                                   **common, BLOCK_M=block_m, num_warps=4)
+    if splits > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(rows * total, block),)](
+            partial, bias, out, rows * total, total, splits, HAS_BIAS=fused.bias is not None, BLOCK=block,
+            num_warps=4)
+    return out.reshape(*shape[:-1], total)

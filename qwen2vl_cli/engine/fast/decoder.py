@@ -86,6 +86,7 @@ class FastDecoder:
         self.layers: list[dict] = []
         self.prefill: Prefill | None = None
         self.errors: list[float] = []  # per probe: the larger relative error of its two logits
+        self.quantized = {True: 0, False: 0}  # quantized projections by whether the fused kernel runs them
 
     def install(self) -> None:
         """Fuse the projections and put the fast vision and text layers in (every forward uses them)."""
@@ -111,14 +112,19 @@ class FastDecoder:
     def _fuse(self, layer) -> dict:
         """A layer's norms and projections, each projection a function of its input: over one weight for q/k/v
         and one for gate/up (the HF modules keep views of them: no extra memory), or, for quantized layers
-        (GPTQ, AWQ), the modules' own forwards (their library's kernels; capturable in a CUDA graph)."""
+        (GPTQ, AWQ), quantized.fuse's: a fused dequantizing kernel for decode steps on CUDA, the modules' own
+        forwards (their library's kernels) for prompts."""
         attn, mlp = layer.self_attn, layer.mlp
         norms = {"norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight}
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if not all(isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() for m in projections):
-            return {"qkv": lambda x: torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1),
-                    "o": attn.o_proj, "gate_up": lambda x: torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1),
-                    "down": mlp.down_proj, **norms}
+            from .quantized import fuse
+
+            fused = {"qkv": fuse([attn.q_proj, attn.k_proj, attn.v_proj]), "o": fuse([attn.o_proj]),
+                     "gate_up": fuse([mlp.gate_proj, mlp.up_proj]), "down": fuse([mlp.down_proj])}
+            for group in fused.values():
+                self.quantized[group.probe() if self.device.type == "cuda" else False] += len(group.modules)
+            return {**fused, **norms}
         with torch.no_grad():
             qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])

@@ -151,3 +151,9 @@ def decode_attention(q, keys, values, mask, slot):
     written (slot [B])."""
     return _run("decode_attention", decode_attention_torch, q, keys, values, mask, slot,
                 triton_ok=_triton_head_dim(q.shape[-1]))
+
+
+def quant_matmul(x, fused):
+    """x @ the dequantized weights of quantized.FusedQuantized's parts, side by side (their modules' forwards
+    where Triton is missing)."""
+    return _run("quant_matmul", lambda x, fused: fused.stock(x), x, fused)
