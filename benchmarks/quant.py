@@ -3,7 +3,7 @@ each through the seed card's recipe (from_pretrained with torch_dtype="auto", de
 generate) and through qwen2vl's session; tokens/s over the whole answer (prefill included, as the card's
 table) and peak GPU memory, at the given prompt lengths.
 
-    python benchmarks/quant.py --out RESULT.json [--lengths 1,6144] [--new-tokens 256]
+    python benchmarks/quant.py --out RESULT.json [--lengths 1,6144] [--new-tokens 256] [--recipe-tokens 256]
     python benchmarks/quant.py --out RESULT.json --kernels   # the decode step's projections alone
 
 The checkpoints are random-weight (no weights can be downloaded here), built in the released layouts by
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 UNUSED_ID = 151935
+IMAGE_TOKENS = 15360  # at most this many tokens an image (the model allows 16384): longer prompts take several
+MAX_PIXELS = 16384 * 28 * 28
 
 
 def photo(path: Path, tokens: int) -> Path:
@@ -52,12 +54,12 @@ def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
     warm = processor(text=["Hi"], return_tensors="pt").to("cuda")
     model.generate(**warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # CUDA and kernel warm-up
     results = {}
-    for length, image in prompts.items():
-        content = ([{"type": "image", "image": str(image), "max_pixels": 16384 * 28 * 28}] if image else [])
+    for length, images in prompts.items():
+        content = [{"type": "image", "image": str(image), "max_pixels": MAX_PIXELS} for image in images]
         messages = [{"role": "user", "content": [*content, {"type": "text", "text": "Describe this image."}]}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images, _ = process_vision_info(messages)
-        inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to("cuda")
+        vision, _ = process_vision_info(messages)
+        inputs = processor(text=[text], images=vision, padding=True, return_tensors="pt").to("cuda")
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -81,8 +83,8 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
     session.eos_ids = {UNUSED_ID}  # (the engine's copy, read at load)
     options = GenerationOptions(max_new_tokens=new_tokens)
     results = {}
-    for length, image in prompts.items():
-        media = [session.image_media(str(image), ImageOptions(max_pixels=16384 * 28 * 28), FetchLimits())] if image else []
+    for length, images in prompts.items():
+        media = [session.image_media(str(image), ImageOptions(max_pixels=MAX_PIXELS), FetchLimits()) for image in images]
         request = ChatRequest("Describe this image.", media, generation=options)
         session.generate_batch([request])  # warm: the fast path's graphs for this shape
         torch.cuda.synchronize()
@@ -93,7 +95,8 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
         assert completion.completion_tokens == new_tokens, completion.completion_tokens
         results[length] = {"prompt_tokens": completion.prompt_tokens, "tokens_per_s": round(new_tokens / seconds, 2)}
     return {"lengths": results, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-            "weights": session.quantization or "bf16"}
+            "weights": session.quantization or "bf16",
+            "fused_kernel_runs": {str(k): v for k, v in session.fast.quantized.items()} if session.fast else None}
 
 
 def kernel_times(rows_list=(1, 4, 16, 64), repeat: int = 50) -> dict:
@@ -156,13 +159,16 @@ def kernel_times(rows_list=(1, 4, 16, 64), repeat: int = 50) -> dict:
                 ours, theirs = _triton.quant_matmul(x, fused).float(), F.linear(x, dense).float()
                 errors.append(float((ours - theirs).norm() / theirs.norm()))
         rows_report, configs = {}, {}
-        for block_n in (32, 64, 128):  # the one-row kernel's tile
-            for warps in (2, 4, 8):
-                _triton.GEMV.update(BLOCK_N=block_n, num_warps=warps)
-                xs = {key: torch.randn(1, k, device="cuda", generator=generator).half() for key, (k, _) in layer.items()}
-                configs[f"BLOCK_N={block_n},num_warps={warps}"] = round(sum(
-                    timed(lambda key=key: _triton.quant_matmul(xs[key], fused_layer[key])) for key in layer), 1)
-        _triton.GEMV.update(BLOCK_N=64, num_warps=4)
+        default = dict(_triton.GEMV)
+        for block_n in (32, 64, 128, 256):  # the one-row kernel's tile, warps and programs a multiprocessor
+            for warps in (4, 8):
+                for waves in (2, 4, 8):
+                    _triton.GEMV.update(BLOCK_N=block_n, num_warps=warps, waves=waves)
+                    xs = {key: torch.randn(1, k, device="cuda", generator=generator).half()
+                          for key, (k, _) in layer.items()}
+                    configs[f"BLOCK_N={block_n},num_warps={warps},waves={waves}"] = round(sum(
+                        timed(lambda key=key: _triton.quant_matmul(xs[key], fused_layer[key])) for key in layer), 1)
+        _triton.GEMV.update(default)
         for rows in rows_list:
             xs = {key: torch.randn(rows, k, device="cuda", generator=generator).half() for key, (k, _) in layer.items()}
             fused_us = sum(timed(lambda key=key: _triton.quant_matmul(xs[key], fused_layer[key])) for key in layer)
@@ -178,7 +184,7 @@ def kernel_times(rows_list=(1, 4, 16, 64), repeat: int = 50) -> dict:
             rows_report[rows] = {"fused_us": round(fused_us, 1), "library_us": round(library_us, 1),
                                  "float16_us": round(dense_us, 1)}
         report[name] = {"max_relative_error_vs_library_dequantized": max(errors), "per_layer": rows_report,
-                        "one_row_configs_us": configs}
+                        "one_row_configs_us": configs, "best_one_row_config": min(configs, key=configs.get)}
         print(name, json.dumps(report[name]), flush=True)
     return report
 
@@ -199,10 +205,15 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/qwen2vl-quant-bench")
     parser.add_argument("--lengths", default="1,6144")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--recipe-tokens", type=int, help="the seed recipe's answer length (default --new-tokens):"
+                        " at ~15 tokens/s, 2,048 tokens a prompt would not fit a device call")
     parser.add_argument("--formats", default="BF16,GPTQ-Int8,GPTQ-Int4,AWQ")
     parser.add_argument("--kernels", action="store_true", help="time the fused kernel alone (kernel_times)")
+    parser.add_argument("--gemv", default="", help="the one-row kernel's settings, e.g. BLOCK_N=128,waves=4 "
+                        "(engine/fast/_triton.GEMV), for the qwen2vl side")
     parser.add_argument("--one", nargs=2, metavar=("DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.recipe_tokens = args.recipe_tokens or args.new_tokens
     if args.kernels:
         report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_times()}
@@ -210,11 +221,18 @@ def main() -> None:
         return
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = {int(n): (photo(folder / f"photo-{n}.png", int(n)) if int(n) > 1 else None)
-               for n in args.lengths.split(",")}
+    prompts = {}
+    for n in map(int, args.lengths.split(",")):  # "1": text alone; else images of about n tokens in all
+        sizes = [IMAGE_TOKENS] * (n // IMAGE_TOKENS) + ([n % IMAGE_TOKENS] if n % IMAGE_TOKENS else []) if n > 1 else []
+        prompts[n] = [photo(folder / f"photo-{n}-{i}.png", size) for i, size in enumerate(sizes)]
     if args.one:  # a child: one format through one path
         run = seed_recipe if args.one[1] == "seed_recipe" else qwen2vl
-        print(json.dumps(run(Path(args.one[0]), prompts, args.new_tokens)))
+        if args.gemv:
+            from qwen2vl_cli.engine.fast import _triton
+
+            _triton.GEMV.update({key: int(value) for key, value in (kv.split("=") for kv in args.gemv.split(","))})
+        tokens = args.recipe_tokens if run is seed_recipe else args.new_tokens
+        print(json.dumps({**run(Path(args.one[0]), prompts, tokens), "new_tokens": tokens}))
         return
     base = folder / "bf16"
     if not (base / "config.json").exists():
@@ -231,12 +249,14 @@ def main() -> None:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "new_tokens": args.new_tokens,
+              "recipe_tokens": args.recipe_tokens, "gemv": args.gemv or "default",
               "peak_gb": "torch.cuda.max_memory_allocated, each format and path in its own process", "formats": {}}
     for name, path in formats.items():
         result["formats"][name] = {}
         for way in ("seed_recipe", "qwen2vl"):
             child = subprocess.run([sys.executable, __file__, "--out", "-", "--folder", str(folder), "--lengths",
-                                    args.lengths, "--new-tokens", str(args.new_tokens), "--one", str(path), way],
+                                    args.lengths, "--new-tokens", str(args.new_tokens), "--recipe-tokens",
+                                    str(args.recipe_tokens), "--gemv", args.gemv, "--one", str(path), way],
                                    capture_output=True, text=True)
             lines = child.stdout.strip().splitlines()
             result["formats"][name][way] = json.loads(lines[-1]) if child.returncode == 0 and lines else {

@@ -36,7 +36,7 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
                         env=env)
     assert again.returncode == 0, again.stderr
     assert b"started" not in again.stderr and _sessions(tmp_path) == [session]  # reused, said once
-    assert json.loads(again.stdout)["text"] == expected.stdout.decode().rstrip("\n")
+    assert json.loads(again.stdout)["text"] + "\n" == expected.stdout.decode()
     deadline = time.monotonic() + 30
     while _alive(session["pid"]) and time.monotonic() < deadline:  # 4 s idle: it ends itself, record removed
         time.sleep(0.2)

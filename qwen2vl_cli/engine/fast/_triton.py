@@ -354,61 +354,81 @@ def _part_of(qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, b
 
 
 @triton.jit
+def _from_magic(q):
+    """Small non-negative integers q (< 2**23) as float32 plus 2**23, by one OR and a bitcast: the integer-to-float
+    conversion runs at a quarter of the FMA rate, and a decode step converts every weight once."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_store(acc, out_ptr, partial_ptr, bias_ptr, split, total, out_columns, ok, HAS_BIAS: tl.constexpr,
+                PARTIAL: tl.constexpr):
+    if PARTIAL:
+        tl.store(partial_ptr + split * total + out_columns, acc, mask=ok)
+    else:
+        dt = out_ptr.dtype.element_ty
+        out = acc.to(dt).to(tl.float32)  # the product rounds, then the bias adds (as the modules do)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + out_columns, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_columns, out.to(dt), mask=ok)
+
+
+@triton.jit
 def _quant_gemv_kernel(x_ptr, out_ptr, partial_ptr, bias_ptr, K, total, k_split,
                        qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1,
                        BITS: tl.constexpr, AWQ: tl.constexpr, ZERO: tl.constexpr, GROUP: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row (a decode step at batch 1): x [K] against the parts, as _quant_matmul_kernel, without tensor cores
-    or any reshuffle of the unpacked weights: the columns stay [words, values a word] as packed, and scale and zero
-    apply once a group (sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k))."""
+                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       AWQ_ROWS: tl.constexpr):
+    """One row (a decode step at batch 1): x [K] against the parts, as _quant_matmul_kernel, on the FMA units.
+    Products accumulate elementwise in a register tile and are summed across K once, at the end (a reduction
+    across threads for every tile cost more than the arithmetic); weights are unpacked in the order they are
+    stored (GPTQ: [K/per, N], values of a word along K; AWQ: [K, N/per], values of a word along N, interleaved)."""
     qw, qz, s, N, n0, c0 = _part_of(qw0, qz0, s0, n_0, qw1, qz1, s1, n_1, qw2, qz2, s2, n_2, blocks0, blocks1, BLOCK_N)
     MAXQ: tl.constexpr = (1 << BITS) - 1
     PER: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_N // PER
-    lane = tl.arange(0, PER)
-    if AWQ:
-        shift = ((lane // 2) + (lane % 2) * (PER // 2)) * BITS  # column c sits in nibble c//2 + 4*(c%2)
-    else:
-        shift = lane * BITS
-    word = n0 // PER + tl.arange(0, WORDS)
-    word_ok = word < N // PER
-    columns = word[:, None] * PER + lane[None, :]  # [WORDS, PER]
-    column_ok = columns < N
-    acc = tl.zeros((WORDS, PER), dtype=tl.float32)
+    MAGIC: tl.constexpr = 8388608.0  # 2**23, what _from_magic adds
     split = tl.program_id(2)
-    for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
-        group = k0 // GROUP
-        zeros = tl.load(qz + group * (N // PER) + word, mask=word_ok, other=0)
-        zero = ((zeros[:, None] >> shift[None, :]) & MAXQ).to(tl.float32) + ZERO
-        scale = tl.load(s + group * N + columns, mask=column_ok, other=0.0).to(tl.float32)
-        if AWQ:
-            k = k0 + tl.arange(0, BLOCK_K)
+    if AWQ:
+        WORDS: tl.constexpr = BLOCK_N // PER
+        lane = tl.arange(0, PER)
+        shift = ((lane // 2) + (lane % 2) * (PER // 2)) * BITS  # column c sits in nibble c//2 + 4*(c%2)
+        word = n0 // PER + tl.arange(0, WORDS)
+        word_ok = word < N // PER
+        columns = word[:, None] * PER + lane[None, :]  # [WORDS, PER]
+        column_ok = columns < N
+        acc = tl.zeros((AWQ_ROWS, WORDS, PER), dtype=tl.float32)
+        for k0 in range(split * k_split, (split + 1) * k_split, AWQ_ROWS):  # AWQ_ROWS divides the group
+            group = k0 // GROUP
+            zeros = tl.load(qz + group * (N // PER) + word, mask=word_ok, other=0)
+            zero = _from_magic(((zeros[:, None] >> shift[None, :]) & MAXQ) + ZERO)
+            scale = tl.load(s + group * N + columns, mask=column_ok, other=0.0).to(tl.float32)
+            k = k0 + tl.arange(0, AWQ_ROWS)
             xk = tl.load(x_ptr + k).to(tl.float32)
             packed = tl.load(qw + k[:, None] * (N // PER) + word[None, :], mask=word_ok[None, :], other=0)
-            q = ((packed[:, :, None] >> shift[None, None, :]) & MAXQ).to(tl.float32)
-            dot = tl.sum(xk[:, None, None] * q, axis=0)
-            x_sum = tl.sum(xk, axis=0)
-        else:
-            r = tl.arange(0, BLOCK_K // PER)
-            packed = tl.load(qw + (k0 // PER + r)[:, None, None] * N + columns[None, :, :],
-                             mask=column_ok[None, :, :], other=0)
-            dot = tl.zeros((WORDS, PER), dtype=tl.float32)
-            x_sum = 0.0
+            w = (_from_magic((packed[:, :, None] >> shift[None, None, :]) & MAXQ) - zero[None, :, :]) * scale[None]
+            acc += xk[:, None, None] * w
+        _gemv_store(tl.sum(acc, axis=0), out_ptr, partial_ptr, bias_ptr, split, total, c0 + columns, column_ok,
+                    HAS_BIAS, PARTIAL)
+    else:
+        ROWS: tl.constexpr = BLOCK_K // PER  # packed rows a tile: one group (BLOCK_K divides it)
+        r = tl.arange(0, ROWS)
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        zero_shift = (n % PER) * BITS
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(split * k_split, (split + 1) * k_split, BLOCK_K):
+            group = k0 // GROUP
+            zeros = tl.load(qz + group * (N // PER) + n // PER, mask=n_ok, other=0)
+            zero = _from_magic(((zeros >> zero_shift) & MAXQ) + ZERO)
+            scale = tl.load(s + group * N + n, mask=n_ok, other=0.0).to(tl.float32)
+            packed = tl.load(qw + (k0 // PER + r)[:, None] * N + n[None, :], mask=n_ok[None, :], other=0)
+            tile = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(PER):  # value j of each word: input k0 + PER * r + j
                 xj = tl.load(x_ptr + k0 + r * PER + j).to(tl.float32)
-                q = ((packed >> (j * BITS)) & MAXQ).to(tl.float32)
-                dot += tl.sum(xj[:, None, None] * q, axis=0)
-                x_sum += tl.sum(xj, axis=0)
-        acc += scale * (dot - zero * x_sum)
-    out_columns = c0 + columns
-    if PARTIAL:
-        tl.store(partial_ptr + split * total + out_columns, acc, mask=column_ok)
-    else:
-        dt = x_ptr.dtype.element_ty
-        out = acc.to(dt).to(tl.float32)
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + out_columns, mask=column_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out_columns, out.to(dt), mask=column_ok)
+                tile += xj[:, None] * (_from_magic((packed >> (j * BITS)) & MAXQ) - zero[None, :])
+            acc += tile * scale[None, :]  # sum_k x_k (q_kn - z_n) s_n: the scale once a group
+        _gemv_store(tl.sum(acc, axis=0), out_ptr, partial_ptr, bias_ptr, split, total, c0 + n, n_ok, HAS_BIAS,
+                    PARTIAL)
 
 
 @triton.jit
@@ -459,7 +479,8 @@ def _split_sum_kernel(partial_ptr, bias_ptr, out_ptr, size, total, splits, HAS_B
 
 
 QUANT_BLOCK_N = 64
-GEMV = {"BLOCK_N": 64, "num_warps": 4}  # the one-row kernel's tile (benchmarks/quant.py --kernels tries others)
+GEMV = {"BLOCK_N": 64, "num_warps": 4, "AWQ_ROWS": 32, "waves": 2}  # the one-row kernel's tile and how many
+# programs a multiprocessor it wants (K is split until there are that many); benchmarks/quant.py --kernels tries others
 
 
 @functools.cache
@@ -480,7 +501,7 @@ def quant_matmul(x, fused):
     row_blocks = 1 if one_row else triton.cdiv(rows, block_m)
     iterations = k // fused.block_k
     # split K until the grid fills the GPU twice over: a decode step's narrow products have few column blocks
-    wanted = 2 * _multiprocessors(x2.device)
+    wanted = (GEMV["waves"] if one_row else 2) * _multiprocessors(x2.device)
     splits = next((d for d in range(1, iterations + 1) if iterations % d == 0
                    and sum(blocks) * row_blocks * d >= wanted), iterations)
     total = fused.width
@@ -496,7 +517,7 @@ def quant_matmul(x, fused):
     second = blocks[1] if len(blocks) > 1 else 0
     if one_row:
         _quant_gemv_kernel[grid](x2, out, partial, bias, k, total, k_split, *pointers, blocks[0], second, **common,
-                                 num_warps=GEMV["num_warps"])
+                                 AWQ_ROWS=min(GEMV["AWQ_ROWS"], fused.block_k), num_warps=GEMV["num_warps"])
     else:
         _quant_matmul_kernel[grid](x2, out, partial, bias, rows, k, total, k_split, *pointers, blocks[0], second,
                                    **common, BLOCK_M=block_m, num_warps=4)
