@@ -163,7 +163,7 @@ def kernel_times(rows_list=(1, 4, 16, 64), repeat: int = 50) -> dict:
         for block_n in (32, 64, 128, 256):  # the one-row kernel's tile, warps and programs a multiprocessor
             for warps in (4, 8):
                 for waves in (2, 4, 8):
-                    _triton.GEMV.update(BLOCK_N=block_n, num_warps=warps, waves=waves)
+                    _triton.GEMV.update(BLOCK_N=block_n, AWQ_BLOCK_N=block_n, num_warps=warps, waves=waves)
                     xs = {key: torch.randn(1, k, device="cuda", generator=generator).half()
                           for key, (k, _) in layer.items()}
                     configs[f"BLOCK_N={block_n},num_warps={warps},waves={waves}"] = round(sum(
@@ -209,6 +209,7 @@ def main() -> None:
                         " at ~15 tokens/s, 2,048 tokens a prompt would not fit a device call")
     parser.add_argument("--formats", default="BF16,GPTQ-Int8,GPTQ-Int4,AWQ")
     parser.add_argument("--kernels", action="store_true", help="time the fused kernel alone (kernel_times)")
+    parser.add_argument("--ways", default="seed_recipe,qwen2vl")
     parser.add_argument("--gemv", default="", help="the one-row kernel's settings, e.g. BLOCK_N=128,waves=4 "
                         "(engine/fast/_triton.GEMV), for the qwen2vl side")
     parser.add_argument("--one", nargs=2, metavar=("DIR", "PATH"), help=argparse.SUPPRESS)
@@ -223,7 +224,9 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     prompts = {}
     for n in map(int, args.lengths.split(",")):  # "1": text alone; else images of about n tokens in all
-        sizes = [IMAGE_TOKENS] * (n // IMAGE_TOKENS) + ([n % IMAGE_TOKENS] if n % IMAGE_TOKENS else []) if n > 1 else []
+        n_images = n - 32  # the chat template's text: a prompt of "30,720" plus 2,048 new tokens fits the context
+        whole, rest = divmod(n_images, IMAGE_TOKENS)
+        sizes = [IMAGE_TOKENS] * whole + [rest] * bool(rest) if n > 1 else []
         prompts[n] = [photo(folder / f"photo-{n}-{i}.png", size) for i, size in enumerate(sizes)]
     if args.one:  # a child: one format through one path
         run = seed_recipe if args.one[1] == "seed_recipe" else qwen2vl
@@ -253,7 +256,7 @@ def main() -> None:
               "peak_gb": "torch.cuda.max_memory_allocated, each format and path in its own process", "formats": {}}
     for name, path in formats.items():
         result["formats"][name] = {}
-        for way in ("seed_recipe", "qwen2vl"):
+        for way in args.ways.split(","):
             child = subprocess.run([sys.executable, __file__, "--out", "-", "--folder", str(folder), "--lengths",
                                     args.lengths, "--new-tokens", str(args.new_tokens), "--recipe-tokens",
                                     str(args.recipe_tokens), "--gemv", args.gemv, "--one", str(path), way],
