@@ -502,7 +502,7 @@ def quant_matmul(x, fused):
     blocks = [triton.cdiv(part.width, block_n) for part in parts]
     row_blocks = 1 if one_row else triton.cdiv(rows, block_m)
     iterations = k // fused.block_k
-    # split K until the grid fills the GPU twice over: a decode step's narrow products have few column blocks
+    # split K until the grid has `waves` programs a multiprocessor (2 for rows > 1): narrow products have few blocks
     wanted = (GEMV["waves"] if one_row else 2) * _multiprocessors(x2.device)
     splits = next((d for d in range(1, iterations + 1) if iterations % d == 0
                    and sum(blocks) * row_blocks * d >= wanted), iterations)
