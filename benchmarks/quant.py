@@ -37,6 +37,14 @@ def photo(path: Path, tokens: int) -> Path:
     return path
 
 
+def _peak_gb() -> float:
+    """The answer's peak GPU memory (allocated: weights, cache, activations), the peak reset before each prompt:
+    prompts run shortest first, so what an earlier one left allocated (qwen2vl's cache) is at most its own."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2)
+
+
 def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
     """The card's recipe: load with torch_dtype="auto", device_map="auto"; process_vision_info; generate.
     One change for quantized checkpoints: the kernel qwen2vl picks (gptqmodel's Triton ones). Left to
@@ -61,13 +69,15 @@ def seed_recipe(folder: Path, prompts: dict, new_tokens: int) -> dict:
         vision, _ = process_vision_info(messages)
         inputs = processor(text=[text], images=vision, padding=True, return_tensors="pt").to("cuda")
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         results[length] = {"prompt_tokens": int(inputs["input_ids"].shape[1]),
-                           "tokens_per_s": round(new_tokens / seconds, 2)}
-    return {"lengths": results, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+                           "tokens_per_s": round(new_tokens / seconds, 2), "peak_gb": _peak_gb()}
+        del inputs
+    return {"lengths": results}
 
 
 def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
@@ -88,14 +98,15 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
         request = ChatRequest("Describe this image.", media, generation=options)
         session.generate_batch([request])  # warm: the fast path's graphs for this shape
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         completion = session.generate_batch([request])[0]
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         assert completion.completion_tokens == new_tokens, completion.completion_tokens
-        results[length] = {"prompt_tokens": completion.prompt_tokens, "tokens_per_s": round(new_tokens / seconds, 2)}
-    return {"lengths": results, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-            "weights": session.quantization or "bf16",
+        results[length] = {"prompt_tokens": completion.prompt_tokens, "tokens_per_s": round(new_tokens / seconds, 2),
+                           "peak_gb": _peak_gb()}
+    return {"lengths": results, "weights": session.quantization or "bf16",
             "fused_kernel_runs": {str(k): v for k, v in session.fast.quantized.items()} if session.fast else None}
 
 
@@ -253,7 +264,8 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "new_tokens": args.new_tokens,
               "recipe_tokens": args.recipe_tokens, "gemv": args.gemv or "default",
-              "peak_gb": "torch.cuda.max_memory_allocated, each format and path in its own process", "formats": {}}
+              "peak_gb": "torch.cuda.max_memory_allocated over each answer (reset before it), each format and path "
+              "in its own process, prompts in increasing length", "formats": {}}
     for name, path in formats.items():
         result["formats"][name] = {}
         for way in args.ways.split(","):

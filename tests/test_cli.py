@@ -180,4 +180,4 @@ def test_verbose_says_where_loading_went(cli, images):
     assert result.exit_code == 0, result.stderr
     # (torch is imported already in this process: a phase under 0.05 s is not named)
     assert re.search(r"float32 weights on cpu; fast path off \(CPU\); loaded in [0-9.]+s \((imports [0-9.]+s, )?"
-                     r"weights [0-9.]+s", result.stderr), result.stderr
+                     r"(processor [0-9.]+s, )?weights [0-9.]+s", result.stderr), result.stderr

@@ -208,6 +208,12 @@ def test_api_key_local_media_keep_alive_and_stop(tiny_model, tmp_path, images):
         assert again == first  # reloaded on demand, same answer
         listed = run_process("ps", env={"QWEN2VL_STATE_DIR": str(state), "QWEN2VL_API_KEY": "s3cret"})
         assert str(process.pid).encode() in listed.stdout and str(tiny_model).encode() in listed.stdout
+        listed = run_process("ps", "--json", env={"QWEN2VL_STATE_DIR": str(state), "QWEN2VL_API_KEY": "s3cret"})
+        (record,) = json.loads(listed.stdout)
+        assert record["pid"] == process.pid and record["health"]["model"] == str(tiny_model)
+        assert record["health"]["load_s"] > 0 and "weights" in record["health"]["load_phases_s"]
+        token = json.loads(next(state.glob("*.json")).read_text())["token"]
+        assert token and token not in listed.stdout.decode()  # the session's secret stays in its record
         stopped = run_process("stop", env={"QWEN2VL_STATE_DIR": str(state)})
         assert stopped.returncode == 0 and process.wait(timeout=30) is not None
         assert not list(state.glob("*.json"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -105,11 +106,20 @@ def _without_secrets(argv: list[str]) -> list[str]:
     return kept
 
 
-def ps(api_key: ApiKeyOpt = None) -> None:
+def ps(
+    api_key: ApiKeyOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list: each session's record and the "
+                                              "facts its /health gives (load phases, timings, queue).")] = False,
+) -> None:
     """Show running sessions: pid, URL, model, device, loaded, idle time."""
     from ..server.registry import list_servers
 
     servers = list_servers(api_key)
+    if json_output:  # the token (the session's secret) stays in its record, the proof of it with the session
+        print(json.dumps([{**{key: value for key, value in info.items() if key != "token"},
+                           "health": {key: value for key, value in (info["health"] or {}).items() if key != "proof"}
+                           if info["health"] is not None else None} for info in servers]))
+        return
     if not servers:
         print("no qwen2vl session is running", file=sys.stderr)
         return

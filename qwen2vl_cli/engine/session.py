@@ -91,8 +91,11 @@ class ModelSession:
                               else self.spec.dtype, device)
         attn = resolve_attn(self.spec.attn, device, dtype)
 
+        marks = {}
+
         def load_both(**kw):
             processor = AutoProcessor.from_pretrained(self.spec.model, **kw)
+            marks["processor"] = time.perf_counter()
             model, info = Qwen2VLForConditionalGeneration.from_pretrained(
                 self.spec.model, dtype=getattr(torch, dtype), attn_implementation=attn, device_map=device,
                 output_loading_info=True, **extra, **kw)
@@ -124,7 +127,8 @@ class ModelSession:
         loaded = time.perf_counter()
         self.fast = self._enable_fast()
         self.load_s = time.perf_counter() - start
-        self.phases = {"checks": checked - start, "imports": imported - checked, "weights": loaded - imported,
+        self.phases = {"checks": checked - start, "imports": imported - checked,
+                       "processor": marks["processor"] - imported, "weights": loaded - marks["processor"],
                        "fast path check": start + self.load_s - loaded}
         return self
 

@@ -201,7 +201,8 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
         return {**answer, "model": config.model_name, "device": session.device or config.spec.device,
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
                 "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started,
-                "timings_ms": engine.timings_ms()}
+                "timings_ms": engine.timings_ms(), "load_s": round(session.load_s, 2),
+                "load_phases_s": {name: round(seconds, 2) for name, seconds in session.phases.items()}}
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,99 @@
+"""Cold start (issue 15): where a one-liner's seconds go when no session is running, on a random-weight 2B
+(real shapes, bf16) and one 1280x960 photo (1230 tokens), 128 new tokens.
+
+  - `qwen2vl --help`: wall seconds (must not import torch);
+  - imports: `python -X importtime` of an in-process one-liner, the heaviest top-level packages (cumulative);
+  - in-process (`--no-server --verbose`), twice: wall seconds and the load's phases as `--verbose` reports them
+    (the first run also fills Triton's and the OS's caches; the second is "a warm disk");
+  - self-starting: the first one-liner (starts a session), the next three (answer through it): wall seconds,
+    and the session's load phases from its /health.
+
+    python benchmarks/cold.py --out RESULT.json [--checkpoint DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WATCHED = ("torch", "transformers", "torchvision", "torch._dynamo", "triton", "qwen_vl_utils", "fastapi", "uvicorn",
+           "PIL", "numpy", "rich", "typer", "httpx", "safetensors", "tokenizers", "torchao", "gptqmodel", "sympy")
+
+
+def qwen2vl(*args: str, env: dict, prefix: tuple[str, ...] = ()) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *prefix, "-P", "-m", "qwen2vl_cli", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    return round(time.perf_counter() - start, 2), done
+
+
+def import_times(stderr: str) -> dict:
+    """`-X importtime` lines -> cumulative seconds of the watched packages (first import of each)."""
+    found = {}
+    for line in stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line)
+        if match and match.group(3) in WATCHED and match.group(3) not in found:
+            found[match.group(3)] = round(int(match.group(1)) / 1e6, 2)
+    return dict(sorted(found.items(), key=lambda item: -item[1]))
+
+
+def phases(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "loaded in" in line]
+    return lines[-1].split("; ", 2)[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint", help="a 2B checkpoint to use (default: build one)")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    from benchmarks.gpu import make_photos
+    from tests.checkpoint import build_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="qwen2vl-cold-"))
+    checkpoint = args.checkpoint or str(build_checkpoint(work / "ckpt", "2b", std=0.02, dtype="bfloat16",
+                                                         device="cuda"))
+    photo = str(make_photos(work / "photos", 1)[0])
+    gpu = torch.cuda.get_device_name(0)
+    del torch
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "QWEN2VL_STATE_DIR": str(work / "state")}
+    ask = ["describe", photo, "--model", checkpoint, "-n", "128", "--max-pixels", str(1280 * 28 * 28)]
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
+                    "transformers": transformers.__version__, "new_tokens": 128, "image_tokens": 1230}
+    report["help_wall_s"], _ = qwen2vl("describe", "--help", env=env)
+    _, done = qwen2vl(*ask, "--no-server", env=env, prefix=("-X", "importtime"))
+    report["imports_s"] = import_times(done.stderr)
+    for name in ("in_process_first", "in_process_second"):
+        wall, done = qwen2vl(*ask, "--no-server", "--verbose", env=env)
+        report[name] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr)}
+        print(name, report[name], flush=True)
+    walls = []
+    for _ in range(4):
+        wall, done = qwen2vl(*ask, env=env)
+        walls.append(wall if done.returncode == 0 else -1.0)
+    report["self_starting"] = {"first_wall_s": walls[0], "next_wall_s": walls[1:]}
+    _, done = qwen2vl("ps", "--json", env=env)
+    try:
+        report["self_starting"]["session"] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        report["self_starting"]["session"] = done.stdout.strip() or done.stderr.strip()
+    qwen2vl("stop", "--all", env=env)
+    print(json.dumps(report, indent=1))
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
