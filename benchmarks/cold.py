@@ -54,7 +54,7 @@ def phases(stderr: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--checkpoint", help="a 2B checkpoint to use (default: build one)")
+    parser.add_argument("--checkpoint", help="the 2B checkpoint's folder (built there if it holds none)")
     args = parser.parse_args()
     import torch
     import transformers
@@ -63,8 +63,9 @@ def main() -> None:
     from tests.checkpoint import build_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-cold-"))
-    checkpoint = args.checkpoint or str(build_checkpoint(work / "ckpt", "2b", std=0.02, dtype="bfloat16",
-                                                         device="cuda"))
+    checkpoint = args.checkpoint or str(work / "ckpt")
+    if not (Path(checkpoint) / "config.json").exists():
+        build_checkpoint(checkpoint, "2b", std=0.02, dtype="bfloat16", device="cuda")
     photo = str(make_photos(work / "photos", 1)[0])
     gpu = torch.cuda.get_device_name(0)
     del torch
