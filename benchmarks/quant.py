@@ -89,6 +89,9 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
     from qwen2vl_cli.sources import FetchLimits, ImageOptions
 
     session = ModelSession(ModelSpec(str(folder), device="cuda")).load()
+    held = {"weights_gb": round(sum(t.numel() * t.element_size() for t in
+                                    [*session.model.parameters(), *session.model.buffers()]) / 1e9, 2),
+            "after_load_gb": round(torch.cuda.memory_allocated() / 1e9, 2)}  # (the fast path's check included)
     session.model.generation_config.eos_token_id = [UNUSED_ID]
     session.eos_ids = {UNUSED_ID}  # (the engine's copy, read at load)
     options = GenerationOptions(max_new_tokens=new_tokens)
@@ -104,9 +107,11 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         assert completion.completion_tokens == new_tokens, completion.completion_tokens
+        first = completion.first_token_s or 0.0  # the prompt's pass; the rest is decoding
         results[length] = {"prompt_tokens": completion.prompt_tokens, "tokens_per_s": round(new_tokens / seconds, 2),
-                           "peak_gb": _peak_gb()}
-    return {"lengths": results, "weights": session.quantization or "bf16",
+                           "peak_gb": _peak_gb(), "first_token_s": round(first, 3),
+                           "decode_tokens_per_s": round((new_tokens - 1) / max(1e-9, completion.total_s - first), 1)}
+    return {"lengths": results, **held, "weights": session.quantization or "bf16",
             "fused_kernel_runs": {str(k): v for k, v in session.fast.quantized.items()} if session.fast else None}
 
 

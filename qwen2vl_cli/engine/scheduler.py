@@ -29,7 +29,7 @@ from .tickets import Answer, Ticket
 
 MAX_ROWS = 64  # rows of the running batch at most (each a full-length K/V cache row)
 CPU_ROWS = 8
-MIN_CACHE = 4096  # a row's length in the cache at least (positions); grown for longer requests
+MIN_CACHE = 2048  # a row's length in the cache at least (positions); grown for longer requests
 CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take
 PREFILL_TOKENS = 32768  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
 STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
