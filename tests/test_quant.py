@@ -96,18 +96,29 @@ def engine_ids(session, request) -> list[int]:
     return seen[0]
 
 
-def assert_answers_like_twin(quant, twin, requests, near_tie: float = NEAR_TIE, ours_from=_ids) -> list[dict]:
+def _first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+
+
+def assert_answers_like_twin(quant, twin, requests, near_tie: float = NEAR_TIE, ours_from=_ids,
+                             against_recipe: bool = False) -> list[dict]:
     """Greedy ids token for token (the quantized session's from `ours_from`, the twin's from `generate`); where
     the two first differ, the twin's own logits for the two tokens must be within `near_tie` of its largest
     logit (the kernels sum in another order), never a real disagreement. Returns what was seen per request
-    (for the GPU suite's record)."""
+    (for the GPU suite's record); `against_recipe` also records how far `ours` agrees with the seed recipe's
+    `generate` on the quantized checkpoint itself (reported, not asserted)."""
     import torch
 
     seen = []
     for request in requests:
         ours, theirs = ours_from(quant, request), _ids(twin, request)
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        first = _first_difference(ours, theirs)
         seen.append({"prompt": request.prompt, "tokens": len(theirs), "first_difference": first})
+        if against_recipe:
+            recipe = _ids(quant, request)
+            seen[-1]["seed_recipe_first_difference"] = _first_difference(ours, recipe)
+            same = sum(a == b for a, b in zip(ours, recipe))
+            seen[-1]["seed_recipe_agreement"] = round(same / max(1, len(recipe)), 3)
         if first is None:
             assert len(ours) == len(theirs), request.prompt
             continue

@@ -13,8 +13,8 @@ from .conftest import DEVICE, DRY
 
 pytest.importorskip("gptqmodel", reason="the quant extra is not installed")
 
-from ..test_quant import (FORMATS, _ids, assert_answers_like_twin, engine_ids, make_requests,  # noqa: E402
-                          quantize_all, write_frames)
+from ..test_quant import (FORMATS, assert_answers_like_twin, engine_ids, make_requests, quantize_all,  # noqa: E402
+                          write_frames)
 
 NEAR_TIE_HALF = 1e-2  # float16 kernels: a first differing token only where the twin's top two are this close
 
@@ -42,11 +42,7 @@ def test_quantized_answers_like_the_twin_on_cuda(quantized, media, frames, measu
     twin = ModelSession(ModelSpec(str(twin_dir), device=DEVICE, dtype="float32" if DRY else "float16")).load()
     requests = make_requests(media["photo"], frames, max_new_tokens=32)
     assert quant.fast_path_enabled(requests[0].generation) or DRY
-    seen = assert_answers_like_twin(quant, twin, requests, NEAR_TIE_HALF, ours_from=engine_ids)
-    for request, record in zip(requests, seen):  # the seed recipe (generate) on the same quantized checkpoint
-        ours, recipe = engine_ids(quant, request), _ids(quant, request)
-        record["seed_recipe_first_difference"] = next((i for i, (a, b) in enumerate(zip(ours, recipe)) if a != b), None)
-        record["seed_recipe_agreement"] = round(sum(a == b for a, b in zip(ours, recipe)) / max(1, len(recipe)), 3)
+    seen = assert_answers_like_twin(quant, twin, requests, NEAR_TIE_HALF, ours_from=engine_ids, against_recipe=True)
     measured(f"quant_{name}", {"weights": quant.quantization, "dtype": str(quant.model.dtype), "requests": seen})
 
 
