@@ -2,13 +2,18 @@
 (real shapes, bf16) and one 1280x960 photo (1230 tokens), 128 new tokens.
 
   - `qwen2vl --help`: wall seconds (must not import torch);
+  - a first in-process one-liner, not reported: it writes the bytecode a pip install would have left (see below)
+    and fills Triton's and the OS's caches;
   - imports: `python -X importtime` of an in-process one-liner, the heaviest top-level packages (cumulative);
   - in-process (`--no-server --verbose`), twice: wall seconds and the load's phases as `--verbose` reports them
-    (the first run also fills Triton's and the OS's caches; the second is "a warm disk");
+    (on "a warm disk");
   - self-starting: the first one-liner (starts a session), the next three (answer through it): wall seconds,
     and the session's load phases from its /health.
 
-    python benchmarks/cold.py --out RESULT.json [--checkpoint DIR]
+  - with --profile DIR: cProfile of one more in-process one-liner (DIR/in_process.prof) and of the client of one
+    more self-starting one-liner (DIR/client.prof), for `python -m pstats`.
+
+    python benchmarks/cold.py --out RESULT.json [--checkpoint DIR] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ WATCHED = ("torch", "transformers", "torchvision", "torch._dynamo", "triton", "q
 
 def qwen2vl(*args: str, env: dict, prefix: tuple[str, ...] = ()) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *prefix, "-P", "-m", "qwen2vl_cli", *args], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-P", *prefix, "-m", "qwen2vl_cli", *args], env=env, capture_output=True,
                           text=True, timeout=600)
     return round(time.perf_counter() - start, 2), done
 
@@ -55,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", help="the 2B checkpoint's folder (built there if it holds none)")
+    parser.add_argument("--profile", help="a folder for cProfile files of an in-process and a client one-liner")
     args = parser.parse_args()
     import torch
     import transformers
@@ -71,21 +77,32 @@ def main() -> None:
     del torch
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "QWEN2VL_STATE_DIR": str(work / "state")}
+    # a pip install leaves bytecode beside the sources; an image built without it (and PYTHONDONTWRITEBYTECODE, as
+    # on the lent GPU machines) compiles torch and sympy from source in every process: ~9 s of a load there
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(work / "bytecode"))
     ask = ["describe", photo, "--model", checkpoint, "-n", "128", "--max-pixels", str(1280 * 28 * 28)]
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
-                    "transformers": transformers.__version__, "new_tokens": 128, "image_tokens": 1230}
+                    "transformers": transformers.__version__, "new_tokens": 128, "image_tokens": 1230,
+                    "pycache_prefix": env["PYTHONPYCACHEPREFIX"]}
     report["help_wall_s"], _ = qwen2vl("describe", "--help", env=env)
+    qwen2vl(*ask, "--no-server", env=env)  # bytecode, Triton's and the OS's caches
     _, done = qwen2vl(*ask, "--no-server", env=env, prefix=("-X", "importtime"))
     report["imports_s"] = import_times(done.stderr)
     for name in ("in_process_first", "in_process_second"):
         wall, done = qwen2vl(*ask, "--no-server", "--verbose", env=env)
         report[name] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr)}
         print(name, report[name], flush=True)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        qwen2vl(*ask, "--no-server", env=env, prefix=("-m", "cProfile", "-o", f"{args.profile}/in_process.prof"))
     walls = []
     for _ in range(4):
         wall, done = qwen2vl(*ask, env=env)
         walls.append(wall if done.returncode == 0 else -1.0)
     report["self_starting"] = {"first_wall_s": walls[0], "next_wall_s": walls[1:]}
+    if args.profile:
+        qwen2vl(*ask, env=env, prefix=("-m", "cProfile", "-o", f"{args.profile}/client.prof"))
     _, done = qwen2vl("ps", "--json", env=env)
     try:
         report["self_starting"]["session"] = json.loads(done.stdout)

@@ -250,3 +250,46 @@ def test_a_failing_request_fails_alone(session, paths, reference):
         results[index] = event
     assert isinstance(results[7], UsageError) and "context" in str(results[7])
     assert results[0].text == reference[0] and results[2].text == reference[2]
+
+
+def test_answers_decode_while_other_threads_tokenize(session, paths):
+    """session.decode shares the processor's tokenizer (no copy, no lock) while prompts are tokenized (padded and
+    not, under the session's lock) on other threads: every decode gives the text it gives alone, nothing raises."""
+    import time
+
+    requests = [request_for(session, paths, case) for case in CASES]
+    ids = session.processor.tokenizer("A red bus by a river, in the evening light. " * 30)["input_ids"]
+    expected = {n: session.decode(ids[:n]) for n in range(1, len(ids), 7)}
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 3
+    counts = {"tokenized": 0, "decoded": 0}
+
+    def tokenize(offset: int) -> None:
+        for turn in range(10 ** 9):
+            if time.monotonic() > stop or errors:
+                return
+            try:  # a padded batch, then one prompt unpadded: the tokenizer's settings change every turn
+                chosen = [requests[(offset + turn) % len(requests)], requests[(offset + turn + 1) % len(requests)]]
+                session.prepare(chosen) if turn % 2 else session.prompt_tokens(chosen[0])
+                counts["tokenized"] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    def decode() -> None:
+        while time.monotonic() < stop and not errors:
+            for n, text in expected.items():
+                try:
+                    assert session.decode(ids[:n]) == text
+                    counts["decoded"] += 1
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+
+    threads = [threading.Thread(target=tokenize, args=(k,)) for k in range(2)]
+    threads += [threading.Thread(target=decode) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    assert counts["tokenized"] > 4 and counts["decoded"] > 1000, counts

@@ -6,7 +6,6 @@ torch and transformers are imported only when a session loads.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import sys
 import threading
@@ -46,7 +45,9 @@ class ModelSession:
         self.context: int | None = None  # the model's positions: prompt + answer must fit
         self.load_s: float = 0.0
         self.phases: dict[str, float] = {}  # where load_s went (imports, weights, ...), for --verbose
-        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
+        # tokenizing changes the fast tokenizer's padding settings: two threads must not tokenize at once
+        # (decoding needs no lock: see decode)
+        self.tokenizer_lock = threading.Lock()
         self.fast = None  # fast.decoder.FastDecoder where the fast path is on (decided at load)
         self.quantization: str | None = None  # "GPTQ-Int4", ...: what the loaded weights are
         self.eos_ids: set[int] = set()
@@ -114,8 +115,6 @@ class ModelSession:
         self.quantization = quant.describe(quantization, self.spec.quantize)
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
-        # answers are decoded with a copy: decoding never waits for a batch being tokenized on another thread
-        self.detokenizer = copy.deepcopy(self.processor.tokenizer)
         self.device = device
         text = getattr(self.model.config, "text_config", self.model.config)
         self.context = (getattr(text, "max_position_embeddings", None)
@@ -382,7 +381,10 @@ class ModelSession:
                                 **extra, **self.generate_kwargs(options))
 
     def decode(self, ids: list[int]) -> str:
-        return self.detokenizer.decode(ids, skip_special_tokens=True)
+        """Token ids to text, from any thread, without waiting for a prompt being tokenized: the Rust tokenizer
+        decodes holding the GIL and changes its settings only holding it, so the two never overlap (a deep copy
+        for decoding cost up to a second of every load; tests/test_engine.py hammers both at once)."""
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
     def completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
                    first_token_s: float | None, total_s: float) -> Completion:
