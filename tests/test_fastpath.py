@@ -248,3 +248,40 @@ def test_images_beside_a_video_do_not_start_the_vision_tower_early(cli, images, 
     result = cli(*args)
     assert result.exit_code == 0 and result.stdout == expected.stdout
     assert starts == []
+
+
+def test_a_passed_check_is_remembered_for_the_next_load(tiny_model, monkeypatch):
+    """A fast-path check that passed is not run again at the next load of the same model with the same software
+    (remembered per user, as on CUDA; here forced on for the CPU): the next load answers the same through the fast
+    path without running the stock model on the probes; a file that cannot be read means checking again."""
+    from qwen2vl_cli.engine import session as sessions
+    from qwen2vl_cli.engine.fast import decoder as fastpath
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions, Media, ModelSpec
+
+    monkeypatch.setattr(sessions, "REMEMBERED_CHECKS_ON", ("cpu",))
+    monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
+    checks_file = sessions._checks_file()
+    checks_file.unlink(missing_ok=True)
+    references: list[int] = []
+    original = fastpath._reference
+    monkeypatch.setattr(fastpath, "_reference", lambda *a: references.append(1) or original(*a))
+    spec = ModelSpec(model=str(tiny_model), device="cpu", dtype="float32")
+    request = ChatRequest("Describe.", [Media("image", "x", noise_image(84, 56, 21))],
+                          generation=GenerationOptions(max_new_tokens=10))
+
+    def load_and_answer():
+        before = len(references)
+        session = sessions.ModelSession(spec).load()
+        assert session.fast, "the fast path is off"
+        answer = session.generate_batch([request])[0].text
+        session.engine.close(wait_s=10)
+        return session, len(references) - before, answer
+
+    first, checked, answer = load_and_answer()
+    assert checked == 3 and not first.fast.checked_before and checks_file.exists()
+    second, checked_again, same = load_and_answer()
+    assert checked_again == 0 and second.fast.checked_before and same == answer
+    assert second.fast.errors == first.fast.errors and "check passed at an earlier load" in second.describe_weights()
+    checks_file.write_text("{not json")
+    third, checked_after_damage, _ = load_and_answer()
+    assert checked_after_damage == 3 and not third.fast.checked_before

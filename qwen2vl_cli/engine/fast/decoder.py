@@ -86,6 +86,7 @@ class FastDecoder:
         self.layers: list[dict] = []
         self.prefill: Prefill | None = None
         self.errors: list[float] = []  # per probe: the larger relative error of its two logits
+        self.checked_before = False  # the session's: the errors are those of an earlier load's check
         self.quantized = {True: 0, False: 0}  # quantized projections by whether the fused kernel runs them
 
     def install(self) -> None:
