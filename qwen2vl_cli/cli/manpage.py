@@ -14,7 +14,8 @@ ENVIRONMENT = {
     "QWEN2VL_MODEL": "Model used when --model is not given.",
     "QWEN2VL_SERVER": "An OpenAI-compatible server to send the work to (as --server).",
     "QWEN2VL_API_KEY": "Bearer token for a server (as --api-key).",
-    "QWEN2VL_STATE_DIR": "Where running sessions are recorded (default: $XDG_RUNTIME_DIR/qwen2vl).",
+    "QWEN2VL_STATE_DIR": "Where running sessions and passed fast-path checks are recorded (default: "
+                         "$XDG_RUNTIME_DIR/qwen2vl).",
     "QWEN2VL_DEBUG": "Set to 1 to print the traceback of an error.",
     "QWEN2VL_FASTPATH": "auto (default: the GPU fast path for greedy answers on CUDA), off, or on.",
     "HF_HOME": "Where the Hugging Face cache lives (models are loaded from it first).",
