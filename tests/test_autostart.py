@@ -12,7 +12,7 @@ from .conftest import run_process
 
 
 def _sessions(state_dir) -> list[dict]:
-    return [json.loads(p.read_text()) for p in state_dir.glob("*.json")]
+    return [json.loads(p.read_text()) for p in state_dir.glob("[0-9]*.json")]
 
 
 def _alive(pid: int) -> bool:

@@ -206,8 +206,12 @@ def test_api_key_local_media_keep_alive_and_stop(tiny_model, tmp_path, images):
             time.sleep(0.2)
         again = keyed.chat.completions.create(model=str(tiny_model), messages=local, max_tokens=6).choices[0].message.content
         assert again == first  # reloaded on demand, same answer
+        other = state / "fastpath-checks.json"  # the folder holds other JSON too (passed fast-path checks)
+        other.write_text(json.dumps({"0" * 64: {"errors": [0.01], "at": 1}}))
         listed = run_process("ps", env={"QWEN2VL_STATE_DIR": str(state), "QWEN2VL_API_KEY": "s3cret"})
+        assert listed.returncode == 0 and other.exists(), listed.stderr
         assert str(process.pid).encode() in listed.stdout and str(tiny_model).encode() in listed.stdout
+        other.unlink()
         listed = run_process("ps", "--json", env={"QWEN2VL_STATE_DIR": str(state), "QWEN2VL_API_KEY": "s3cret"})
         (record,) = json.loads(listed.stdout)
         assert record["pid"] == process.pid and record["health"]["model"] == str(tiny_model)

@@ -105,11 +105,15 @@ def list_servers(api_key: str | None = None) -> list[dict]:
     servers = []
     folder = state_dir()
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if not path.stem.isdigit():  # a session's record is PID.json; the folder holds other files too
+            continue
         try:
             info = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not _alive(int(info.get("pid", 0))):
+        if not isinstance(info, dict) or info.get("pid") != int(path.stem) or not isinstance(info.get("url"), str):
+            continue  # not a record a session wrote
+        if not _alive(info["pid"]):
             path.unlink(missing_ok=True)
             continue
         # a record without a token (an older session) can prove nothing: "-" never matches a proof
