@@ -53,7 +53,7 @@ def import_times(stderr: str) -> dict:
 
 def phases(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if "loaded in" in line]
-    return lines[-1].split("; ", 2)[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1]
+    return lines[-1][lines[-1].index("loaded in"):] if lines else (stderr.strip().splitlines() or ["no output"])[-1]
 
 
 def main() -> None:
