@@ -1,9 +1,9 @@
 """Cold start (issue 15): where a one-liner's seconds go when no session is running, on a random-weight 2B
 (real shapes, bf16) and one 1280x960 photo (1230 tokens), 128 new tokens.
 
-  - `qwen2vl --help`: wall seconds (must not import torch);
   - a first in-process one-liner (in_process_warmup): it writes the bytecode a pip install would have left (see
     below), fills Triton's and the OS's caches and runs the fast path's check (later loads remember it passed);
+  - `qwen2vl --help`: wall seconds (must not import torch);
   - imports: `python -X importtime` of an in-process one-liner, the heaviest top-level packages (cumulative);
   - in-process (`--no-server --verbose`), twice: wall seconds and the load's phases as `--verbose` reports them
     (on "a warm disk");
@@ -85,9 +85,9 @@ def main() -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
                     "transformers": transformers.__version__, "new_tokens": 128, "image_tokens": 1230,
                     "pycache_prefix": env["PYTHONPYCACHEPREFIX"]}
-    report["help_wall_s"], _ = qwen2vl("describe", "--help", env=env)
     wall, done = qwen2vl(*ask, "--no-server", "--verbose", env=env)  # bytecode, Triton's, the OS's, the check's
     report["in_process_warmup"] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr)}
+    report["help_wall_s"], _ = qwen2vl("describe", "--help", env=env)
     _, done = qwen2vl(*ask, "--no-server", env=env, prefix=("-X", "importtime"))
     report["imports_s"] = import_times(done.stderr)
     for name in ("in_process_first", "in_process_second"):
