@@ -3,6 +3,8 @@ these same torch versions by `benchmarks/gpu.py --check-kernels`)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -255,12 +257,13 @@ def test_a_passed_check_is_remembered_for_the_next_load(tiny_model, monkeypatch)
     (remembered per user, as on CUDA; here forced on for the CPU): the next load answers the same through the fast
     path without running the stock model on the probes; a file that cannot be read means checking again."""
     from qwen2vl_cli.engine import session as sessions
+    from qwen2vl_cli.engine.fast import checks
     from qwen2vl_cli.engine.fast import decoder as fastpath
     from qwen2vl_cli.types import ChatRequest, GenerationOptions, Media, ModelSpec
 
     monkeypatch.setattr(sessions, "REMEMBERED_CHECKS_ON", ("cpu",))
     monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
-    checks_file = sessions._checks_file()
+    checks_file = checks.checks_file()
     checks_file.unlink(missing_ok=True)
     references: list[int] = []
     original = fastpath._reference
@@ -282,6 +285,14 @@ def test_a_passed_check_is_remembered_for_the_next_load(tiny_model, monkeypatch)
     second, checked_again, same = load_and_answer()
     assert checked_again == 0 and second.fast.checked_before and same == answer
     assert second.fast.errors == first.fast.errors and "check passed at an earlier load" in second.describe_weights()
-    checks_file.write_text("{not json")
-    third, checked_after_damage, _ = load_and_answer()
-    assert checked_after_damage == 3 and not third.fast.checked_before
+    for damage in ("{not json", json.dumps({checks.key(first.model, "cpu", None): {"errors": "none"}})):
+        checks_file.write_text(damage)
+        third, checked_after_damage, _ = load_and_answer()
+        assert checked_after_damage == 3 and not third.fast.checked_before, damage
+    assert checks.passed(checks.key(first.model, "cpu", None)) == first.fast.errors  # written again
+    # on CUDA the GPU's name and capability are in the key (here without a GPU: torch's answers stood in)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    on_cuda = {checks.key(first.model, device, None) for device in ("cuda", "cuda:0", "cuda:1")}
+    assert len(on_cuda) == 2 and checks.key(first.model, "cpu", None) not in on_cuda
+    assert checks.key(first.model, "cuda", "GPTQ-Int4") not in on_cuda

@@ -327,7 +327,8 @@ class ModelSession:
     def _enable_fast(self):
         """The fast path (fast.decoder), an explicit step of loading: by default on CUDA, QWEN2VL_FASTPATH=on|off
         forces it; float, GPTQ and AWQ weights (quant.fast_path_takes). Checked against the stock model on probe
-        prompts; where that fails, None and one note on stderr (the stock code answers)."""
+        prompts (unless that passed at an earlier load: fast/checks.py); where that fails, None and one note on
+        stderr (the stock code answers)."""
         from . import quant
 
         setting = os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower()
@@ -336,58 +337,26 @@ class ModelSession:
             return None
         import transformers
 
+        from .fast import checks
         from .fast.decoder import ContractError, enable
 
-        key = self._check_key()
-        remembered = _passed_checks().get(key) if key else None
-        probes = [] if remembered else [(self.to_device(p), p) for p in map(self.prepare, _contract_probes())]
+        # a check that passed with this model and software is not run again (off CUDA it costs little, and the
+        # tests break the fast path on purpose to see the check catch it)
+        remembering = self.device.startswith(REMEMBERED_CHECKS_ON)
+        key = checks.key(self.model, self.device, self.quantization) if remembering else None
+        remembered = checks.passed(key) if key else None
+        probes = [] if remembered is not None else [(self.to_device(p), p) for p in map(self.prepare, _contract_probes())]
         try:
             decoder = enable(self.model, probes)
         except ContractError as exc:
             print(f"qwen2vl: note: the fast path is off with transformers {transformers.__version__} ({exc}); "
                   "answering with transformers' generate", file=sys.stderr)
             return None
-        if remembered:
-            decoder.errors, decoder.checked_before = list(remembered["errors"]), True
+        if remembered is not None:
+            decoder.errors, decoder.checked_before = remembered, True
         elif key:
-            _remember_check(key, decoder.errors)
+            checks.remember(key, decoder.errors)
         return decoder
-
-    def _check_key(self) -> str | None:
-        """Everything the fast path's check depends on, hashed: the fast path's own source, the versions of the
-        libraries under it, the GPU, the weights' dtype and the model's config (quantization included). A check that
-        passed with the same key is not run again (it costs ~2 s of a load on an H200). None off CUDA (there it
-        costs little, and the tests break the fast path on purpose to see the check catch it)."""
-        if not (self.device or "").startswith(REMEMBERED_CHECKS_ON):
-            return None
-        import hashlib
-        import importlib.metadata
-        import json
-        from pathlib import Path
-
-        import torch
-
-        from .. import __version__
-
-        def version(name: str) -> str | None:
-            try:
-                return importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                return None
-
-        source = hashlib.sha256()
-        for path in sorted((Path(__file__).parent / "fast").glob("*.py")) + [Path(__file__)]:
-            source.update(path.read_bytes())
-        config = self.model.config.to_dict()
-        config.pop("_name_or_path", None)
-        index = torch.device(self.device).index or 0
-        gpu = ([torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index))]
-               if self.device.startswith("cuda") else self.device)
-        facts = {"qwen2vl": __version__, "source": source.hexdigest(), "dtype": str(self.model.dtype), "gpu": gpu,
-                 "attn": self.model.config._attn_implementation, "cuda": torch.version.cuda, "config": config,
-                 "quantization": self.quantization,
-                 **{name: version(name) for name in ("torch", "transformers", "triton", "gptqmodel", "optimum")}}
-        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
     def describe_weights(self) -> str:
         """One --verbose line: what was loaded and which path answers."""
@@ -491,40 +460,7 @@ def _contract_probes() -> list[list[ChatRequest]]:
             [ChatRequest("Write a haiku about GPUs.")]]
 
 
-REMEMBERED_CHECKS_ON = ("cuda",)  # devices whose passed fast-path checks are remembered (_check_key)
-
-
-def _checks_file():
-    from ..server.registry import state_dir
-
-    return state_dir() / "fastpath-checks.json"  # per user, like the sessions; a reboot forgets them
-
-
-def _passed_checks() -> dict:
-    """Fast-path checks that passed: {key: {"errors": [...], "at": time}}; empty where none can be read."""
-    import json
-
-    try:
-        found = json.loads(_checks_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def _remember_check(key: str, errors: list[float]) -> None:
-    """Add a passed check (written whole and renamed: a reader never sees half a file); best effort."""
-    import json
-
-    path = _checks_file()
-    checks = {**_passed_checks(), key: {"errors": [float(e) for e in errors], "at": round(time.time())}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-            handle.write(json.dumps(checks))
-        os.replace(temporary, path)
-    except OSError:
-        pass
+REMEMBERED_CHECKS_ON = ("cuda",)  # devices whose passed fast-path checks are remembered (fast/checks.py)
 
 
 _SESSIONS: dict[ModelSpec, ModelSession] = {}
