@@ -255,8 +255,11 @@ def test_a_failing_request_fails_alone(session, paths, reference):
 def test_answers_decode_while_other_threads_tokenize(session, paths):
     """session.decode shares the processor's tokenizer (no copy, no lock) while prompts are tokenized (padded and
     not, under the session's lock) on other threads: every decode gives the text it gives alone, nothing raises."""
+    import sys
     import time
 
+    if getattr(sys, "_is_gil_enabled", lambda: True)():
+        assert session.detokenizer is session.processor.tokenizer  # no copy (a free-threaded Python gets one)
     requests = [request_for(session, paths, case) for case in CASES]
     ids = session.processor.tokenizer("A red bus by a river, in the evening light. " * 30)["input_ids"]
     expected = {n: session.decode(ids[:n]) for n in range(1, len(ids), 7)}

@@ -6,6 +6,7 @@ torch and transformers are imported only when a session loads.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import threading
@@ -41,6 +42,7 @@ class ModelSession:
         self.spec = spec
         self.model = None
         self.processor = None
+        self.detokenizer = None  # what answers are decoded with (load, decode)
         self.device: str | None = None
         self.context: int | None = None  # the model's positions: prompt + answer must fit
         self.load_s: float = 0.0
@@ -115,6 +117,10 @@ class ModelSession:
         self.quantization = quant.describe(quantization, self.spec.quantize)
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
+        # answers decode with the processor's own tokenizer (see decode); without a GIL (free-threaded Python)
+        # a decode could overlap a settings change, so there they get a copy (~1 s of a load)
+        gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+        self.detokenizer = self.processor.tokenizer if gil else copy.deepcopy(self.processor.tokenizer)
         self.device = device
         text = getattr(self.model.config, "text_config", self.model.config)
         self.context = (getattr(text, "max_position_embeddings", None)
@@ -397,7 +403,7 @@ class ModelSession:
         """Token ids to text, from any thread, without waiting for a prompt being tokenized: the Rust tokenizer
         decodes holding the GIL and changes its settings only holding it, so the two never overlap (a deep copy
         for decoding cost up to a second of every load; tests/test_engine.py hammers both at once)."""
-        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.detokenizer.decode(ids, skip_special_tokens=True)
 
     def completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
                    first_token_s: float | None, total_s: float) -> Completion:
