@@ -59,8 +59,10 @@ class RemoteSession:
     load_s = 0.0
 
     def __init__(self, url: str, model: str, api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-                 timeout: float = 600.0, adopt: bool = False) -> None:
-        """`adopt`: no model was named (`model` is the default): where the server serves one other, use it."""
+                 timeout: float = 600.0, adopt: bool = False, kind: str | None = None) -> None:
+        """`adopt`: no model was named (`model` is the default): where the server serves one other, use it.
+        `kind`: what the server is, where that is known already (a local session that proved itself: "qwen2vl"),
+        so that `load()` does not ask it again."""
         self.url = url.rstrip("/")
         if not self.url.endswith("/v1"):
             self.url += "/v1"
@@ -69,7 +71,7 @@ class RemoteSession:
         self.concurrency = concurrency
         self.timeout = timeout
         self.adopt = adopt
-        self.kind: str | None = None  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
+        self.kind = kind  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- media ---------------------------------------------------------------------------------

@@ -127,12 +127,15 @@ def test_disconnected_stream_frees_the_worker(server, client, images, tiny_model
 def test_commands_discover_the_session_without_importing_torch(server, images, tiny_model, cli):
     env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
     code = ("import sys\nsys.argv = ['qwen2vl', 'describe', %r, '-n', '12', '--json']\n"
+            "import httpx\ncalls = []\nrequest = httpx.Client.request\n"  # the /health asked once: found, not re-asked
+            "httpx.Client.request = lambda self, method, url, *a, **k: calls.append(str(url)) or request(self, method, url, *a, **k)\n"
             "from qwen2vl_cli.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('HEALTH', sum(url.endswith('/health') for url in calls))\n"
             "print('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules)" % str(images["a"]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                          env={**os.environ, **env})
     lines = out.stdout.strip().splitlines()
-    assert lines[-1] == "TORCH False False", out.stdout + out.stderr
+    assert lines[-2:] == ["HEALTH 1", "TORCH False False"], out.stdout + out.stderr
     record = json.loads(lines[0])
     assert record["timings"]["load_s"] == 0.0  # nothing was loaded here
     assert record["text"] == in_process(cli, "describe", images["a"], "-n", "12")

@@ -54,12 +54,13 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
             return RemoteSession(url, spec.model, api_key, concurrency, adopt=not spec.named)
         from ..server.registry import find_server
 
+        # a local session was found (or started) by its /health, which proved it ours: not asked again
         found = find_server(spec.model, api_key)
         if found:
-            return RemoteSession(found["url"], spec.model, api_key, concurrency)
+            return RemoteSession(found["url"], spec.model, api_key, concurrency, kind="qwen2vl")
         started = _start_session(spec, api_key, keep_alive, env) if keep_alive is not None else None
         if started:
-            return RemoteSession(started["url"], spec.model, api_key, concurrency)
+            return RemoteSession(started["url"], spec.model, api_key, concurrency, kind="qwen2vl")
     return get_session(spec)
 
 
