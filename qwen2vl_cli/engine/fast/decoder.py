@@ -43,7 +43,7 @@ def enable(model, probes=(), use_graphs: bool | None = None) -> "FastDecoder":
     """Put the fast path on `model` (fused weights, fast vision and text layers), then check the contract with
     transformers on `probes` (pairs of inputs on the device and as prepared): on each, the prompt's logits and the
     next step's must be the stock model's. Where they are not, or the check fails, the patches come off and
-    ContractError says why."""
+    ContractError says why. No probes, no check: the session gives none where one passed before (checks.py)."""
     decoder = FastDecoder(model, use_graphs)
     cache_arg = decoder.cache_arg
     references = [_reference(model, inputs, cache_arg) for inputs, _ in probes]  # the stock code, before patching
