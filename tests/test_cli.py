@@ -184,3 +184,17 @@ def test_verbose_says_where_loading_went(cli, images):
     phases = dict(part.rsplit(" ", 1) for part in found.group(1).split(", "))
     assert set(phases) <= {"checks", "imports", "processor", "weights", "fast path check"}, phases
     assert all(re.fullmatch(r"[0-9]+\.[0-9]s", seconds) for seconds in phases.values()), phases
+
+
+def test_the_process_ends_with_its_objects_frozen(tiny_model, images):
+    """main() freezes the garbage collector's objects at exit, after the command's own exit handlers: the
+    interpreter's teardown then skips collections over everything torch and transformers made (seconds on
+    slow machines), and the answer is on stdout whole."""
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0, file=sys.stderr))\n"
+            f"sys.argv = ['qwen2vl', 'describe', {str(images['a'])!r}, '--model', {str(tiny_model)!r}, '-n', '6',"
+            " '--no-server', '--json']\n"
+            "from qwen2vl_cli.cli import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "FROZEN True" in done.stderr and json.loads(done.stdout)["text"], done.stdout + done.stderr

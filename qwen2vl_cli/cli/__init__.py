@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 import traceback
@@ -90,6 +92,11 @@ class _ClosedOutput:
 
 def main() -> None:
     """Console-script entry point."""
+    # at exit (after every other exit handler: they run last-registered first), freeze what is alive: the
+    # interpreter's teardown then frees it by reference counts alone, without the garbage collections that walk
+    # every object torch, transformers and sympy made (1.2 s of a one-liner's 5.4 on the CPU test machine)
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     if sys.stderr is None:  # `2>&-`: diagnostics go nowhere rather than onto stdout
         sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:
