@@ -261,7 +261,7 @@ def test_a_passed_check_is_remembered_for_the_next_load(tiny_model, monkeypatch)
     from qwen2vl_cli.engine.fast import decoder as fastpath
     from qwen2vl_cli.types import ChatRequest, GenerationOptions, Media, ModelSpec
 
-    monkeypatch.setattr(sessions, "REMEMBERED_CHECKS_ON", ("cpu",))
+    monkeypatch.setattr(checks, "REMEMBERED_ON", ("cpu", "cuda"))
     monkeypatch.setenv("QWEN2VL_FASTPATH", "on")
     checks_file = checks.checks_file()
     checks_file.unlink(missing_ok=True)

@@ -346,10 +346,7 @@ class ModelSession:
         from .fast import checks
         from .fast.decoder import ContractError, enable
 
-        # a check that passed with this model and software is not run again (off CUDA it costs little, and the
-        # tests break the fast path on purpose to see the check catch it)
-        remembering = self.device.startswith(REMEMBERED_CHECKS_ON)
-        key = checks.key(self.model, self.device, self.quantization) if remembering else None
+        key = checks.key(self.model, self.device, self.quantization)  # a check that passed is not run again
         remembered = checks.passed(key) if key else None
         probes = [] if remembered is not None else [(self.to_device(p), p) for p in map(self.prepare, _contract_probes())]
         try:
@@ -464,9 +461,6 @@ def _contract_probes() -> list[list[ChatRequest]]:
     return [[ChatRequest("Describe this image.", [image(56, 56)])],
             [ChatRequest("What is in this picture?", [image(84, 56)]), ChatRequest("Hi.")],
             [ChatRequest("Write a haiku about GPUs.")]]
-
-
-REMEMBERED_CHECKS_ON = ("cuda",)  # devices whose passed fast-path checks are remembered (fast/checks.py)
 
 
 _SESSIONS: dict[ModelSpec, ModelSession] = {}

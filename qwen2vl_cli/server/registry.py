@@ -35,12 +35,16 @@ def state_dir() -> Path:
 
 
 def write_state(info: dict) -> Path:
-    folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"{info['pid']}.json"
-    temporary = path.with_suffix(".tmp")
+    return write_private(state_dir() / f"{info['pid']}.json", json.dumps(info))
+
+
+def write_private(path: Path, text: str) -> Path:
+    """`text` into `path` in the user's own state folder (0700; the file 0600), written whole and renamed: a reader
+    never sees half a file. OSError where it cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-        handle.write(json.dumps(info))
+        handle.write(text)
     os.replace(temporary, path)
     return path
 

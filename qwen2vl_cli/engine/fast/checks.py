@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import time
 from pathlib import Path
 
 KEPT = 32  # the newest passed checks kept (one per model, dtype and software versions)
 LIBRARIES = ("torch", "transformers", "triton", "gptqmodel", "optimum")
+# devices whose passed checks are remembered: off CUDA the check costs little, and the tests break the fast path
+# on purpose there to see the check catch it
+REMEMBERED_ON = ("cuda",)
 
 
 def checks_file() -> Path:
@@ -26,8 +28,10 @@ def checks_file() -> Path:
     return state_dir() / "fastpath-checks.json"
 
 
-def key(model, device: str, quantization: str | None) -> str:
-    """The hash a passed check is remembered under (see the module's docstring)."""
+def key(model, device: str, quantization: str | None) -> str | None:
+    """The hash a passed check is remembered under (see the module's docstring); None off REMEMBERED_ON."""
+    if not device.startswith(REMEMBERED_ON):
+        return None
     import torch
 
     from ... import __version__
@@ -57,18 +61,15 @@ def passed(check_key: str) -> list[float] | None:
 
 
 def remember(check_key: str, errors: list[float]) -> None:
-    """Add a passed check, keeping the newest KEPT (written whole and renamed: a reader never sees half a file);
-    best effort: a folder that cannot be written means checking again next time."""
+    """Add a passed check, keeping the newest KEPT; best effort: a folder that cannot be written means checking
+    again next time."""
     entries = {k: v for k, v in _read().items() if isinstance(v, dict)}
     entries[check_key] = {"errors": [float(e) for e in errors], "at": round(time.time())}
     newest = dict(sorted(entries.items(), key=lambda item: item[1].get("at", 0))[-KEPT:])
-    path = checks_file()
+    from ...server.registry import write_private
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-            handle.write(json.dumps(newest))
-        os.replace(temporary, path)
+        write_private(checks_file(), json.dumps(newest))
     except OSError:
         pass
 
