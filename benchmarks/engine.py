@@ -7,7 +7,9 @@ batches), side by side in one run, on a random-weight 2B (real shapes, bf16) and
     its longest answer): images/s and useful tokens/s;
   - 16 concurrent clients through `qwen2vl serve` (8 streamed, 8 not, 4 requests each): images/s, and the
     streamed requests' time to first token while the others run (median);
-  - a `qwen2vl describe` one-liner with no session running, and the one after it: wall seconds.
+  - a `qwen2vl describe` one-liner with no session running, and the one after it: wall seconds;
+  - the engine side also: the server's load without the server (16 threads submitting in process), and what the
+    GPU alone takes for one prefill and one decode step (CUDA events), with the batch rate those bound.
 
 Each side runs in its own process with its own tree on PYTHONPATH (the tree before: `git archive COMMIT`).
 
@@ -117,7 +119,86 @@ def side(tree: str, checkpoint: str, photos: list[str], out: str) -> None:
     report["realistic_images_per_s"] = round(len(requests) / seconds, 2)
     report["realistic_useful_tokens_per_s"] = round(useful / seconds, 1)
     report["realistic_lengths"] = {"mean": round(statistics.mean(wanted), 1), "min": min(wanted), "max": max(wanted)}
+    if hasattr(session, "engine"):
+        report.update(clients_in_process(session, request, min(64, len(photos))))
+        report["gpu_costs"] = gpu_costs(session, request)
     Path(out).write_text(json.dumps(report))
+
+
+def clients_in_process(session, request, count: int) -> dict:
+    """The server measure's load without the server: 16 threads submitting to the engine (8 streamed, 8 not,
+    in turn), `count` requests of 128 tokens: images/s and the streamed ones' time to first token. Set beside
+    the server's, it separates what HTTP and the server's threads cost from what 16 rows can do."""
+    from qwen2vl_cli.types import TextDelta
+
+    ttft: list[float] = []
+
+    def client(index: int) -> None:
+        for k in range(count // CLIENTS):
+            item = request((index * (count // CLIENTS) + k) % count, NEW_TOKENS)
+            start = time.perf_counter()
+            if index % 2:
+                session.generate_batch([item])
+                continue
+            first = True
+            for event in session.stream(item):
+                if first and isinstance(event, TextDelta):
+                    ttft.append(time.perf_counter() - start)
+                    first = False
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    return {"in_process_16_clients_images_per_s": round(count // CLIENTS * CLIENTS / seconds, 2),
+            "in_process_16_clients_ttft_ms_median": round(statistics.median(ttft) * 1000, 1),
+            "in_process_16_clients_engine_timings_ms": session.engine.timings_ms()}
+
+
+def gpu_costs(session, request) -> dict:
+    """What the GPU alone takes (CUDA events, the host out of the way): one photo's prefill (vision tower and
+    language model, graphs warm), one decode step at 16 and 64 rows of ~1360 positions; and the batch rate
+    they bound (every photo prefilled, 128 steps shared by 64 rows)."""
+    import torch
+
+    from qwen2vl_cli.engine.fast.decoder import Rows
+
+    fast = session.fast
+
+    def timed(run, times: int) -> float:
+        run()
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(times):
+            run()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / times
+
+    prepared = session.prepare_one(request(0, NEW_TOKENS))
+    inputs = session.to_device(prepared)
+    with torch.inference_mode():
+        fast._prefill(inputs, prepared)  # its shape seen twice: graphs from here on
+        prefill_ms = timed(lambda: fast._prefill(inputs, prepared), 10)
+        costs = {"prefill_ms": round(prefill_ms, 2)}
+        rows = Rows(fast, 64, 2048, session.eos_ids, session.pad_id)
+        host = torch.empty(64, dtype=torch.long, pin_memory=True)
+        length = int(prepared["input_ids"].shape[1]) + NEW_TOKENS // 2
+        for count in (16, 64):
+            rows.count = count
+            rows.slot[:count] = length
+            rows.positions[:count] = length
+            rows.finished[:count] = False
+            rows.mask[:count, ..., :length] = 0.0
+            costs[f"step_ms_{count}_rows"] = round(timed(lambda: rows.step(host), 50), 3)
+        del rows
+    per_image_ms = prefill_ms + NEW_TOKENS * costs["step_ms_64_rows"] / 64
+    costs["batch_bound_images_per_s"] = round(1000 / per_image_ms, 1)
+    return costs
 
 
 def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: str | None) -> dict:
