@@ -146,6 +146,35 @@ def test_requests_join_and_leave_the_running_batch_with_the_seed_recipes_answers
     assert session.engine.rows.count == 0 and not any(session.engine.live)
 
 
+def test_a_running_stream_decodes_while_a_queue_is_prefilled(session, paths, reference, monkeypatch):
+    """Prefills are interleaved with decode steps (PREFILL_TOKENS between two steps at most; here one request's
+    worth): a stream already answering gets tokens between the joins of requests queued together, and every
+    answer is the recipe's."""
+    from qwen2vl_cli.engine.fast.decoder import Rows
+
+    engine = session.engine
+    engine.prefill_limit = 1  # a group of one: the first waiting request is always admitted
+    collector = Collector()
+    running = engine.submit(request_for(session, paths, (["c"], "Tell me everything.", 400, True)),
+                            collector.emit(9), stream=True)
+    assert collector.first_delta.wait(60)
+    seen: list[int] = []  # the running stream's tokens at each join after its own
+    original = Rows.join
+
+    def join(self, *args):
+        seen.append(len(running.answer.ids))
+        return original(self, *args)
+
+    monkeypatch.setattr(Rows, "join", join)
+    for index in range(1, 5):
+        engine.submit(request_for(session, paths, CASES[index]), collector.emit(index), stream=CASES[index][3])
+    results = collector.wait(4)
+    running.cancel()
+    assert running.closed.wait(30)
+    assert [results[i].text for i in range(1, 5)] == reference[1:5]
+    assert len(seen) == 4 and seen == sorted(set(seen)), f"no decode step between the joins: {seen}"
+
+
 def test_stop_strings_and_cancelled_requests_free_their_rows(session, paths, reference):
     """A stop string ends its own row (text cut before it), a cancelled stream frees its row at once, and the
     requests beside them answer as alone."""

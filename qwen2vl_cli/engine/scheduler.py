@@ -31,7 +31,7 @@ MAX_ROWS = 64  # rows of the running batch at most (each a full-length K/V cache
 CPU_ROWS = 8
 MIN_CACHE = 2048  # a row's length in the cache at least (positions); grown for longer requests
 CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take
-PREFILL_TOKENS = 32768  # prompt tokens prefilled together at most (activations; decode pauses meanwhile)
+PREFILL_TOKENS = 4096  # prompt tokens prefilled between two decode steps at most (the running rows wait meanwhile)
 STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
 PREPARERS = 4  # helper threads preparing requests (images on the GPU, tokenizing) while the engine decodes
 PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
@@ -295,8 +295,9 @@ class Engine:
 
     # ---- the continuous batch --------------------------------------------------------------------
     def _admit(self) -> None:
-        """Prefill waiting fast-path requests into free rows (as many as fit, PREFILL_TOKENS at most at once). The
-        running batch grows to the rows asked for (within its memory) and to the longest request's length."""
+        """Prefill waiting fast-path requests into free rows: as many as fit, PREFILL_TOKENS at most between two
+        decode steps (the rows decoding go on while a queue of new requests is prefilled). The running batch
+        grows to the rows asked for (within its memory) and to the longest request's length."""
         fast = [t for t in self.waiting if t.fast]
         if not fast or not self.waiting[0].fast:
             return
@@ -371,7 +372,8 @@ class Engine:
     def _prefill(self, group: list[Ticket]) -> None:
         """Prefill `group` into free rows. A conversation of images and text has the fast prefill to itself (CUDA
         graphs where its shape came before; no host syncs); the others (videos) go through the model's forward
-        together. Their first tokens are read like a decode step's (`_consume`): the host does not wait."""
+        together. Each part's first tokens are read like a decode step's (`_consume`), as soon as that part is
+        done: the host does not wait, and a request's first token does not wait for the others'."""
         import torch
 
         session, rows = self.session, self.rows
@@ -380,7 +382,6 @@ class Engine:
         rest = [t for t in group if t not in alone]
         parts = [[t] for t in alone] + ([rest] if rest else [])
         joined: list[Ticket] = []
-        firsts = []
         for index, part in enumerate(parts):
             started = time.perf_counter()
             try:
@@ -413,9 +414,7 @@ class Engine:
                 ticket.row, ticket.answer, ticket.prefill_started = row, Answer(session, ticket), started
                 self.live[row] = ticket
             joined += part
-            firsts.append(first)
-        if joined:
-            self._enqueue_tokens(torch.cat(firsts), tuple(joined))
+            self._enqueue_tokens(first, tuple(part))  # read as soon as this part is done, not the whole group
 
     def _enqueue_tokens(self, tokens, owners: tuple) -> None:
         """Tokens made on the GPU for `owners` (in order), read in turn with the decode steps (`_consume`)."""
