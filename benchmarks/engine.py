@@ -132,6 +132,7 @@ def clients_in_process(session, request, count: int) -> dict:
     from qwen2vl_cli.types import TextDelta
 
     ttft: list[float] = []
+    session.engine.phases.clear()  # timings of these requests only, not the batch runs' before them
 
     def client(index: int) -> None:
         for k in range(count // CLIENTS):
