@@ -202,13 +202,16 @@ def gpu_costs(session, request) -> dict:
     return costs
 
 
-def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: str | None) -> dict:
-    """`qwen2vl serve` of one tree, 16 clients at once (8 streamed, 8 not); images/s and streamed TTFT."""
+def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: str | None,
+                      python: list[str] | None = None, port: int | None = None) -> dict:
+    """`qwen2vl serve` of one tree, 16 clients at once (8 streamed, 8 not); images/s and streamed TTFT.
+    `python`: the command line that runs qwen2vl_cli (default `_python`)."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": _path(tree)}
-    port = 8701 if tree != str(ROOT) else 8702
-    server = subprocess.Popen([*_python(profile and os.path.join(profile, "server.json")), "serve", "--model", checkpoint, "--port", str(port),
+    port = port or (8701 if tree != str(ROOT) else 8702)
+    python = python or _python(profile and os.path.join(profile, "server.json"))
+    server = subprocess.Popen([*python, "serve", "--model", checkpoint, "--port", str(port),
                                "--max-queue", "256"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
