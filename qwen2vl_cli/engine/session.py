@@ -73,9 +73,6 @@ class ModelSession:
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecations
         checked = time.perf_counter()
         import torch
-
-        device = resolve_device(self.spec.device)
-        _start_device(device)
         import transformers
         from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
 
@@ -84,6 +81,7 @@ class ModelSession:
         transformers.utils.logging.set_verbosity_error()  # the spinner and our errors say what matters
         transformers.utils.logging.disable_progress_bar()
         imported = time.perf_counter()
+        device = resolve_device(self.spec.device)
         local = {"local_files_only": True} if folder else {}  # from the cache when it holds the model
         try:
             config = AutoConfig.from_pretrained(self.spec.model, **local)
@@ -494,22 +492,6 @@ def resolve_device(device: str) -> str:
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ModelLoadError(device, "MPS is not available on this machine (try --device cpu)")
     return device
-
-
-def _start_device(device: str) -> None:
-    """Create the GPU's context on a helper thread (~1-2 s of driver work that releases the GIL) while this one
-    imports transformers; the first tensor the load puts there waits for it where it is not done yet."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    def start() -> None:
-        try:
-            torch.empty(1, device=device)
-        except Exception:  # noqa: BLE001 - the load meets the same failure and says why
-            pass
-
-    threading.Thread(target=start, name="qwen2vl-cuda-start", daemon=True).start()
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
