@@ -62,10 +62,13 @@ def batch(
 ) -> None:
     """Caption many images: JSON Lines on stdout, or a .jsonl/.csv file, or sidecar .txt files.
 
-    Rerunning the same command skips what is done. Exit 0 when every item succeeded, 5 when the
-    run finished but some items failed (each has a record with its error, this run's or an earlier
-    one's), 7 when the output cannot be written (another run holds -o, a full disk), 130 when
-    interrupted.
+    Rerunning the same command skips what is done.
+
+    Exit status:
+      0    every item succeeded
+      5    finished, but some items failed (each has a record with its error)
+      7    the output cannot be written (another run holds -o, a full disk)
+      130  interrupted (every answer finished so far is kept)
 
     Example: qwen2vl batch photos/ -r -o captions.jsonl
     """

@@ -68,7 +68,14 @@ def command_page(name: str, command, parent: str = "qwen2vl") -> str:
         ".SH SYNOPSIS", f".B {full}", f"[\\fIOPTIONS\\fR] {synopsis}".rstrip(),
     ]
     if rest.strip():
-        out += [".SH DESCRIPTION", roff(" ".join(rest.split()))]
+        out.append(".SH DESCRIPTION")
+        for index, paragraph in enumerate(p for p in rest.strip().split("\n\n") if p.strip()):
+            lines = paragraph.splitlines()
+            out += [".PP"] if index else []
+            if any(line.startswith(" ") for line in lines):  # laid out by hand (a table): kept as it is
+                out += [".nf", *(roff(line) for line in lines), ".fi"]
+            else:
+                out.append(roff(" ".join(paragraph.split())))
     if arguments:
         out.append(".SH ARGUMENTS")
         for arg in arguments:
