@@ -8,8 +8,9 @@ batches), side by side in one run, on a random-weight 2B (real shapes, bf16) and
   - 16 concurrent clients through `qwen2vl serve` (8 streamed, 8 not, 4 requests each): images/s, and the
     streamed requests' time to first token while the others run (median);
   - a `qwen2vl describe` one-liner with no session running, and the one after it: wall seconds;
-  - the engine side also: the server's load without the server (16 threads submitting in process), and what the
-    GPU alone takes for one prefill and one decode step (CUDA events), with the batch rate those bound.
+  - the engine side also: the server's load without the server (16 threads submitting in process); what the
+    GPU alone takes for one prefill and one decode step (CUDA events), with the batch rate those bound; and 100
+    one-liners 8 at a time (`xargs -P 8`) beside one `qwen2vl batch` over the same photos (wall seconds).
 
 Each side runs in its own process with its own tree on PYTHONPATH (the tree before: `git archive COMMIT`).
 
@@ -310,6 +311,29 @@ def one_liners(tree: str, checkpoint: str, photo: str, profile: str | None) -> d
     return {"one_liner_wall_s": walls[0], "next_one_liner_wall_s": walls[1]}
 
 
+def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int = 8) -> dict:
+    """Issue 15's pipeline measure: one `qwen2vl describe` per photo, `parallel` at a time (`xargs -P`), with no
+    session running at the start (the first starts one, the others wait for it and answer through it), beside
+    one `qwen2vl batch` over the same photos, each timed from its command to its last answer."""
+    env = {**os.environ, "PYTHONPATH": _path(tree), "QWEN2VL_STATE_DIR": tempfile.mkdtemp(prefix="qwen2vl-state-")}
+    options = ["--model", checkpoint, "-n", str(NEW_TOKENS), "--max-pixels", str(MAX_PIXELS)]
+    start = time.perf_counter()
+    done = subprocess.run(["xargs", "-P", str(parallel), "-n", "1", *_python(None), "describe", "--json", *options],
+                          input="\n".join(photos), env=env, capture_output=True, text=True, timeout=1800)
+    xargs_s = time.perf_counter() - start
+    answers = len([line for line in done.stdout.splitlines() if line.startswith("{")])
+    subprocess.run([*_python(None), "stop"], env=env, capture_output=True, timeout=120)
+    listing = Path(tempfile.mkdtemp(prefix="qwen2vl-list-")) / "photos.txt"
+    listing.write_text("\n".join(photos) + "\n")
+    start = time.perf_counter()
+    batch = subprocess.run([*_python(None), "batch", "-", *options, "--no-server"], stdin=listing.open(), env=env,
+                           capture_output=True, text=True, timeout=1800)
+    batch_s = time.perf_counter() - start
+    return {"xargs_photos": len(photos), "xargs_parallel": parallel, "xargs_wall_s": round(xargs_s, 2),
+            "xargs_rc": done.returncode, "xargs_answers": answers, "batch_cli_wall_s": round(batch_s, 2),
+            "batch_cli_rc": batch.returncode, "xargs_over_batch": round(xargs_s / batch_s, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="the tree before (a `git archive` of its commit)")
@@ -356,6 +380,8 @@ def main() -> None:
         measures = json.loads(out.read_text())
         measures.update(serve_and_clients(tree, checkpoint, photos[:64], profile))
         measures.update(one_liners(tree, checkpoint, photos[0], profile))
+        if name == "engine":
+            measures.update(xargs_and_batch(tree, checkpoint, photos[:100]))
         measures["side_s"] = round(time.perf_counter() - started, 1)
         report[name] = measures
         print(name, json.dumps(measures), flush=True)
