@@ -45,7 +45,7 @@ def test_piped_output_is_plain_text_ending_in_newline(cli, images):
 
 
 def test_json_output_fields(cli, images, tiny_model):
-    result = cli("describe", images["a"], images["b"], "-p", "Compare them.", "--max-tokens", "8", "--json")
+    result = cli("describe", images["a"], images["b"], "-p", "Compare them.", "-n", "8", "--json")
     record = json.loads(result.stdout)
     assert set(record) >= {"text", "sources", "prompt", "model", "usage", "timings"}
     assert record["sources"] == [str(images["a"]), str(images["b"])]

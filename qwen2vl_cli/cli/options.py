@@ -128,8 +128,7 @@ VerboseOpt = Annotated[bool, typer.Option(
 
 # ---- generation ----------------------------------------------------------------------------------
 MaxNewTokensOpt = Annotated[int, typer.Option(
-    "--max-new-tokens", "--max-tokens", "-n", min=1, rich_help_panel=GEN_PANEL,
-    help="Longest answer, in tokens (--max-tokens: the OpenAI API's name).")]
+    "--max-new-tokens", "-n", min=1, rich_help_panel=GEN_PANEL, help="Longest answer, in tokens.")]
 TemperatureOpt = Annotated[float | None, typer.Option(
     "--temperature", "-t", min=0.0, rich_help_panel=GEN_PANEL,
     help="Sample with this temperature; 0 or unset decodes greedily (deterministic).")]
