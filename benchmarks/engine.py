@@ -126,6 +126,17 @@ def side(tree: str, checkpoint: str, photos: list[str], out: str) -> None:
     Path(out).write_text(json.dumps(report))
 
 
+def run_clients(client) -> float:
+    """Run `client(index)` on CLIENTS threads at once; seconds until the last is done."""
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def clients_in_process(session, request, count: int) -> dict:
     """The server measure's load without the server: 16 threads submitting to the engine (8 streamed, 8 not,
     in turn), `count` requests of 128 tokens: images/s and the streamed ones' time to first token. Set beside
@@ -148,13 +159,7 @@ def clients_in_process(session, request, count: int) -> dict:
                     ttft.append(time.perf_counter() - start)
                     first = False
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - start
+    seconds = run_clients(client)
     return {"in_process_16_clients_images_per_s": round(count // CLIENTS * CLIENTS / seconds, 2),
             "in_process_16_clients_ttft_ms_median": round(statistics.median(ttft) * 1000, 1),
             "in_process_16_clients_engine_timings_ms": session.engine.timings_ms()}
@@ -262,13 +267,7 @@ def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: st
                         else:
                             tokens.append(response.json()["usage"]["completion_tokens"])
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - start
+        seconds = run_clients(client)
         facts = httpx.get(url + "/health", timeout=5).json()
         return {"server_images_per_s": round(CLIENTS * PER_CLIENT / seconds, 2),
                 "server_engine_timings_ms": facts.get("timings_ms"),
