@@ -209,9 +209,10 @@ def gpu_costs(session, request) -> dict:
 
 
 def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: str | None,
-                      python: list[str] | None = None, port: int | None = None) -> dict:
-    """`qwen2vl serve` of one tree, 16 clients at once (8 streamed, 8 not); images/s and streamed TTFT.
-    `python`: the command line that runs qwen2vl_cli (default `_python`)."""
+                      python: list[str] | None = None, port: int | None = None, processes: bool = False) -> dict:
+    """`qwen2vl serve` of one tree, 16 clients at once (8 streamed, 8 not); images/s, streamed TTFT, and the CPU
+    seconds the server's process and the clients used. `python`: the command line that runs qwen2vl_cli (default
+    `_python`); `processes`: each client its own process (default: threads of this one, as before)."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": _path(tree)}
@@ -220,6 +221,7 @@ def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: st
     server = subprocess.Popen([*python, "serve", "--model", checkpoint, "--port", str(port),
                                "--max-queue", "256"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    pool = None
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -228,59 +230,91 @@ def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: st
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        uris = ["data:image/jpeg;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in photos]
-
-        def body(i: int, stream: bool) -> dict:
-            return {"model": checkpoint, "stream": stream, "max_tokens": NEW_TOKENS, "temperature": 0,
-                    "mm_processor_kwargs": {"max_pixels": MAX_PIXELS},
-                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris[i]}},
-                                                              {"type": "text", "text": "Describe this image."}]}]}
-
         for _ in range(2):
-            httpx.post(url + "/v1/chat/completions", json=body(0, False) | {"max_tokens": 8}, timeout=300)
-        ttft: list[float] = []
-        tokens: list[int] = []
-        errors: list[str] = []
+            httpx.post(url + "/v1/chat/completions", json=_chat_body(photos[0], checkpoint, False) | {"max_tokens": 8},
+                       timeout=300)
+        work = [(url, checkpoint, photos, index) for index in range(CLIENTS)]
+        server_cpu, clients_cpu = _cpu_s(server.pid), time.process_time()
+        if processes:
+            import multiprocessing
 
-        def client(index: int) -> None:
-            streamed = index % 2 == 0
-            with httpx.Client(timeout=600) as http:
-                for k in range(PER_CLIENT):
-                    i = (index * PER_CLIENT + k) % len(uris)
-                    start = time.perf_counter()
-                    if streamed:
-                        with http.stream("POST", url + "/v1/chat/completions", json=body(i, True)) as response:
-                            first = None
-                            for line in response.iter_lines():
-                                if line.startswith("data: ") and '"content": "' in line and first is None:
-                                    first = time.perf_counter() - start
-                                    if '"content": ""' not in line:
-                                        ttft.append(first)
-                                    else:
-                                        first = None
-                            if response.status_code != 200:
-                                errors.append(str(response.status_code))
-                    else:
-                        response = http.post(url + "/v1/chat/completions", json=body(i, False))
-                        if response.status_code != 200:
-                            errors.append(response.text[:200])
-                        else:
-                            tokens.append(response.json()["usage"]["completion_tokens"])
-
-        seconds = run_clients(client)
+            pool = multiprocessing.get_context("spawn").Pool(CLIENTS)
+            pool.map(time.sleep, [0.1] * CLIENTS, chunksize=1)  # every client process started and imported
+            start = time.perf_counter()
+            results = pool.map(_server_client, work, chunksize=1)
+            seconds = time.perf_counter() - start
+        else:
+            results = [{}] * CLIENTS
+            seconds = run_clients(lambda index: results.__setitem__(index, _server_client(work[index])))
+        server_cpu = _cpu_s(server.pid) - server_cpu
+        clients_cpu = sum(r["cpu_s"] for r in results) if processes else time.process_time() - clients_cpu
+        ttft = [t for r in results for t in r["ttft"]]
+        tokens = [n for r in results for n in r["tokens"]]
         facts = httpx.get(url + "/health", timeout=5).json()
         return {"server_images_per_s": round(CLIENTS * PER_CLIENT / seconds, 2),
                 "server_engine_timings_ms": facts.get("timings_ms"),
                 "server_streamed_ttft_ms_median": round(statistics.median(ttft) * 1000, 1) if ttft else None,
                 "server_streamed_ttft_ms_max": round(max(ttft) * 1000, 1) if ttft else None,
                 "server_nonstreamed_mean_tokens": round(statistics.mean(tokens), 1) if tokens else None,
-                "server_errors": errors[:5]}
+                "server_cpu_s_per_s": round(server_cpu / seconds, 2), "clients": "processes" if processes else "threads",
+                "clients_cpu_s_per_s": round(clients_cpu / seconds, 2),
+                "server_errors": [e for r in results for e in r["errors"]][:5]}
     finally:
+        if pool is not None:
+            pool.terminate()
         server.terminate()
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def _chat_body(photo: str, model: str, stream: bool) -> dict:
+    uri = "data:image/jpeg;base64," + base64.b64encode(Path(photo).read_bytes()).decode()
+    return {"model": model, "stream": stream, "max_tokens": NEW_TOKENS, "temperature": 0,
+            "mm_processor_kwargs": {"max_pixels": MAX_PIXELS},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                      {"type": "text", "text": "Describe this image."}]}]}
+
+
+def _server_client(work: tuple) -> dict:
+    """One of the server measure's clients (even ones stream): PER_CLIENT requests one after another; their times
+    to first token, completion tokens, errors, and the CPU seconds this thread used."""
+    import httpx
+
+    url, model, photos, index = work
+    streamed = index % 2 == 0
+    bodies = [_chat_body(photos[(index * PER_CLIENT + k) % len(photos)], model, streamed) for k in range(PER_CLIENT)]
+    ttft, tokens, errors = [], [], []
+    cpu = time.thread_time()
+    with httpx.Client(timeout=600) as http:
+        for body in bodies:
+            start = time.perf_counter()
+            if streamed:
+                with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    first = None
+                    for line in response.iter_lines():
+                        if line.startswith("data: ") and '"content": "' in line and first is None:
+                            first = time.perf_counter() - start
+                            if '"content": ""' not in line:
+                                ttft.append(first)
+                            else:
+                                first = None
+                    if response.status_code != 200:
+                        errors.append(str(response.status_code))
+            else:
+                response = http.post(url + "/v1/chat/completions", json=body)
+                if response.status_code != 200:
+                    errors.append(response.text[:200])
+                else:
+                    tokens.append(response.json()["usage"]["completion_tokens"])
+    return {"ttft": ttft, "tokens": tokens, "errors": errors, "cpu_s": time.thread_time() - cpu}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, its threads together (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _path(tree: str) -> str:

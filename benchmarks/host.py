@@ -1,15 +1,18 @@
 """Host-side settings measured side by side in one run (issue 15), on a random-weight 2B (bf16) and 1280x960
 photos (1230 tokens), 128 new tokens:
 
-  - the server under 16 clients (8 streamed, 8 not; benchmarks/engine.py's measure) with Python's GIL switch
-    interval and the decode steps queued ahead varied: images/s and streamed time to first token. At 16 rows a
-    decode step is ~2 ms of GPU time, less than the 5 ms a thread may hold the GIL by default;
+  - the server under 16 clients (8 streamed, 8 not; benchmarks/engine.py's measure), the clients as threads of
+    the benchmark's process (as engine.py runs them) and as processes of their own, with Python's GIL switch
+    interval at 1 ms, and (with --baseline DIR) the tree before beside this one: images/s, streamed time to first
+    token, CPU seconds per second of the server and the clients;
   - an in-process one-liner (wall seconds, load phases) as shipped and with the GPU's context started on a helper
-    thread at the process's start (alternated).
+    thread at the process's start (alternated; --skip-load leaves it out).
 
-Each variant runs the tree's own code; the variants change only module settings before it starts.
+On 2026-12-03 (H200) a 1 ms switch interval and 4 decode steps queued ahead, each alone and together, changed
+nothing beyond noise (14.0-14.7 images/s, threads as clients); nor did the helper-thread context (one-liner
+walls 7.99 / 10.35 s against 7.26 / 10.05).
 
-    python benchmarks/host.py --out RESULT.json [--checkpoint DIR]
+    python benchmarks/host.py --out RESULT.json [--checkpoint DIR] [--baseline DIR] [--skip-load]
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SERVER_VARIANTS = {  # name -> statements run before qwen2vl_cli's main in the server's process
-    "as_shipped": "",
-    "switch_interval_1ms": "import sys; sys.setswitchinterval(0.001)",
-    "ahead_4": "import qwen2vl_cli.engine.fast.decoder as d; d.AHEAD = 4",
-    "switch_1ms_ahead_4": "import sys; sys.setswitchinterval(0.001); import qwen2vl_cli.engine.fast.decoder as d; d.AHEAD = 4",
+SERVER_VARIANTS = {  # name -> (the tree: "before" or "this", statements run before qwen2vl_cli's main in the
+    # server's process, clients as processes)
+    "before_threads": ("before", "", False),
+    "before_processes": ("before", "", True),
+    "threads": ("this", "", False),
+    "processes": ("this", "", True),  # each client its own process: the benchmark's 16 threads share one GIL
+    "processes_switch_1ms": ("this", "import sys; sys.setswitchinterval(0.001)", True),
 }
 LOAD_VARIANTS = {  # the GPU's context made when the load's first tensor needs it, or on a helper thread from the
     # start (the driver's work releases the GIL, so it could overlap the imports)
@@ -50,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", help="a 2B checkpoint (built when not given)")
+    parser.add_argument("--baseline", help="the tree before (a `git archive` of its commit): its server beside")
+    parser.add_argument("--skip-load", action="store_true", help="no one-liner load variants")
     args = parser.parse_args()
     import subprocess
 
@@ -69,10 +76,15 @@ def main() -> None:
     photos = [str(p) for p in make_photos(work / "photos", 64)]
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
                     "server": {}, "load": {}}
-    for index, (name, setup) in enumerate(SERVER_VARIANTS.items()):
-        report["server"][name] = serve_and_clients(str(ROOT), checkpoint, photos, None, python=runner(setup),
-                                                   port=8710 + index)
-        print(name, json.dumps(report["server"][name]), flush=True)
+    trees = {"this": str(ROOT), "before": args.baseline and str(Path(args.baseline).resolve())}
+    for index, (name, (tree, setup, processes)) in enumerate(SERVER_VARIANTS.items()):
+        if trees[tree]:
+            report["server"][name] = serve_and_clients(trees[tree], checkpoint, photos, None, python=runner(setup),
+                                                       port=8710 + index, processes=processes)
+            print(name, json.dumps(report["server"][name]), flush=True)
+    if args.skip_load:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return
 
     env = {**os.environ, "QWEN2VL_STATE_DIR": str(work / "state"), "PYTHONPYCACHEPREFIX": str(work / "bytecode")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)

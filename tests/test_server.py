@@ -290,3 +290,43 @@ def test_streamed_and_plain_requests_share_the_engines_batch(cli, images, tiny_m
         assert max(busiest) > 1, "the requests were not answered together"
     finally:
         stop(process)
+
+
+def test_a_busy_loop_gets_the_events_that_waited_together_and_none_is_lost():
+    """The engine's thread emits faster than the loop reads: every event arrives, in order, in fewer wakes than
+    events (a loop blocked for a while finds everything that came meanwhile in one list); the SSE bridge joins
+    the waiting text pieces into one."""
+    import asyncio
+    import threading
+
+    from qwen2vl_cli.server.worker import Job, joined
+    from qwen2vl_cli.types import Completion, TextDelta
+
+    count = 20000
+
+    async def main():
+        job = Job(asyncio.get_running_loop())
+
+        def engine():
+            for n in range(count):
+                job.emit(TextDelta(f"{n},"))
+            job.emit(Completion("", 0, 0, "length", None, 0.0))
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        wakes, texts = 0, []
+        while True:
+            events = await asyncio.wait_for(job.events(), 30)  # a lost wake would hang here
+            wakes += 1
+            texts += [e.text for e in events if isinstance(e, TextDelta)]
+            if isinstance(events[-1], Completion):
+                break
+            time.sleep(0.001)  # the loop busy with other clients
+        thread.join()
+        return wakes, texts
+
+    wakes, texts = asyncio.run(main())
+    assert "".join(texts) == "".join(f"{n}," for n in range(count))
+    assert wakes < count // 4
+    done = Completion("ab", 0, 2, "stop", None, 0.0)
+    assert joined([TextDelta("a"), TextDelta("b"), done]) == [TextDelta("ab"), done]

@@ -31,7 +31,7 @@ from . import registry
 from .registry import DEFAULT_PORT, PROOF_HEADER, proof
 from .protocol import (SIZED_HEADER, MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
                        parse_chat_request, usage_body)
-from .worker import Job, start_job
+from .worker import Job, joined, start_job
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 64
@@ -253,12 +253,12 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
 
 async def _answer_or_gone(job: Job, request, poll_s: float = 0.25):
     """The job's one event; if the client disconnects first, the job is cancelled (its generation stops)."""
-    waiting = asyncio.ensure_future(job.events.get())
+    waiting = asyncio.ensure_future(job.events())
     try:
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=poll_s)
             if done:
-                return waiting.result()
+                return waiting.result()[-1]  # a request not streamed gets no text pieces, only its end
             if await request.is_disconnected():
                 job.cancel()
                 raise asyncio.CancelledError()
@@ -275,28 +275,29 @@ def _as_request_error(exc: BaseException) -> Exception:
 
 
 async def _sse(job: Job, request_id: str, model: str, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format; a client that goes away cancels its generation."""
+    """Server-sent events in OpenAI's chunk format, one per wake of the loop (the text that came meanwhile
+    together); a client that goes away cancels its generation."""
     created = int(time.time())
 
     def frame(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    def frames(event) -> str:
+        if isinstance(event, TextDelta):
+            return frame(chunk_body(request_id, model, created, {"content": event.text}))
+        if isinstance(event, Completion):
+            usage = frame(chunk_body(request_id, model, created, {}, usage=usage_body(event))) if include_usage else ""
+            return frame(chunk_body(request_id, model, created, {}, event.finish_reason)) + usage + "data: [DONE]\n\n"
+        message, _ = describe_exception(event)
+        return frame(error_body(message, "server_error", "generation_failed")) + "data: [DONE]\n\n"
+
     try:
         yield frame(chunk_body(request_id, model, created, {"role": "assistant", "content": ""}))
         while True:
-            event = await job.events.get()
-            if isinstance(event, TextDelta):
-                yield frame(chunk_body(request_id, model, created, {"content": event.text}))
-            elif isinstance(event, Completion):
-                yield frame(chunk_body(request_id, model, created, {}, event.finish_reason))
-                if include_usage:
-                    yield frame(chunk_body(request_id, model, created, {}, usage=usage_body(event)))
+            events = joined(await job.events())
+            yield "".join(frames(event) for event in events)
+            if not isinstance(events[-1], TextDelta):
                 break
-            else:
-                message, _ = describe_exception(event)
-                yield frame(error_body(message, "server_error", "generation_failed"))
-                break
-        yield "data: [DONE]\n\n"
     finally:
         job.cancel()
 
