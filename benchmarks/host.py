@@ -12,7 +12,8 @@ On 2026-12-03 (H200) a 1 ms switch interval and 4 decode steps queued ahead, eac
 nothing beyond noise (14.0-14.7 images/s, threads as clients); nor did the helper-thread context (one-liner
 walls 7.99 / 10.35 s against 7.26 / 10.05).
 
-    python benchmarks/host.py --out RESULT.json [--checkpoint DIR] [--baseline DIR] [--skip-load]
+    python benchmarks/host.py --out RESULT.json [--checkpoint DIR] [--baseline DIR] [--skip-load] [--fast-site DIR]
+                              [--variants NAME,...]
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ SERVER_VARIANTS = {  # name -> (the tree: "before" or "this", statements run bef
     "threads": ("this", "", False),
     "processes": ("this", "", True),  # each client its own process: the benchmark's 16 threads share one GIL
     "processes_switch_1ms": ("this", "import sys; sys.setswitchinterval(0.001)", True),
+    "processes_fast_http": ("this", "import os, sys; sys.path.insert(0, os.environ['FAST_SITE'])", True),  # uvicorn
+    # picks httptools (HTTP parsing in C) and uvloop when it can import them (uvicorn[standard]); --fast-site
 }
 LOAD_VARIANTS = {  # the GPU's context made when the load's first tensor needs it, or on a helper thread from the
     # start (the driver's work releases the GIL, so it could overlap the imports)
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a 2B checkpoint (built when not given)")
     parser.add_argument("--baseline", help="the tree before (a `git archive` of its commit): its server beside")
     parser.add_argument("--skip-load", action="store_true", help="no one-liner load variants")
+    parser.add_argument("--fast-site", help="a folder with httptools and uvloop installed: the fast_http variant")
+    parser.add_argument("--variants", help="comma-separated server variants to run (default: all that can)")
     args = parser.parse_args()
     import subprocess
 
@@ -77,8 +82,11 @@ def main() -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
                     "server": {}, "load": {}}
     trees = {"this": str(ROOT), "before": args.baseline and str(Path(args.baseline).resolve())}
+    if args.fast_site:
+        os.environ["FAST_SITE"] = str(Path(args.fast_site).resolve())
     for index, (name, (tree, setup, processes)) in enumerate(SERVER_VARIANTS.items()):
-        if trees[tree]:
+        if trees[tree] and (args.fast_site or "fast_http" not in name) and \
+                (not args.variants or name in args.variants.split(",")):
             report["server"][name] = serve_and_clients(trees[tree], checkpoint, photos, None, python=runner(setup),
                                                        port=8710 + index, processes=processes)
             print(name, json.dumps(report["server"][name]), flush=True)

@@ -62,6 +62,16 @@ def test_plain_and_streamed_completions_equal_in_process(client, cli, images, ti
     assert [m.id for m in models.data] == [str(tiny_model)]
 
 
+def test_health_says_where_a_requests_time_went(server, client, images, tiny_model):
+    """/health's timings_ms: the server's own phases (body read, admitted, first text piece delivered) beside the
+    engine's, each a median of recent requests in milliseconds."""
+    list(client.chat.completions.create(model=str(tiny_model), messages=image_message(images["a"], "Describe."),
+                                        max_tokens=4, stream=True))
+    timings = httpx.get(server["url"] + "/health", timeout=10).json()["timings_ms"]
+    for phase in ("read", "admit", "deliver"):
+        assert 0 <= timings[phase] < 10000, timings
+
+
 def test_concurrent_requests_all_answered_correctly(client, cli, images, tiny_model):
     jobs = [(images[name], prompt) for name in ("a", "b", "c") for prompt in ("Describe this image.", "What is it?")]
     expected = [in_process(cli, "describe", path, "-p", prompt, "-n", "10") for path, prompt in jobs]

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,15 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
     max_prompt = min(config.max_prompt_tokens or session.context or 32768, session.context or 32768)
     policy = MediaPolicy(config.limits, config.allowed_local, config.max_images, config.max_videos, max_prompt)
     started = time.time()
+    phases: deque = deque(maxlen=256)  # recent requests: (body read, admitted: parsed, media decoded, tokens counted)
+    delivered: deque = deque(maxlen=256)  # recent streams: their first text piece's wait for the loop
+
+    def timings_ms() -> dict:
+        """The engine's phases with the server's own before and after them (medians, ms)."""
+        middle = lambda values: round(sorted(values)[len(values) // 2] * 1000, 1) if values else None  # noqa: E731
+        recent = list(phases)
+        return {**engine.timings_ms(), "read": middle([p[0] for p in recent]), "admit": middle([p[1] for p in recent]),
+                "deliver": middle(list(delivered))}
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
@@ -201,7 +211,7 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
         return {**answer, "model": config.model_name, "device": session.device or config.spec.device,
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
                 "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started,
-                "timings_ms": engine.timings_ms(), "load_s": round(session.load_s, 2),
+                "timings_ms": timings_ms(), "load_s": round(session.load_s, 2),
                 "load_phases_s": {name: round(seconds, 2) for name, seconds in session.phases.items()}}
 
     @app.get("/v1/models")
@@ -227,6 +237,7 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        received = time.perf_counter()
         if engine.queued + engine.running >= config.max_queue:
             raise RequestError(f"the server is busy ({config.max_queue} requests waiting; --max-queue)", status=429,
                                code="queue_full", kind="rate_limit_error",
@@ -237,11 +248,13 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
             raise RequestError("the request body is not valid JSON") from None
         except RecursionError:  # thousands of nested brackets
             raise RequestError("the request body is nested too deeply") from None
+        read = time.perf_counter()
         parsed = await run_in_threadpool(admit, body, request.headers.get(SIZED_HEADER) == "1")
         job = start_job(engine, parsed.request, parsed.stream)
+        phases.append((read - received, job.ticket.submitted - read))
         request_id = new_id()
         if parsed.stream:
-            return StreamingResponse(_sse(job, request_id, config.model_name, parsed.include_usage),
+            return StreamingResponse(_sse(job, request_id, config.model_name, parsed.include_usage, delivered.append),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         event = await _answer_or_gone(job, request)
         if isinstance(event, BaseException):
@@ -274,7 +287,7 @@ def _as_request_error(exc: BaseException) -> Exception:
     return exc
 
 
-async def _sse(job: Job, request_id: str, model: str, include_usage: bool):
+async def _sse(job: Job, request_id: str, model: str, include_usage: bool, delivered=None):
     """Server-sent events in OpenAI's chunk format, one per wake of the loop (the text that came meanwhile
     together); a client that goes away cancels its generation."""
     created = int(time.time())
@@ -295,6 +308,9 @@ async def _sse(job: Job, request_id: str, model: str, include_usage: bool):
         yield frame(chunk_body(request_id, model, created, {"role": "assistant", "content": ""}))
         while True:
             events = joined(await job.events())
+            if delivered is not None and job.first_text_at is not None:
+                delivered(time.perf_counter() - job.first_text_at)
+                delivered = None
             yield "".join(frames(event) for event in events)
             if not isinstance(events[-1], TextDelta):
                 break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from ..types import ChatRequest, TextDelta
 
@@ -23,9 +24,12 @@ class Job:
         self._lock = threading.Lock()
         self._pending: list = []
         self._ready = asyncio.Event()
+        self.first_text_at: float | None = None  # when the engine emitted the first text piece (perf_counter)
 
     def emit(self, event) -> None:
         """Called on the engine's thread."""
+        if self.first_text_at is None and isinstance(event, TextDelta):
+            self.first_text_at = time.perf_counter()
         with self._lock:
             self._pending.append(event)
             if len(self._pending) > 1:  # the loop is woken already and has not taken the list yet
