@@ -325,3 +325,56 @@ def test_answers_decode_while_other_threads_tokenize(session, paths):
         thread.join()
     assert not errors, errors[0]
     assert counts["tokenized"] > 4 and counts["decoded"] > 1000, counts
+
+
+def test_images_are_processed_side_by_side_and_only_tokenizing_holds_the_lock(session, paths, monkeypatch):
+    """Four threads prepare image requests at once: their image processing overlaps (each is made to take 0.2 s),
+    every tokenizer call runs holding the session's lock, one at a time, and each prepared batch equals the
+    one made alone."""
+    import time
+
+    requests = [request_for(session, paths, case) for case in CASES if case[0]]
+    alone = [session.prepare([r]) for r in requests]
+    state = {"images": 0, "most_images": 0, "tokenizing": 0, "unlocked": 0}
+    guard = threading.Lock()
+    process = session._processing.process
+
+    def slow_images(*args, **kwargs):
+        with guard:
+            state["images"] += 1
+            state["most_images"] = max(state["most_images"], state["images"])
+        time.sleep(0.2)
+        try:
+            return process(*args, **kwargs)
+        finally:
+            with guard:
+                state["images"] -= 1
+
+    tokenizer_type = type(session.processor.tokenizer)
+    tokenize = tokenizer_type.__call__
+
+    def watched(self, *args, **kwargs):
+        if not session.tokenizer_lock.locked():
+            state["unlocked"] += 1
+        state["tokenizing"] += 1
+        try:
+            assert state["tokenizing"] == 1, "two threads tokenized at once"
+            return tokenize(self, *args, **kwargs)
+        finally:
+            state["tokenizing"] -= 1
+
+    monkeypatch.setattr(session._processing, "process", slow_images)
+    monkeypatch.setattr(tokenizer_type, "__call__", watched)
+    results: list = [None] * len(requests)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session.prepare([requests[i]])))
+               for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert state["most_images"] > 1, "the images were processed one call at a time"
+    assert state["unlocked"] == 0
+    for made, expected in zip(results, alone):
+        assert made.keys() == expected.keys()
+        for key in expected:
+            assert (made[key] == expected[key]).all(), key

@@ -48,8 +48,9 @@ class ModelSession:
         self.load_s: float = 0.0
         self.phases: dict[str, float] = {}  # where load_s went (imports, weights, ...), for --verbose
         # tokenizing changes the fast tokenizer's padding settings: two threads must not tokenize at once
-        # (decoding needs no lock: see decode)
+        # (decoding needs no lock: see decode; processing images needs none: see _Processing)
         self.tokenizer_lock = threading.Lock()
+        self._processing: _Processing | None = None
         self.fast = None  # fast.decoder.FastDecoder where the fast path is on (decided at load)
         self.quantization: str | None = None  # "GPTQ-Int4", ...: what the loaded weights are
         self.eos_ids: set[int] = set()
@@ -117,6 +118,7 @@ class ModelSession:
         self.quantization = quant.describe(quantization, self.spec.quantize)
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"
+        self._processing = _Processing(self.processor, self.tokenizer_lock)
         # answers decode with the processor's own tokenizer (see decode); without a GIL (free-threaded Python)
         # a decode could overlap a settings change, so there they get a copy (~1 s of a load)
         gil = getattr(sys, "_is_gil_enabled", lambda: True)()
@@ -226,7 +228,7 @@ class ModelSession:
 
         texts = [self.prompt_text(r) for r in requests]
         stream = self._side_stream() if "device" in kwargs and on_images is None else None
-        with torch.cuda.stream(stream), self.tokenizer_lock, _after_images(self.processor, on_images):  # (no stream: no-op)
+        with torch.cuda.stream(stream), self._processing.call(on_images, bool(images) and not videos):  # (no stream: no-op)
             inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
                                     return_tensors="pt", do_resize=False, **kwargs)  # media are sized already
         with torch.cuda.stream(stream):  # grids on the host for good: a later .cpu() waits for the decode steps queued
@@ -425,25 +427,44 @@ class ModelSession:
         return Completion(text, prompt_tokens, len(ids), reason, first_token_s, total_s)
 
 
-@contextlib.contextmanager
-def _after_images(processor, callback):
-    """Within it, `processor(...)` calls callback(image_inputs) after processing the images, before it
-    tokenizes (transformers' ProcessorMixin does images first; without that step, no call is made)."""
-    process = getattr(processor, "_process_images", None)
-    if callback is None or process is None:
-        yield
-        return
+class _Processing:
+    """Calls of the processor from several threads at once (the prepare threads, the engine's): their images are
+    processed side by side and only their tokenizing holds the tokenizer lock. Installed once at load, it
+    takes the lock as soon as a call's images are done (transformers' ProcessorMixin processes images first,
+    then tokenizes) and runs that call's callback there first: the fast path starts its vision tower on the
+    images while the prompt is tokenized. A call without images, or with videos, holds the lock throughout."""
 
-    def hooked(*args, **kwargs):
-        result = process(*args, **kwargs)
-        callback(result[0])
+    def __init__(self, processor, lock: threading.Lock) -> None:
+        self.lock, self.local = lock, threading.local()
+        self.process = getattr(processor, "_process_images", None)
+        if self.process is not None:
+            processor._process_images = self._images_done
+
+    def _images_done(self, *args, **kwargs):
+        result = self.process(*args, **kwargs)
+        call = self.local
+        if getattr(call, "callback", None) is not None:
+            call.callback(result[0])
+        if getattr(call, "active", False) and not call.held:
+            self.lock.acquire()
+            call.held = True
         return result
 
-    processor._process_images = hooked
-    try:
-        yield
-    finally:
-        del processor._process_images
+    @contextlib.contextmanager
+    def call(self, callback=None, images_only: bool = False):
+        """Around one `processor(...)` call on this thread: `callback(image_inputs)` once its images are done."""
+        call = self.local
+        call.callback, call.active, call.held = callback, True, False
+        if not images_only or self.process is None:
+            self.lock.acquire()
+            call.held = True
+        try:
+            yield
+        finally:
+            call.active, call.callback = False, None
+            if call.held:
+                call.held = False
+                self.lock.release()
 
 
 def _contract_probes() -> list[list[ChatRequest]]:
