@@ -238,3 +238,19 @@ def test_max_pixels_product_reaches_the_model(cli, images):
     small = json.loads(cli("describe", images["c"], "-n", "2", "--json", "--max-pixels", "4*28*28").stdout)
     large = json.loads(cli("describe", images["c"], "-n", "2", "--json", "--min-pixels", "64*28*28").stdout)
     assert small["usage"]["prompt_tokens"] < large["usage"]["prompt_tokens"]
+
+
+def test_base64_payloads_wrapped_escaped_unpadded_or_bad():
+    """decode_base64 takes what clients send: MIME-wrapped lines, URL-safe and unpadded, percent-escaped (a data
+    URI in a URL); anything outside the alphabet is an InputError, never a partial decode."""
+    from qwen2vl_cli.errors import InputError
+    from qwen2vl_cli.sources import decode_base64
+
+    raw = bytes(range(256)) * 40
+    plain = base64.b64encode(raw).decode()
+    for form in (plain, plain.rstrip("="), base64.encodebytes(raw).decode(), " " + plain + "\r\n",
+                 base64.urlsafe_b64encode(raw).decode().rstrip("="), plain.replace("+", "%2B").replace("/", "%2F")):
+        assert decode_base64(form, "x") == raw
+    for bad in ("a", "@@@@", "ab=c", plain[:100] + "*" + plain[100:], "===="):
+        with pytest.raises(InputError):
+            decode_base64(bad, "x")
