@@ -3,8 +3,9 @@ photos (1230 tokens), 128 new tokens:
 
   - the server under 16 clients (8 streamed, 8 not; benchmarks/engine.py's measure), the clients as threads of
     the benchmark's process (as engine.py runs them) and as processes of their own, with Python's GIL switch
-    interval at 1 ms, and (with --baseline DIR) the tree before beside this one: images/s, streamed time to first
-    token, CPU seconds per second of the server and the clients;
+    interval at 1 ms, with uvicorn on httptools and uvloop (--fast-site), and (with --baseline DIR) the tree
+    before beside this one: images/s, streamed time to first token, CPU seconds per second of the server and
+    the clients (`/health`'s phases with them);
   - an in-process one-liner (wall seconds, load phases) as shipped and with the GPU's context started on a helper
     thread at the process's start (alternated; --skip-load leaves it out).
 

@@ -38,6 +38,11 @@ PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
 IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
 
 
+def median_ms(seconds: list[float]) -> float | None:
+    """The median of durations in seconds, as milliseconds (None for none): what `timings_ms` reports."""
+    return round(sorted(seconds)[len(seconds) // 2] * 1000, 1) if seconds else None
+
+
 class Engine:
     """Owns the session's model on one thread; `submit`, `stream` and `generate` are safe from any thread."""
 
@@ -159,8 +164,7 @@ class Engine:
         recent = list(self.phases)
         if not recent:
             return {}
-        middle = lambda values: round(sorted(values)[len(values) // 2] * 1000, 1)  # noqa: E731
-        return {"requests": len(recent), **{name: middle([p[i] for p in recent])
+        return {"requests": len(recent), **{name: median_ms([p[i] for p in recent])
                                             for i, name in enumerate(("prepare", "wait", "prefill"))}}
 
     def retry_after_s(self) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import ExitStatus, Qwen2VLError, UsageError, describe_exception
 from ..types import Completion, ModelSpec, TextDelta
+from ..engine.scheduler import median_ms
 from ..engine.session import ModelSession
 from ..sources import FetchLimits
 from . import registry
@@ -175,10 +176,9 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
 
     def timings_ms() -> dict:
         """The engine's phases with the server's own before and after them (medians, ms)."""
-        middle = lambda values: round(sorted(values)[len(values) // 2] * 1000, 1) if values else None  # noqa: E731
         recent = list(phases)
-        return {**engine.timings_ms(), "read": middle([p[0] for p in recent]), "admit": middle([p[1] for p in recent]),
-                "deliver": middle(list(delivered))}
+        return {**engine.timings_ms(), "read": median_ms([p[0] for p in recent]),
+                "admit": median_ms([p[1] for p in recent]), "deliver": median_ms(list(delivered))}
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
