@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
-from .conftest import run_process
+from .conftest import ROOT, run_process
 
 
 def _sessions(state_dir) -> list[dict]:
@@ -37,6 +39,15 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert again.returncode == 0, again.stderr
     assert b"started" not in again.stderr and _sessions(tmp_path) == [session]  # reused, said once
     assert json.loads(again.stdout)["text"] + "\n" == expected.stdout.decode()
+    # a one-liner through the session is a light process: no torch, and not what typer >= 0.29 (pydantic) or
+    # httpx's own command-line client (click, pygments) would import: ~0.15 s of every later one-liner
+    light = ("torch", "transformers", "numpy", "pydantic", "click", "pygments", "fastapi", "uvicorn")
+    code = ("import sys\nsys.argv = ['qwen2vl', 'describe', %r, '-m', %r, '-n', '12']\n"
+            "from qwen2vl_cli.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (str(images["a"]), str(tiny_model), light))
+    client = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            env={**os.environ, **env})
+    assert client.stdout == expected.stdout.decode() + "LOADED []\n", client.stdout + client.stderr
     deadline = time.monotonic() + 30
     while _alive(session["pid"]) and time.monotonic() < deadline:  # 4 s idle: it ends itself, record removed
         time.sleep(0.2)

@@ -97,6 +97,9 @@ def main() -> None:
     # every object torch, transformers and sympy made (1.2 s of a one-liner's 5.4 on the CPU test machine)
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
+    # httpx imports its own command-line client (click, pygments, rich: ~45 ms) on import when those are
+    # installed; nothing here runs it, and a None in sys.modules makes that import fail as httpx expects
+    sys.modules.setdefault("httpx._main", None)
     if sys.stderr is None:  # `2>&-`: diagnostics go nowhere rather than onto stdout
         sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:

@@ -39,10 +39,14 @@ def _option_line(param) -> str:
 def _metavar(param) -> str:
     if param.metavar:
         return param.metavar
-    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", str)
+    descriptor = getattr(param, "type_descriptor", None)  # typer >= 0.29; before it, the click type says
+    annotation = descriptor.annotation if descriptor is not None else _CLICK_TYPES.get(param.type.name, object)
     names = {int: "INTEGER", float: "NUMBER", str: "TEXT"}
     return next((v for k, v in names.items() if k == annotation or k in getattr(annotation, "__args__", ())),
                 "VALUE")
+
+
+_CLICK_TYPES = {"int": int, "int range": int, "float": float, "float range": float, "str": str}
 
 
 def _default(param) -> str:

@@ -74,6 +74,9 @@ class ModelSession:
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecations
         checked = time.perf_counter()
         import torch
+
+        device = resolve_device(self.spec.device)
+        warming = start_warm_up(device)  # beside the imports below
         import transformers
         from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
 
@@ -82,7 +85,6 @@ class ModelSession:
         transformers.utils.logging.set_verbosity_error()  # the spinner and our errors say what matters
         transformers.utils.logging.disable_progress_bar()
         imported = time.perf_counter()
-        device = resolve_device(self.spec.device)
         local = {"local_files_only": True} if folder else {}  # from the cache when it holds the model
         try:
             config = AutoConfig.from_pretrained(self.spec.model, **local)
@@ -131,6 +133,8 @@ class ModelSession:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         pad = self.model.generation_config.pad_token_id
         self.pad_id = min(self.eos_ids) if pad is None else pad
+        if warming is not None:
+            warming.join()
         loaded = time.perf_counter()
         self.fast = self._enable_fast()
         self.load_s = time.perf_counter() - start
@@ -513,6 +517,35 @@ def resolve_device(device: str) -> str:
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ModelLoadError(device, "MPS is not available on this machine (try --device cpu)")
     return device
+
+
+def start_warm_up(device: str) -> threading.Thread | None:
+    """On CUDA, a thread that does beside a load's imports what its first answer would otherwise wait for: the
+    CUDA context, cuBLAS and attention kernels loaded, and Triton's cache key (a hash of all of Triton, 0.85 s
+    on an H200). On the H200 a first answer's first token came 0.8 s sooner (1.47 -> 0.67 s). Failures are
+    left to the load to meet and report. Not a daemon: an exit waits for it rather than tear CUDA down under it."""
+    if not device.startswith("cuda"):
+        return None
+
+    def warm_up() -> None:
+        import torch
+
+        try:
+            with torch.cuda.device(device):
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                heads = torch.ones(1, 16, 64, 80, device=device, dtype=dtype)  # the vision tower's head size
+                torch.nn.functional.scaled_dot_product_attention(heads, heads, heads) @ heads.transpose(-1, -2)
+                torch.cuda.synchronize()
+            if os.environ.get("QWEN2VL_FASTPATH", "auto").strip().lower() not in ("0", "off", "false", "no"):
+                from triton.runtime.cache import triton_key
+
+                triton_key()  # remembered for the process (functools.lru_cache)
+        except Exception:  # noqa: BLE001 - a warm-up only
+            pass
+
+    thread = threading.Thread(target=warm_up, name="qwen2vl-warm-up")
+    thread.start()
+    return thread
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
