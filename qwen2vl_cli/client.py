@@ -18,8 +18,7 @@ from typing import Iterator
 from .errors import ServerError
 from .server.protocol import SIZED_HEADER
 from .types import ChatRequest, Completion, Media, TextDelta
-from .sources import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, decode_image,
-                      display_name, prepare_image, read_source)
+from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, image_facts
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
@@ -75,24 +74,20 @@ class RemoteSession:
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- media ---------------------------------------------------------------------------------
-    def image_media(self, source: str, options: ImageOptions, limits: FetchLimits) -> Media:
-        """Read, check and size the image here (as in-process); send the sized pixels, losslessly."""
-        name = display_name(source)
-        image = prepare_image(decode_image(read_source(source, limits), name), options, name)
-        width, height = image.size
-        tokens = width * height // PATCH_FACTOR ** 2
+    def image_media(self, image, name: str) -> Media:
+        """A sized image (sources.resolve_image, as in-process) as a server takes it: the pixels, losslessly."""
+        facts = image_facts(image)
+        tokens = facts["tokens"]
         ours = self.load().kind == "qwen2vl"
         notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or ours else [
             f"{name}: {tokens} tokens; this server's processor resizes images to {IMAGE_TOKENS[0]}-{IMAGE_TOKENS[1]} "
             "tokens (its defaults), so the answer will differ from an in-process one"]
-        return Media("image", name, image_data_uri(image, "BMP" if ours else "PNG"), facts={"width": width, "height": height, "tokens": tokens},
-                     notes=notes)
+        return Media("image", name, image_data_uri(image, "BMP" if ours else "PNG"), facts=facts, notes=notes)
 
-    def video_media(self, source: str, options, limits: FetchLimits) -> Media:
-        """Sample and size the video here (as in-process); send the frames the model sees."""
-        from .video import frame_list_uri, resolve_video
+    def video_media(self, video) -> Media:
+        """A sampled video (video.resolve_video, as in-process) as a server takes it: the frames the model sees."""
+        from .video import frame_list_uri
 
-        video = resolve_video(source, options, limits)
         notes = list(video.notes)
         frames, tokens = int(video.facts["frames"]), video.facts["width"] * video.facts["height"] // PATCH_FACTOR ** 2
         if self.load().kind != "qwen2vl":  # what other servers' processors do not take as sent

@@ -422,6 +422,12 @@ def image_as_sent(data: bytes, name: str):
     return to_rgb(image) if on_grid(*image.size) else None
 
 
+def image_facts(image) -> dict:
+    """A sized image's width, height and tokens (one per 28x28 patch)."""
+    width, height = image.size
+    return {"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2}
+
+
 def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),
                   stdin: BinaryIO | None = None):
     """Any image source -> an RGB PIL image ready for the processor, or InputError."""

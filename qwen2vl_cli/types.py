@@ -142,11 +142,11 @@ class Session(Protocol):
     def load(self) -> "Session":
         """Be ready to answer (load the model, or reach the server); raise ModelLoadError when it cannot."""
 
-    def image_media(self, source: str, options, limits) -> Media:
-        """An image source, decoded and sized for this model."""
+    def image_media(self, image, name: str) -> Media:
+        """An image read, decoded and sized already (sources.resolve_image), in the form this session takes."""
 
-    def video_media(self, source: str, options, limits) -> Media:
-        """A video, frame directory or glob, sampled and sized."""
+    def video_media(self, video) -> Media:
+        """A video sampled and sized already (video.resolve_video), in the form this session takes."""
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
         """One answer: TextDelta pieces as they come, then one Completion."""

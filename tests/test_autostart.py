@@ -62,6 +62,22 @@ def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
         assert b"background session" not in result.stderr and not _sessions(tmp_path), extra
 
 
+def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, images, tmp_path):
+    """Inputs are read before a session is looked for: a missing, truncated or unreachable image is its one-line
+    error (exit 3) without a session loading first, for seconds, to no use."""
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(images["jpg"].read_bytes()[:300])
+    for source, reason in ((tmp_path / "missing.jpg", b"no such file"), (truncated, b"image"),
+                           ("http://127.0.0.1:9/photo.jpg", b"127.0.0.1")):
+        result = run_process("describe", images["a"], source, "-m", tiny_model, "-n", "4", env=env)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.count(b"\n") == 1 and reason in result.stderr, result.stderr
+        assert b"background session" not in result.stderr and not _sessions(tmp_path)
+    video = run_process("ask", "-q", "What happens?", "--video", tmp_path / "missing.mp4", "-m", tiny_model, env=env)
+    assert video.returncode == 3 and b"missing.mp4" in video.stderr and not _sessions(tmp_path), video.stderr
+
+
 def test_a_model_that_cannot_load_starts_no_session(tmp_path, images):
     """A broken model directory: no server is spawned (it would fail the same way); the in-process load says why."""
     broken = tmp_path / "broken"

@@ -419,11 +419,11 @@ def test_client_answers_equal_in_process(guarded, tiny_model, images, clip, tmp_
 def test_the_client_sends_no_processor_kwargs(tiny_model, images):
     from qwen2vl_cli.client import RemoteSession
     from qwen2vl_cli.types import ChatRequest, GenerationOptions
-    from qwen2vl_cli.sources import FetchLimits, ImageOptions
+    from qwen2vl_cli.sources import ImageOptions, resolve_image
 
     session = RemoteSession("http://127.0.0.1:9", str(tiny_model))
     session.kind = "openai"
-    media = session.image_media(str(images["a"]), ImageOptions(resized_height=56, resized_width=56), FetchLimits())
+    media = session.image_media(resolve_image(str(images["a"]), ImageOptions(resized_height=56, resized_width=56)), "a")
     body = session.body(ChatRequest("Hi", [media], vision_ids=True,
                                     generation=GenerationOptions(8, stop=("x",), frequency_penalty=0.5)), False)
     assert "mm_processor_kwargs" not in body and "add_vision_id" not in body

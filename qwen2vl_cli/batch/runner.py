@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from ..errors import InputError, describe_exception
 from ..types import ChatRequest, GenerationOptions, TextDelta
-from ..sources import FetchLimits, ImageOptions
+from ..sources import FetchLimits, ImageOptions, display_name, resolve_image
 from .inputs import BatchItem
 
 WINDOW_ITEMS = 64  # items are decoded and sorted by size in windows of this many
@@ -173,7 +173,8 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def _decode(item: BatchItem, session, config: BatchConfig):
     """(item, Media, None) or (item, None, reason)."""
     try:
-        return item, session.image_media(item.source, config.images, config.limits), None
+        image = resolve_image(item.source, config.images, config.limits)
+        return item, session.image_media(image, display_name(item.source)), None
     except InputError as exc:
         return item, None, exc.reason
     except Exception as exc:  # noqa: BLE001 - a bad file must not stop the run

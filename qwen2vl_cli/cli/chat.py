@@ -8,7 +8,7 @@ import typer
 
 from ..render import Environment, OutputOptions
 from ..types import ChatRequest
-from ..sources import FetchLimits
+from ..sources import FetchLimits, ImageOptions
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
                       MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt, NFramesOpt,
@@ -62,9 +62,10 @@ def describe(
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
     spec = common.model_spec(model, device, dtype, attn, quantize)
+    resolved = common.resolve_media(sources, images, FetchLimits(timeout, max_download))
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
     request = ChatRequest(
-        prompt=prompt, media=common.resolve_images(session, sources, images, FetchLimits(timeout, max_download), env),
+        prompt=prompt, media=common.media(session, resolved, env),
         system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
@@ -122,11 +123,10 @@ def ask(
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
+    resolved = common.resolve_media(sources or [], images, limits, videos or [], video_options)
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
-    media = common.resolve_images(session, sources or [], images, limits, env)
-    media += common.resolve_videos(session, videos or [], video_options, limits, env, verbose)
     request = ChatRequest(
-        prompt=question, media=media, system=system, vision_ids=vision_ids,
+        prompt=question, media=common.media(session, resolved, env, verbose), system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
 
@@ -179,9 +179,9 @@ def video(
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
+    resolved = common.resolve_media([], ImageOptions(), FetchLimits(timeout, max_download), [source], options)
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
     request = ChatRequest(
-        prompt=question, system=system,
-        media=common.resolve_videos(session, [source], options, FetchLimits(timeout, max_download), env, verbose),
+        prompt=question, system=system, media=common.media(session, resolved, env, verbose),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)

@@ -139,29 +139,30 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
     return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
-def resolve_images(session, sources: list[str], options: ImageOptions, limits: FetchLimits,
-                   env: Environment) -> list[Media]:
-    """Every image source -> Media, in order; the first bad one raises InputError. Notes go to stderr."""
-    if sources.count("-") > 1:
+def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchLimits, videos: list[str] = (),
+                  video_options: VideoOptions | None = None) -> tuple[list, list]:
+    """Every source read, decoded and sized, before any session is found or started, so that a bad one is an
+    InputError at once (not after a session has loaded): ([(name, image)], [VideoFrames]), for `media`."""
+    from ..sources import display_name, resolve_image
+    from ..video import resolve_video
+
+    if [*images, *videos].count("-") > 1:
         raise UsageError("-", "stdin can be read only once")
-    media = [session.image_media(source, options, limits) for source in sources]
-    for note in (note for item in media for note in item.notes):
-        env.note(note)
-    return media
+    return ([(display_name(source), resolve_image(source, image_options, limits)) for source in images],
+            [resolve_video(source, video_options, limits) for source in videos])
 
 
-def resolve_videos(session, sources: list[str], options: VideoOptions, limits: FetchLimits, env: Environment,
-                   verbose: bool) -> list[Media]:
-    """Every video source -> Media; reductions are noted on stderr, --verbose says what the model sees."""
-    media = []
-    for source in sources:
-        item = session.video_media(source, options, limits)
+def media(session, resolved: tuple[list, list], env: Environment, verbose: bool = False) -> list[Media]:
+    """`resolve_media`'s images, then videos, in the form `session` takes; their notes on stderr, and with
+    --verbose what the model sees of each video."""
+    images, videos = resolved
+    items = [session.image_media(image, name) for name, image in images] + [session.video_media(v) for v in videos]
+    for item in items:
         for note in item.notes:
             env.note(note)
-        if verbose and item.facts:
+        if verbose and item.kind == "video" and item.facts:
             env.note(describe_facts(item.facts))
-        media.append(item)
-    return media
+    return items
 
 
 def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, output: OutputOptions,

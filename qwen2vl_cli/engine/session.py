@@ -188,20 +188,14 @@ class ModelSession:
             torch.cuda.empty_cache()
 
     # ---- media ---------------------------------------------------------------------------------
-    def image_media(self, source: str, options, limits) -> Media:
-        """An image source, decoded and sized for this model (sources.resolve_image)."""
-        from ..sources import PATCH_FACTOR, display_name, resolve_image
+    def image_media(self, image, name: str) -> Media:
+        """A sized image (sources.resolve_image) as the engine takes it: the picture itself."""
+        from ..sources import image_facts
 
-        image = resolve_image(source, options, limits)
-        width, height = image.size
-        return Media("image", display_name(source), image,
-                     facts={"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2})
+        return Media("image", name, image, facts=image_facts(image))
 
-    def video_media(self, source: str, options, limits) -> Media:
-        """A video, frame directory or glob, sampled and sized (video.resolve_video)."""
-        from ..video import resolve_video
-
-        video = resolve_video(source, options, limits)
+    def video_media(self, video) -> Media:
+        """A sampled video (video.resolve_video) as the engine takes it: the frames and their timing."""
         return Media("video", video.source, video.frames, metadata=video.metadata, facts=video.facts,
                      notes=video.notes)
 
