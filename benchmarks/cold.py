@@ -7,13 +7,17 @@
   - imports: `python -X importtime` of an in-process one-liner, the heaviest top-level packages (cumulative);
   - in-process (`--no-server --verbose`), twice: wall seconds and the load's phases as `--verbose` reports them
     (on "a warm disk");
-  - self-starting: the first one-liner (starts a session), the next three (answer through it): wall seconds,
-    and the session's load phases from its /health.
+  - in-process, its answer: --json's first_token_s and total_s (a first answer pays for first calls into CUDA,
+    cuBLAS and Triton that a load's warm-up does beside its imports);
+  - self-starting: the first one-liner (starts a session), the next five (answer through it): wall seconds,
+    and the session's load phases and timings from its /health.
 
   - with --profile DIR: cProfile of one more in-process one-liner (DIR/in_process.prof) and of the client of one
     more self-starting one-liner (DIR/client.prof), for `python -m pstats`.
 
-    python benchmarks/cold.py --out RESULT.json [--checkpoint DIR] [--profile DIR]
+  - with --baseline DIR: all of it for the tree before (a `git archive` of its commit) first, in the same run.
+
+    python benchmarks/cold.py --out RESULT.json [--checkpoint DIR] [--profile DIR] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -56,11 +60,54 @@ def phases(stderr: str) -> str:
     return lines[-1][lines[-1].index("loaded in"):] if lines else (stderr.strip().splitlines() or ["no output"])[-1]
 
 
+def series(tree: str, env: dict, ask: list[str], state: Path, profile: str | None) -> dict:
+    """Every measure of the docstring for the qwen2vl_cli in `tree`, its sessions recorded in `state`."""
+    env = {**env, "PYTHONPATH": os.pathsep.join([tree, env.get("PYTHONPATH", "")]), "QWEN2VL_STATE_DIR": str(state)}
+    report: dict = {"tree": tree}
+    wall, done = qwen2vl(*ask, "--no-server", "--verbose", env=env)  # bytecode, Triton's, the OS's, the check's
+    report["in_process_warmup"] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr)}
+    report["help_wall_s"], _ = qwen2vl("describe", "--help", env=env)
+    _, done = qwen2vl(*ask, "--no-server", env=env, prefix=("-X", "importtime"))
+    report["imports_s"] = import_times(done.stderr)
+    for name in ("in_process_first", "in_process_second"):
+        wall, done = qwen2vl(*ask, "--no-server", "--verbose", "--json", env=env)
+        report[name] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr),
+                        "answer": _timings(done.stdout)}
+        print(name, report[name], flush=True)
+    if profile:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        qwen2vl(*ask, "--no-server", env=env, prefix=("-m", "cProfile", "-o", f"{profile}/in_process.prof"))
+    walls = []
+    for _ in range(6):
+        wall, done = qwen2vl(*ask, env=env)
+        walls.append(wall if done.returncode == 0 else -1.0)
+    report["self_starting"] = {"first_wall_s": walls[0], "next_wall_s": walls[1:]}
+    if profile:
+        qwen2vl(*ask, env=env, prefix=("-m", "cProfile", "-o", f"{profile}/client.prof"))
+    _, done = qwen2vl("ps", "--json", env=env)
+    try:
+        report["self_starting"]["session"] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        report["self_starting"]["session"] = done.stdout.strip() or done.stderr.strip()
+    qwen2vl("stop", "--all", env=env)
+    return report
+
+
+def _timings(stdout: str) -> dict | None:
+    """--json's timings (load_s, first_token_s, total_s) of an answer."""
+    try:
+        return json.loads(stdout)["timings"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", help="the 2B checkpoint's folder (built there if it holds none)")
     parser.add_argument("--profile", help="a folder for cProfile files of an in-process and a client one-liner")
+    parser.add_argument("--baseline", help="the tree before (a `git archive` of its commit): measured first, "
+                                           "in the same run")
     args = parser.parse_args()
     import torch
     import transformers
@@ -75,8 +122,7 @@ def main() -> None:
     photo = str(make_photos(work / "photos", 1)[0])
     gpu = torch.cuda.get_device_name(0)
     del torch
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "QWEN2VL_STATE_DIR": str(work / "state")}
+    env = dict(os.environ)
     # a pip install leaves bytecode beside the sources; an image built without it (and PYTHONDONTWRITEBYTECODE, as
     # on the lent GPU machines) compiles torch and sympy from source in every process: ~9 s of a load there
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -85,31 +131,9 @@ def main() -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
                     "transformers": transformers.__version__, "new_tokens": 128, "image_tokens": 1230,
                     "pycache_prefix": env["PYTHONPYCACHEPREFIX"]}
-    wall, done = qwen2vl(*ask, "--no-server", "--verbose", env=env)  # bytecode, Triton's, the OS's, the check's
-    report["in_process_warmup"] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr)}
-    report["help_wall_s"], _ = qwen2vl("describe", "--help", env=env)
-    _, done = qwen2vl(*ask, "--no-server", env=env, prefix=("-X", "importtime"))
-    report["imports_s"] = import_times(done.stderr)
-    for name in ("in_process_first", "in_process_second"):
-        wall, done = qwen2vl(*ask, "--no-server", "--verbose", env=env)
-        report[name] = {"wall_s": wall if done.returncode == 0 else -1.0, "load": phases(done.stderr)}
-        print(name, report[name], flush=True)
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-        qwen2vl(*ask, "--no-server", env=env, prefix=("-m", "cProfile", "-o", f"{args.profile}/in_process.prof"))
-    walls = []
-    for _ in range(4):
-        wall, done = qwen2vl(*ask, env=env)
-        walls.append(wall if done.returncode == 0 else -1.0)
-    report["self_starting"] = {"first_wall_s": walls[0], "next_wall_s": walls[1:]}
-    if args.profile:
-        qwen2vl(*ask, env=env, prefix=("-m", "cProfile", "-o", f"{args.profile}/client.prof"))
-    _, done = qwen2vl("ps", "--json", env=env)
-    try:
-        report["self_starting"]["session"] = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        report["self_starting"]["session"] = done.stdout.strip() or done.stderr.strip()
-    qwen2vl("stop", "--all", env=env)
+    if args.baseline:
+        report["baseline"] = series(str(Path(args.baseline).resolve()), env, ask, work / "state-before", None)
+    report.update(series(str(ROOT), env, ask, work / "state", args.profile))
     print(json.dumps(report, indent=1))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
