@@ -54,6 +54,29 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert not _alive(session["pid"]) and not _sessions(tmp_path)
 
 
+def test_a_one_liner_asking_other_settings_gets_a_session_of_its_own(tiny_model, images, tmp_path):
+    """A session serves its model with its settings: a one-liner that asks for others (here bfloat16 and eager
+    attention against a float32, sdpa session) is not answered by it; one that asks for what it is, or for
+    auto, is."""
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    ask = ("describe", images["a"], "-m", tiny_model, "-n", "12")
+    first = run_process(*ask, "--keep-alive", "30s", env=env)
+    assert first.returncode == 0 and b"started a background session" in first.stderr, first.stderr
+    [default] = _sessions(tmp_path)
+    other = ("--dtype", "bfloat16", "--attn", "eager")
+    expected = run_process(*ask, *other, "--no-server")
+    assert expected.returncode == 0 and expected.stdout != first.stdout, expected.stderr  # they answer differently
+    second = run_process(*ask, *other, "--keep-alive", "30s", env=env)
+    assert second.returncode == 0 and b"started a background session" in second.stderr, second.stderr
+    assert second.stdout == expected.stdout and len(_sessions(tmp_path)) == 2
+    for same in (("--dtype", "float32"), ("--attn", "sdpa", "--device", "cpu"), ()):  # what the first resolved to
+        again = run_process(*ask, *same, env=env)
+        assert again.returncode == 0 and b"started" not in again.stderr and again.stdout == first.stdout, same
+    assert run_process(*ask, *other, env=env).stdout == expected.stdout and len(_sessions(tmp_path)) == 2
+    stopped = run_process("stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr
+
+
 def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
     for extra, extra_env in ((["--no-server"], {}), (["--keep-alive", "0"], {}), ([], {"QWEN2VL_AUTOSTART": "0"})):

@@ -55,7 +55,7 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         from ..server.registry import find_server
 
         # a local session was found (or started) by its /health, which proved it ours: not asked again
-        found = find_server(spec.model, api_key)
+        found = find_server(spec, api_key)
         if found:
             return RemoteSession(found["url"], spec.model, api_key, concurrency, kind="qwen2vl")
         started = _start_session(spec, api_key, keep_alive, env) if keep_alive is not None else None
@@ -90,8 +90,8 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
     note = env.note if env is not None else lambda text: None
     try:
         with env.status(f"Loading {spec.model} (in a background session) ...") if env else contextlib.nullcontext(), \
-                _starting(spec.model):  # one-liners started together (xargs -P) start one session, not several
-            found = find_server(spec.model, api_key)
+                _starting(spec):  # one-liners started together (xargs -P) start one session, not several
+            found = find_server(spec, api_key)
             if found:
                 return found
             state = spawn_session(args, api_key)
@@ -104,8 +104,8 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
 
 
 @contextlib.contextmanager
-def _starting(model: str):
-    """Held while a session for `model` is being started: this user's other commands wait, then find it."""
+def _starting(spec: ModelSpec):
+    """Held while a session for `spec` is being started: this user's other commands wait, then find it."""
     import fcntl
     import hashlib
 
@@ -113,7 +113,8 @@ def _starting(model: str):
 
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    name = hashlib.sha256(model.encode()).hexdigest()[:16]
+    settings = repr((spec.model, spec.device, spec.dtype, spec.attn, spec.quantize))
+    name = hashlib.sha256(settings.encode()).hexdigest()[:16]
     with open(os.open(folder / f"starting-{name}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield

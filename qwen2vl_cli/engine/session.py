@@ -44,6 +44,7 @@ class ModelSession:
         self.processor = None
         self.detokenizer = None  # what answers are decoded with (load, decode)
         self.device: str | None = None
+        self.resolved: dict[str, str] = {}  # device, dtype and attn as loaded (load)
         self.context: int | None = None  # the model's positions: prompt + answer must fit
         self.load_s: float = 0.0
         self.phases: dict[str, float] = {}  # where load_s went (imports, weights, ...), for --verbose
@@ -126,6 +127,7 @@ class ModelSession:
         gil = getattr(sys, "_is_gil_enabled", lambda: True)()
         self.detokenizer = self.processor.tokenizer if gil else copy.deepcopy(self.processor.tokenizer)
         self.device = device
+        self.resolved = {"device": device, "dtype": dtype, "attn": attn}  # what "auto" became (a session's /health)
         text = getattr(self.model.config, "text_config", self.model.config)
         self.context = (getattr(text, "max_position_embeddings", None)
                         or getattr(self.model.config, "max_position_embeddings", None))

@@ -126,12 +126,26 @@ def list_servers(api_key: str | None = None) -> list[dict]:
     return servers
 
 
-def find_server(model: str, api_key: str | None = None) -> dict | None:
-    """A healthy local session that serves `model`."""
-    for info in list_servers(api_key):
-        if info["health"] and info["health"].get("model") == model:
-            return info
-    return None
+def find_server(spec, api_key: str | None = None) -> dict | None:
+    """A healthy local session that serves `spec` (a types.ModelSpec): its model, with its settings (serves); the
+    one started with exactly these settings first."""
+    settings = {"device": spec.device, "dtype": spec.dtype, "attn": spec.attn, "quantize": spec.quantize}
+    found = [info for info in list_servers(api_key) if info["health"] and serves(info["health"], spec)]
+    found.sort(key=lambda info: info["health"].get("settings") != settings)
+    return found[0] if found else None
+
+
+def serves(health: dict, spec) -> bool:
+    """The session whose /health this is serves `spec`: the same model, and every setting asked for (not auto;
+    for --quantize, given) is the one the session was started with or the one its auto became. A bfloat16 or
+    eager-attention one-liner is never answered by a float32 or sdpa session."""
+    if health.get("model") != spec.model:
+        return False
+    started, resolved = health.get("settings") or {}, health.get("resolved") or {}
+    if spec.quantize is not None and spec.quantize != started.get("quantize"):
+        return False
+    return all(asked == "auto" or asked in (started.get(key), resolved.get(key))
+               for key, asked in (("device", spec.device), ("dtype", spec.dtype), ("attn", spec.attn)))
 
 
 def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: float = 900.0) -> dict:
