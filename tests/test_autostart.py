@@ -139,3 +139,20 @@ def test_one_liners_started_together_start_one_session(tiny_model, images, tmp_p
 def test_a_bad_keep_alive_is_a_usage_error_even_without_a_session(cli, images):
     result = cli("describe", images["a"], "--keep-alive", "soon", "--no-server")
     assert result.exit_code == 2 and "not a duration" in result.stderr
+
+
+def test_which_sessions_serve_which_settings():
+    from qwen2vl_cli import __version__
+    from qwen2vl_cli.server.registry import serves
+    from qwen2vl_cli.types import ModelSpec
+
+    health = {"model": "m", "version": __version__, "resolved": {"device": "cuda", "dtype": "bfloat16", "attn": "sdpa"},
+              "settings": {"device": "auto", "dtype": "auto", "attn": "auto", "quantize": None}}
+    assert serves(health, ModelSpec("m")) and serves(health, ModelSpec("m", "cuda", "bfloat16", "sdpa"))
+    assert not serves(health, ModelSpec("other"))
+    assert not serves(health, ModelSpec("m", dtype="float16")) and not serves(health, ModelSpec("m", attn="eager"))
+    assert not serves(health, ModelSpec("m", device="cuda:1")) and not serves(health, ModelSpec("m", quantize="4bit"))
+    assert serves({**health, "settings": {**health["settings"], "quantize": "4bit"}}, ModelSpec("m", quantize="4bit"))
+    assert serves({**health, "settings": {**health["settings"], "quantize": "4bit"}}, ModelSpec("m"))  # not asked
+    assert not serves({**health, "version": "0.0.1"}, ModelSpec("m"))  # a session left running by another release
+    assert not serves({"model": "m"}, ModelSpec("m"))  # an older session says neither

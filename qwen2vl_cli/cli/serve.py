@@ -111,7 +111,7 @@ def ps(
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list: each session's record and the "
                                               "facts its /health gives (load phases, timings, queue).")] = False,
 ) -> None:
-    """Show running sessions: pid, URL, model, device, loaded, idle time."""
+    """Show running sessions: pid, URL, model, device, weights (dtype, attention, quantization), loaded, idle time."""
     from ..server.registry import list_servers
 
     servers = list_servers(api_key)
@@ -123,13 +123,15 @@ def ps(
     if not servers:
         print("no qwen2vl session is running", file=sys.stderr)
         return
-    print(f"{'PID':>8}  {'URL':<24}  {'DEVICE':<7}  {'LOADED':<6}  {'IDLE':>8}  MODEL")
+    print(f"{'PID':>8}  {'URL':<24}  {'DEVICE':<7}  {'WEIGHTS':<20}  {'LOADED':<6}  {'IDLE':>8}  MODEL")
     for info in servers:
         facts = info.get("health") or {}
         loaded = "yes" if facts.get("loaded") else ("no" if facts else "?")
         idle = f"{facts['idle_s']:.0f}s" if "idle_s" in facts else "?"
+        resolved, quantize = facts.get("resolved") or {}, (facts.get("settings") or {}).get("quantize")
+        weights = " ".join(filter(None, (resolved.get("dtype"), resolved.get("attn"), quantize))) or "?"
         print(f"{info['pid']:>8}  {info['url']:<24}  {str(facts.get('device', info.get('device'))):<7}  "
-              f"{loaded:<6}  {idle:>8}  {info['model']}")
+              f"{weights:<20}  {loaded:<6}  {idle:>8}  {info['model']}")
 
 
 def stop(

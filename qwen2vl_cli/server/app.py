@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
 from ..errors import ExitStatus, Qwen2VLError, UsageError, describe_exception
 from ..types import Completion, ModelSpec, TextDelta
 from ..engine.scheduler import median_ms
@@ -210,6 +211,7 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
             return answer
         spec = config.spec
         return {**answer, "model": config.model_name, "device": session.device or spec.device,
+                "version": __version__,
                 "settings": {"device": spec.device, "dtype": spec.dtype, "attn": spec.attn, "quantize": spec.quantize},
                 "resolved": session.resolved,
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,

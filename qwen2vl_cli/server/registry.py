@@ -138,8 +138,10 @@ def find_server(spec, api_key: str | None = None) -> dict | None:
 def serves(health: dict, spec) -> bool:
     """The session whose /health this is serves `spec`: the same model, and every setting asked for (not auto;
     for --quantize, given) is the one the session was started with or the one its auto became. A bfloat16 or
-    eager-attention one-liner is never answered by a float32 or sdpa session."""
-    if health.get("model") != spec.model:
+    eager-attention one-liner is never answered by a float32 or sdpa session, nor any by another qwen2vl version."""
+    from .. import __version__
+
+    if health.get("model") != spec.model or health.get("version") != __version__:  # after an upgrade: not the old code
         return False
     started, resolved = health.get("settings") or {}, health.get("resolved") or {}
     if spec.quantize is not None and spec.quantize != started.get("quantize"):
