@@ -152,6 +152,7 @@ def test_which_sessions_serve_which_settings():
     assert not serves(health, ModelSpec("other"))
     assert not serves(health, ModelSpec("m", dtype="float16")) and not serves(health, ModelSpec("m", attn="eager"))
     assert not serves(health, ModelSpec("m", device="cuda:1")) and not serves(health, ModelSpec("m", quantize="4bit"))
+    assert serves(health, ModelSpec("m", device="cuda:0"))  # the first GPU, named either way
     assert serves({**health, "settings": {**health["settings"], "quantize": "4bit"}}, ModelSpec("m", quantize="4bit"))
     assert serves({**health, "settings": {**health["settings"], "quantize": "4bit"}}, ModelSpec("m"))  # not asked
     assert not serves({**health, "version": "0.0.1"}, ModelSpec("m"))  # a session left running by another release

@@ -146,7 +146,11 @@ def serves(health: dict, spec) -> bool:
     started, resolved = health.get("settings") or {}, health.get("resolved") or {}
     if spec.quantize is not None and spec.quantize != started.get("quantize"):
         return False
-    return all(asked == "auto" or asked in (started.get(key), resolved.get(key))
+
+    def named(value):
+        return "cuda" if value == "cuda:0" else value  # the first GPU, named either way
+
+    return all(asked == "auto" or named(asked) in (named(started.get(key)), named(resolved.get(key)))
                for key, asked in (("device", spec.device), ("dtype", spec.dtype), ("attn", spec.attn)))
 
 
