@@ -32,6 +32,10 @@ class ModelSpec:
     quantize: str | None = None  # "4bit" or "8bit": quantize on load with bitsandbytes
     named: bool = field(default=True, compare=False)  # by --model or $QWEN2VL_MODEL (else a server's only model answers)
 
+    def settings(self) -> dict:
+        """How the model is loaded (what a session reports in /health and is matched on)."""
+        return {"device": self.device, "dtype": self.dtype, "attn": self.attn, "quantize": self.quantize}
+
 
 @dataclass(frozen=True)
 class GenerationOptions:

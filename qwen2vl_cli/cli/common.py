@@ -113,8 +113,7 @@ def _starting(spec: ModelSpec):
 
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    settings = repr((spec.model, spec.device, spec.dtype, spec.attn, spec.quantize))
-    name = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    name = hashlib.sha256(repr((spec.model, spec.settings())).encode()).hexdigest()[:16]
     with open(os.open(folder / f"starting-{name}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield

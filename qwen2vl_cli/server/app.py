@@ -209,11 +209,8 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
         given = request.headers.get("authorization", "").encode()
         if config.api_key and not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
             return answer
-        spec = config.spec
-        return {**answer, "model": config.model_name, "device": session.device or spec.device,
-                "version": __version__,
-                "settings": {"device": spec.device, "dtype": spec.dtype, "attn": spec.attn, "quantize": spec.quantize},
-                "resolved": session.resolved,
+        return {**answer, "model": config.model_name, "device": session.device or config.spec.device,
+                "version": __version__, "settings": config.spec.settings(), "resolved": session.resolved,
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
                 "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started,
                 "timings_ms": timings_ms(), "load_s": round(session.load_s, 2),

@@ -129,9 +129,8 @@ def list_servers(api_key: str | None = None) -> list[dict]:
 def find_server(spec, api_key: str | None = None) -> dict | None:
     """A healthy local session that serves `spec` (a types.ModelSpec): its model, with its settings (serves); the
     one started with exactly these settings first."""
-    settings = {"device": spec.device, "dtype": spec.dtype, "attn": spec.attn, "quantize": spec.quantize}
     found = [info for info in list_servers(api_key) if info["health"] and serves(info["health"], spec)]
-    found.sort(key=lambda info: info["health"].get("settings") != settings)
+    found.sort(key=lambda info: info["health"].get("settings") != spec.settings())
     return found[0] if found else None
 
 
