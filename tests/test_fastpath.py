@@ -206,6 +206,40 @@ def test_prefill_graphs_are_made_for_shapes_seen_twice(tiny_model, capsys):
     assert prefill._graph(("text", 128), cuda, 128, make(128)) is None  # off from now on
 
 
+def test_a_session_captures_shapes_seen_once_when_idle(capsys):
+    """A shape seen once is remembered; `capture_pending` (an idle server's engine) captures the latest first,
+    one per call, and the shape's next request replays it without a capture on its path. A few are remembered,
+    none that is already captured, none once graphs are off."""
+    from types import SimpleNamespace
+
+    from qwen2vl_cli.engine.fast.prefill import PENDING_KEPT, Prefill
+
+    prefill = Prefill(SimpleNamespace(model=None), use_graphs=True)
+    cuda = SimpleNamespace(is_cuda=True)
+    made: list = []
+    make = lambda key: lambda: made.append(key) or f"graph {key}"  # noqa: E731
+    for size in (64, 128, 64):  # 64 twice: captured on its path, as before
+        prefill._graph(("text", size), cuda, size, make(size))
+    assert made == [64] and list(prefill.pending) == [("text", 128)]
+    assert prefill.capture_pending() and made == [64, 128] and not prefill.pending
+    assert not prefill.capture_pending()
+    assert prefill._graph(("text", 128), cuda, 128, make(128)) == "graph 128" and made == [64, 128]
+    for size in range(192, 192 + 64 * (PENDING_KEPT + 2), 64):
+        prefill._graph(("vision", size), cuda, size, make(size))
+    latest = [("vision", size) for size in range(192, 192 + 64 * (PENDING_KEPT + 2), 64)][-PENDING_KEPT:]
+    assert list(prefill.pending) == latest
+    assert prefill.capture_pending() and made[-1] == latest[-1][1]
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    prefill._graph(("text", 999), cuda, 999, broken)
+    while prefill.capture_pending():  # the broken one is the latest: the first call turns graphs off
+        pass
+    assert not prefill.use_graphs and not prefill.pending
+    assert capsys.readouterr().err.count("warning: CUDA graphs unavailable") == 1
+
+
 def test_a_broken_contract_steps_aside_for_the_stock_code(cli, images, monkeypatch):
     """transformers 5.24 renamed the layers' cache argument, and the fast layers silently left the cache empty:
     wrong answers, exit 0. Reproduced here on any version (fast layers that drop the cache), the load-time

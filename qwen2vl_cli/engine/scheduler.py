@@ -49,6 +49,7 @@ class Engine:
     def __init__(self, session, keep_alive_s: float | None = None, max_rows: int | None = None) -> None:
         self.session = session
         self.keep_alive_s = keep_alive_s  # unload the model after this long without requests
+        self.serving = False  # a server's engine (it outlives requests): it uses idle moments (_may_capture)
         self.max_rows = max_rows
         self.inbox: queue.Queue[Ticket | None] = queue.Queue()
         self.waiting: deque[Ticket] = deque()  # prepared, not yet answering
@@ -207,10 +208,13 @@ class Engine:
         the preparing threads, which hand them back through the inbox."""
         while True:
             try:
-                ticket = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+                ticket = self.inbox.get(timeout=0.5) if block and not self._may_capture() else self.inbox.get_nowait()
             except queue.Empty:
                 if not block:
                     return None
+                if self._may_capture():
+                    self.session.fast.prefill.capture_pending()  # one graph, then the inbox is looked at again
+                    continue
                 self._maybe_unload()
                 if self.keep_alive_s is None and time.monotonic() - self.last_active > IDLE_EXIT_S:
                     with self.lock:
@@ -240,6 +244,13 @@ class Engine:
                 self._prepare_later(ticket)
             else:
                 self._prepare(ticket, early=ticket.fast)
+
+    def _may_capture(self) -> bool:
+        """A server's engine has prompt graphs to capture while it has nothing to do (a command's would only
+        delay its process's exit)."""
+        fast = self.session.fast
+        return (self.serving and fast is not None and fast.prefill is not None
+                and bool(fast.prefill.pending) and fast.prefill.use_graphs)
 
     def _ensure_loaded(self) -> None:
         if self.session.model is None:

@@ -338,7 +338,7 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
 
     with loading or contextlib.nullcontext():
         session = ModelSession(config.spec).load()
-    session.engine.keep_alive_s = config.keep_alive_s
+    session.engine.keep_alive_s, session.engine.serving = config.keep_alive_s, True
     token = secrets.token_hex(16)
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else shown_host}:{port}"

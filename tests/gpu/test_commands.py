@@ -66,6 +66,45 @@ def test_graphs_do_not_change_the_answer(gpu_cli, media):
     assert texts[0] == texts[1] == texts[2]
 
 
+def test_an_idle_server_engine_captures_what_came_once(gpu_cli, media, tmp_path, checkpoint):
+    """A server's engine, idle after a shape's first request, captures that shape's prompt graphs: the second
+    request (the next one-liner through a session) replays them without a capture on its path, same answer."""
+    import time
+
+    from PIL import Image
+
+    from qwen2vl_cli.engine.session import _SESSIONS
+
+    from .conftest import DRY
+
+    if DRY:
+        pytest.skip("CUDA graphs: none on the CPU")
+    Image.open(media["wide"]).resize((1120, 840)).save(tmp_path / "new-size.jpg")  # a shape no other test has
+    first = _ok(gpu_cli("describe", tmp_path / "new-size.jpg", "-n", "32"), "first")
+    session = next(s for s in _SESSIONS.values() if s.spec.model == str(checkpoint) and s.spec.dtype == "auto"
+                   and s.spec.attn == "auto" and s.fast is not None)
+    engine, prefill = session.engine, session.fast.prefill
+    kinds = {key[0] for key in prefill.pending}
+    assert kinds == {"vision", "text"}, prefill.pending  # seen once: none captured on the first request's path
+    engine.serving = True
+    try:
+        assert _ok(gpu_cli("ask", "-q", "Nothing to capture?", "-n", "4"), "wakes the engine")  # text only
+        deadline = time.monotonic() + 60
+        while prefill.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not prefill.pending
+        captures = []
+        original = prefill._capture
+        prefill._capture = lambda key, make: captures.append(key) or original(key, make)
+        try:
+            assert _ok(gpu_cli("describe", tmp_path / "new-size.jpg", "-n", "32"), "second") == first
+        finally:
+            del prefill._capture
+        assert captures == []  # both graphs (vision tower, language model) were there already
+    finally:
+        engine.serving = False
+
+
 @pytest.mark.parametrize("setting", [("--dtype", "float16"), ("--attn", "eager"), ("QWEN2VL_FASTPATH", "off")])
 def test_other_settings_answer(gpu_cli, media, setting):
     name, value = setting

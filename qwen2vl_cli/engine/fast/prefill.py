@@ -8,8 +8,10 @@ Same arithmetic as the model's own forward, arranged so that the GPU never waits
   nothing syncs between the vision tower and the language model,
 - the vision tower (per image size) and the language model (per prompt length, rounded up to 64; causal
   attention keeps the padding after a prompt from changing it) are replayed from CUDA graphs once a shape
-  comes a second time (a one-off command never pays for a capture). A graph takes away the host's cost of
-  launching ~400 kernels one by one, which is longer than the language model's GPU time.
+  comes a second time (a one-off command never pays for a capture), or, in a session, once it came and the
+  engine found a moment without work (`capture_pending`: the next one-liner through a session does not pay for
+  it either). A graph takes away the host's cost of launching ~400 kernels one by one, which is longer than the
+  language model's GPU time.
 
 Batches, videos, flash-attention models and transformers releases without precomputed vision inputs
 (`transformers.vision_utils`) keep the model's own forward.
@@ -21,12 +23,14 @@ import inspect
 import sys
 import threading
 from collections import Counter, OrderedDict
+from typing import Callable
 
 import torch
 
 GRAPHS_KEPT = 3  # vision graphs (by image size) and text graphs (by prompt length) kept: each holds ~0.1-0.2 GB
 TEXT_BUCKET = 64  # text graphs serve prompt lengths rounded up to this
 GRAPH_MAX_TOKENS = 4096  # longer prompts and larger images keep the GPU busy without graphs
+PENDING_KEPT = 4  # shapes seen once, remembered for a capture when the engine is idle (the latest first)
 
 
 class Prefill:
@@ -38,6 +42,7 @@ class Prefill:
         self.use_graphs = use_graphs
         self.graphs: OrderedDict[tuple, _VisionGraph | _TextGraph] = OrderedDict()
         self.seen: Counter = Counter()
+        self.pending: OrderedDict[tuple, Callable] = OrderedDict()  # shapes seen once: their graph's maker
         self.supported = _supported(model)
         self.early: tuple | None = None  # (pixel_values, grid, features) from `start`
         self.lock = threading.Lock()
@@ -75,9 +80,14 @@ class Prefill:
             hidden[0].index_copy_(0, _to(slots, ids.device), features.to(hidden.dtype))
         positions, delta = rope_index(self.model, host)
         model.rope_deltas = delta = _to(delta, ids.device)
-        key = ("text", -(-length // TEXT_BUCKET) * TEXT_BUCKET)
+        size = -(-length // TEXT_BUCKET) * TEXT_BUCKET
+        width, dtype, device = hidden.shape[-1], hidden.dtype, hidden.device
+
+        def make():  # holds no tensor of this prompt's: it may be called later, when the engine is idle
+            return _TextGraph(self, size, torch.empty((1, size, width), dtype=dtype, device=device))
+
         with self.lock:
-            graph = self._graph(key, hidden, key[1], lambda: _TextGraph(self, key[1], hidden))
+            graph = self._graph(("text", size), hidden, size, make)
             if graph is None:
                 return (*self.text(hidden, _to(positions, ids.device)), delta)
             return (*graph(hidden, positions), delta)
@@ -96,7 +106,8 @@ class Prefill:
     def _graph(self, key, example, tokens: int, make):
         """The graph for `key`, captured by `make()` where one is worth it: on CUDA, for a shape that came
         before (a one-off command never pays for a capture), small enough that launching its kernels one
-        by one costs more than the graph's memory. None: run without."""
+        by one costs more than the graph's memory. A shape seen for the first time is remembered for
+        `capture_pending`. None: run without."""
         if not (self.use_graphs and example.is_cuda and tokens <= GRAPH_MAX_TOKENS):
             return None
         if key in self.graphs:
@@ -104,11 +115,31 @@ class Prefill:
             return self.graphs[key]
         self.seen[key] += 1
         if self.seen[key] < 2:
+            self.pending[key] = make
+            self.pending.move_to_end(key)
+            while len(self.pending) > PENDING_KEPT:
+                self.pending.popitem(last=False)
             return None
+        self.pending.pop(key, None)
+        return self._capture(key, make)
+
+    def capture_pending(self) -> bool:
+        """Capture the graph of the latest shape seen once and not captured yet (the engine calls this when it
+        has nothing else to do, in a session: the shape's next request replays it). False: none was left."""
+        with self.lock:
+            while self.pending and self.use_graphs:
+                key, make = self.pending.popitem()
+                if key not in self.graphs:
+                    self._capture(key, make)
+                    return True
+            return False
+
+    def _capture(self, key, make):
         try:
             graph = make()
         except RuntimeError as exc:  # a capture this GPU or build cannot do: stay correct without graphs
             self.use_graphs = False
+            self.pending.clear()
             print(f"qwen2vl: warning: CUDA graphs unavailable for prompts ({str(exc).splitlines()[0]}); "
                   "running without", file=sys.stderr)
             return None
@@ -145,7 +176,12 @@ class Prefill:
             return visual(pixels, grid_thw=grid, position_ids=positions, cu_seqlens=cu_seqlens).pooler_output
 
         tokens = pixel_values.shape[0] // visual.spatial_merge_size ** 2
-        graph = self._graph(key, pixel_values, tokens, lambda: _VisionGraph(tower, pixel_values, positions))
+        shape, dtype, device = pixel_values.shape, pixel_values.dtype, pixel_values.device
+
+        def make():  # holds no tensor of this image's (see run)
+            return _VisionGraph(tower, torch.zeros(shape, dtype=dtype, device=device), positions)
+
+        graph = self._graph(key, pixel_values, tokens, make)
         return tower(pixel_values) if graph is None else graph(pixel_values)
 
 
