@@ -340,3 +340,34 @@ def test_a_busy_loop_gets_the_events_that_waited_together_and_none_is_lost():
     assert wakes < count // 4
     done = Completion("ab", 0, 2, "stop", None, 0.0)
     assert joined([TextDelta("a"), TextDelta("b"), done]) == [TextDelta("ab"), done]
+
+
+def test_responses_go_out_without_waiting_for_the_clients_ack():
+    """Nagle's algorithm is off on the server's connections: asyncio turns it off only on sockets made as TCP
+    (proto 0 is not), and with it on, every response after a connection's first sat ~40 ms in the kernel,
+    waiting for the client's delayed ACK (`batch --server`, OpenAI clients: each kept-alive request paid it).
+    Checked on connections accepted through asyncio, as uvicorn accepts them from the server's socket."""
+    import asyncio
+    import socket
+
+    from qwen2vl_cli.server.app import listening_socket
+
+    async def accepted_nodelay() -> int:
+        found = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                found.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listening_socket("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(found, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
