@@ -112,7 +112,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from benchmarks.gpu import make_photos
+    from benchmarks.gpu import make_photos, with_bytecode
     from tests.checkpoint import build_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-cold-"))
@@ -122,11 +122,7 @@ def main() -> None:
     photo = str(make_photos(work / "photos", 1)[0])
     gpu = torch.cuda.get_device_name(0)
     del torch
-    env = dict(os.environ)
-    # a pip install leaves bytecode beside the sources; an image built without it (and PYTHONDONTWRITEBYTECODE, as
-    # on the lent GPU machines) compiles torch and sympy from source in every process: ~9 s of a load there
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.setdefault("PYTHONPYCACHEPREFIX", str(work / "bytecode"))
+    env = with_bytecode(os.environ, os.environ.get("PYTHONPYCACHEPREFIX") or work / "bytecode")
     ask = ["describe", photo, "--model", checkpoint, "-n", "128", "--max-pixels", str(1280 * 28 * 28)]
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
                     "transformers": transformers.__version__, "new_tokens": 128, "image_tokens": 1230,

@@ -39,6 +39,8 @@ NEW_TOKENS = 128
 MAX_PIXELS = 1280 * 28 * 28
 UNUSED_EOS = 151935  # an id the tokenizer never makes: every answer runs to its length
 CLIENTS, PER_CLIENT = 16, 4
+BYTECODE = Path(tempfile.gettempdir()) / "qwen2vl-bench-bytecode"  # every measured process's (_env)
+_COMPILED: set[str] = set()  # trees whose command-line modules are in BYTECODE
 
 
 def lengths(count: int, seed: int = 0) -> list[int]:
@@ -215,7 +217,7 @@ def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: st
     `_python`); `processes`: each client its own process (default: threads of this one, as before)."""
     import httpx
 
-    env = {**os.environ, "PYTHONPATH": _path(tree)}
+    env = _env(tree)
     port = port or (8701 if tree != str(ROOT) else 8702)
     python = python or _python(profile and os.path.join(profile, "server.json"))
     server = subprocess.Popen([*python, "serve", "--model", checkpoint, "--port", str(port),
@@ -317,6 +319,19 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _env(tree: str, **extra: str) -> dict:
+    """The environment of a measured process of `tree`: first on PYTHONPATH, with bytecode as a pip install leaves
+    it (gpu.with_bytecode), the command's own modules compiled ahead, as pip compiles them at install."""
+    from gpu import with_bytecode
+
+    env = with_bytecode({**os.environ, "PYTHONPATH": _path(tree), **extra}, BYTECODE)
+    if tree not in _COMPILED:
+        _COMPILED.add(tree)
+        subprocess.run([sys.executable, "-P", "-c", "import PIL.Image, httpx, qwen2vl_cli.cli, qwen2vl_cli.client; "
+                                                   "PIL.Image.init()"], env=env, check=True, capture_output=True)
+    return env
+
+
 def _path(tree: str) -> str:
     """PYTHONPATH with `tree` first (the carried wheels stay on it)."""
     return os.pathsep.join([tree, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
@@ -333,7 +348,7 @@ def _python(profile: str | None) -> list[str]:
 def one_liners(tree: str, checkpoint: str, photo: str, profile: str | None) -> dict:
     """Wall seconds of `qwen2vl describe` with no session running, then of the next one (a tree with
     self-starting sessions answers it through the session the first started); the session is stopped after."""
-    env = {**os.environ, "PYTHONPATH": _path(tree), "QWEN2VL_STATE_DIR": tempfile.mkdtemp(prefix="qwen2vl-state-")}
+    env = _env(tree, QWEN2VL_STATE_DIR=tempfile.mkdtemp(prefix="qwen2vl-state-"))
     walls = []
     for n in range(2):
         start = time.perf_counter()
@@ -348,7 +363,7 @@ def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int
     """Issue 15's pipeline measure: one `qwen2vl describe` per photo, `parallel` at a time (`xargs -P`), with no
     session running at the start (the first starts one, the others wait for it and answer through it), beside
     one `qwen2vl batch` over the same photos, each timed from its command to its last answer."""
-    env = {**os.environ, "PYTHONPATH": _path(tree), "QWEN2VL_STATE_DIR": tempfile.mkdtemp(prefix="qwen2vl-state-")}
+    env = _env(tree, QWEN2VL_STATE_DIR=tempfile.mkdtemp(prefix="qwen2vl-state-"))
     options = ["--model", checkpoint, "-n", str(NEW_TOKENS), "--max-pixels", str(MAX_PIXELS)]
     start = time.perf_counter()
     done = subprocess.run(["xargs", "-P", str(parallel), "-n", "1", *_python(None), "describe", "--json", *options],
@@ -405,7 +420,7 @@ def main() -> None:
         out.write_text(json.dumps(photos))
         started = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--baseline", tree, "--side", tree, checkpoint, str(out)],
-                              env={**os.environ, "PYTHONPATH": _path(tree), **({"QWEN2VL_BENCH_PROFILE": profile} if profile else {})},
+                              env=_env(tree, **({"QWEN2VL_BENCH_PROFILE": profile} if profile else {})),
                               capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)

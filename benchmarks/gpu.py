@@ -34,6 +34,16 @@ def synchronize():
     torch.cuda.synchronize()
 
 
+def with_bytecode(env: dict, folder: str | Path) -> dict:
+    """`env` for a measured process, with the bytecode a pip install leaves beside the sources: the lent GPU
+    machines set PYTHONDONTWRITEBYTECODE and carry packages installed without it, so every process there
+    compiled torch, transformers and the command's own modules from source (seconds a load, ~0.3 s a one-liner)
+    unless given a cache (`folder`, shared by every process of a run: the first writes, the others read)."""
+    env = {**env, "PYTHONPYCACHEPREFIX": str(folder)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def make_photos(folder: Path, count: int) -> list[Path]:
     """1280x960 JPEGs with smooth random content (JPEG-sized like photos, decoded like photos)."""
     import numpy as np

@@ -70,7 +70,7 @@ def main() -> None:
 
     from cold import phases
     from engine import MAX_PIXELS, serve_and_clients
-    from gpu import make_photos
+    from gpu import make_photos, with_bytecode
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-host-"))
     checkpoint = args.checkpoint
@@ -95,8 +95,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         return
 
-    env = {**os.environ, "QWEN2VL_STATE_DIR": str(work / "state"), "PYTHONPYCACHEPREFIX": str(work / "bytecode")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = with_bytecode({**os.environ, "QWEN2VL_STATE_DIR": str(work / "state")}, work / "bytecode")
     command = ["describe", photos[0], "--model", checkpoint, "--no-server", "--verbose", "-n", "128",
                "--max-pixels", str(MAX_PIXELS)]
     subprocess.run(runner("") + command, env=env, capture_output=True, timeout=600)  # bytecode, caches, the check
