@@ -62,10 +62,10 @@ def describe(
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    resolved = common.resolve_media(sources, images, FetchLimits(timeout, max_download))
-    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
+    inputs = common.Inputs(sources, images, FetchLimits(timeout, max_download))
+    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
     request = ChatRequest(
-        prompt=prompt, media=common.media(session, resolved, env),
+        prompt=prompt, media=common.media(session, inputs, env),
         system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
@@ -123,10 +123,10 @@ def ask(
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    resolved = common.resolve_media(sources or [], images, limits, videos or [], video_options)
-    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
+    inputs = common.Inputs(sources or [], images, limits, videos or [], video_options)
+    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
     request = ChatRequest(
-        prompt=question, media=common.media(session, resolved, env, verbose), system=system, vision_ids=vision_ids,
+        prompt=question, media=common.media(session, inputs, env, verbose), system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
 
@@ -179,9 +179,9 @@ def video(
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    resolved = common.resolve_media([], ImageOptions(), FetchLimits(timeout, max_download), [source], options)
-    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive)
+    inputs = common.Inputs([], ImageOptions(), FetchLimits(timeout, max_download), [source], options)
+    session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
     request = ChatRequest(
-        prompt=question, system=system, media=common.media(session, resolved, env, verbose),
+        prompt=question, system=system, media=common.media(session, inputs, env, verbose),
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)

@@ -41,9 +41,10 @@ DEFAULT_KEEP_ALIVE = "5m"  # how long a session a one-liner starts stays when id
 
 
 def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4,
-            env: Environment | None = None, keep_alive: str | None = None):
+            env: Environment | None = None, keep_alive: str | None = None, inputs: "Inputs | None" = None):
     """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
-    is given: the one-liners) one started in the background for this and later commands, else in-process."""
+    is given: the one-liners) one started in the background for this and later commands, else in-process.
+    `inputs` being read meanwhile must be whole before a session is started: a bad one is its error, at once."""
     if server and no_server:
         raise UsageError("--server/--no-server", "give one or the other")
     if not no_server:
@@ -58,6 +59,8 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         found = find_server(spec, api_key)
         if found:
             return RemoteSession(found["url"], spec.model, api_key, concurrency, kind="qwen2vl")
+        if inputs is not None:
+            inputs.result()
         started = _start_session(spec, api_key, keep_alive, env) if keep_alive is not None else None
         if started:
             return RemoteSession(started["url"], spec.model, api_key, concurrency, kind="qwen2vl")
@@ -139,6 +142,31 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
     return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
 
 
+class Inputs:
+    """`resolve_media` on a helper thread, started at once: reading, decoding and resizing (which release the GIL)
+    overlap finding the session (httpx's import, /health). `result()` gives them or raises their error."""
+
+    def __init__(self, *args) -> None:
+        import threading
+
+        self._result, self._error = None, None
+        # a daemon: Ctrl-C during a slow download ends the command without waiting for the read
+        self._thread = threading.Thread(target=self._run, args=args, name="qwen2vl-inputs", daemon=True)
+        self._thread.start()
+
+    def _run(self, *args) -> None:
+        try:
+            self._result = resolve_media(*args)
+        except BaseException as exc:  # noqa: BLE001 - the command's, raised where it asks for the result
+            self._error = exc
+
+    def result(self) -> tuple[list, list]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchLimits, videos: list[str] = (),
                   video_options: VideoOptions | None = None) -> tuple[list, list]:
     """Every source read, decoded and sized, before any session is found or started, so that a bad one is an
@@ -152,10 +180,10 @@ def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchL
             [resolve_video(source, video_options, limits) for source in videos])
 
 
-def media(session, resolved: tuple[list, list], env: Environment, verbose: bool = False) -> list[Media]:
-    """`resolve_media`'s images, then videos, in the form `session` takes; their notes on stderr, and with
-    --verbose what the model sees of each video."""
-    images, videos = resolved
+def media(session, inputs: Inputs, env: Environment, verbose: bool = False) -> list[Media]:
+    """The inputs' images, then videos, in the form `session` takes; their notes on stderr, and with --verbose
+    what the model sees of each video."""
+    images, videos = inputs.result()
     items = [session.image_media(image, name) for name, image in images] + [session.video_media(v) for v in videos]
     for item in items:
         for note in item.notes:
