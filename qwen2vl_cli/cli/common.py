@@ -169,7 +169,7 @@ class Inputs:
 
 def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchLimits, videos: list[str] = (),
                   video_options: VideoOptions | None = None) -> tuple[list, list]:
-    """Every source read, decoded and sized, before any session is found or started, so that a bad one is an
+    """Every source read, decoded and sized, before any session is started (Inputs), so that a bad one is an
     InputError at once (not after a session has loaded): ([(name, image)], [VideoFrames]), for `media`."""
     from ..sources import display_name, resolve_image
     from ..video import resolve_video
