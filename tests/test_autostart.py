@@ -86,8 +86,8 @@ def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
 
 
 def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, images, tmp_path):
-    """Inputs are read before a session is looked for: a missing, truncated or unreachable image is its one-line
-    error (exit 3) without a session loading first, for seconds, to no use."""
+    """Inputs are read (while a running session is looked for) before a session is started: a missing, truncated or
+    unreachable image is its one-line error (exit 3) without a session loading first, for seconds, to no use."""
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(images["jpg"].read_bytes()[:300])
