@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from benchmarks.gpu import MAX_PIXELS, NEW_TOKENS, make_photos, with_bytecode
+    from benchmarks.gpu import MAX_PIXELS, NEW_TOKENS, make_photos
+    from engine import _env, _python  # the measured processes' environment and command line, as engine.py's
     from tests.checkpoint import build_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-pipeline-"))
@@ -43,13 +43,12 @@ def main() -> None:
     if not (Path(checkpoint) / "config.json").exists():
         build_checkpoint(checkpoint, "2b", std=0.02, dtype="bfloat16", device="cuda")
     photos = [str(p) for p in make_photos(work / "photos", args.count)]
-    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
                     "new_tokens": NEW_TOKENS, "image_tokens": 1230}
     del torch
-    env = with_bytecode({**os.environ, "QWEN2VL_STATE_DIR": str(work / "state"),
-                         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-                        os.environ.get("PYTHONPYCACHEPREFIX") or work / "bytecode")
-    command = [sys.executable, "-P", "-m", "qwen2vl_cli"]
+    env = _env(str(ROOT), QWEN2VL_STATE_DIR=str(work / "state"))
+    command = _python(None)
     options = ["--model", checkpoint, "-n", str(NEW_TOKENS), "--max-pixels", str(MAX_PIXELS)]
 
     def one_liner(photo: str) -> tuple[float, dict | None]:
@@ -62,7 +61,7 @@ def main() -> None:
         except (ValueError, KeyError):
             return wall, None
 
-    report["first_wall_s"] = round(one_liner(photos[0])[0], 2)  # starts the session (and writes the bytecode)
+    report["first_wall_s"] = round(one_liner(photos[0])[0], 2)  # starts the session
     report["next_walls_s"] = [round(one_liner(photo)[0], 2) for photo in photos[1:4]]
     for parallel, count in ((1, 8), (8, args.count)):
         start = time.perf_counter()
@@ -84,7 +83,7 @@ def main() -> None:
         report[f"parallel_{parallel}"] = level
         print(parallel, json.dumps(level), flush=True)
     for name, argv in (("help", ["describe", "--help"]), ("usage_error", ["describe", "--no-such-option"])):
-        for _ in range(2):  # the second: the first may write bytecode (Rich's, for --help)
+        for _ in range(2):  # the second: the first may write bytecode (Typer's Rich help, for --help)
             start = time.perf_counter()
             subprocess.run([*command, *argv], env=env, capture_output=True)
         report[f"{name}_wall_s"] = round(time.perf_counter() - start, 3)

@@ -41,7 +41,7 @@ DEFAULT_KEEP_ALIVE = "5m"  # how long a session a one-liner starts stays when id
 
 
 def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4,
-            env: Environment | None = None, keep_alive: str | None = None, inputs: "Inputs | None" = None):
+            env: Environment | None = None, keep_alive: str | None = None, inputs: Inputs | None = None):
     """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
     is given: the one-liners) one started in the background for this and later commands, else in-process.
     `inputs` being read meanwhile must be whole before a session is started: a bad one is its error, at once."""
