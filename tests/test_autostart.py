@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import ROOT, run_process
 
 
@@ -52,6 +54,24 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     while _alive(session["pid"]) and time.monotonic() < deadline:  # 4 s idle: it ends itself, record removed
         time.sleep(0.2)
     assert not _alive(session["pid"]) and not _sessions(tmp_path)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (a console script's path) is 3.11's")
+def test_a_session_started_from_a_folder_holding_a_qwen2vl_cli_runs_the_installed_code(tiny_model, images, tmp_path):
+    """A one-liner run in a folder that holds a package named qwen2vl_cli (a dataset, a cloned repository) starts
+    the installed qwen2vl's session, not that folder's code (`python -m` puts its working directory first)."""
+    folder = tmp_path / "work"
+    (folder / "qwen2vl_cli").mkdir(parents=True)
+    (folder / "qwen2vl_cli" / "__init__.py").write_text("")
+    (folder / "qwen2vl_cli" / "__main__.py").write_text(f"open({str(folder / 'RAN')!r}, 'w').close()\n")
+    env = {**os.environ, "QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path / "state")}
+    ask = [sys.executable, "-P", "-m", "qwen2vl_cli", "describe", str(images["a"]), "-m", tiny_model, "-n", "4"]
+    first = subprocess.run(ask, capture_output=True, cwd=folder, env=env, timeout=120)  # -P: as the `qwen2vl` script
+    try:
+        assert first.returncode == 0 and b"started a background session" in first.stderr, first.stderr
+        assert not (folder / "RAN").exists() and len(_sessions(tmp_path / "state")) == 1
+    finally:
+        run_process("stop", env={"QWEN2VL_STATE_DIR": str(tmp_path / "state")})
 
 
 def test_a_one_liner_asking_other_settings_gets_a_session_of_its_own(tiny_model, images, tmp_path):

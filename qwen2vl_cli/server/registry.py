@@ -165,9 +165,12 @@ def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: fl
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = folder / f"serve-{int(time.time())}.log"
+    # run from the state folder: `python -m` puts its working directory first on the path, so from the user's
+    # (a dataset, a cloned repository) a folder named qwen2vl_cli there would be the code that runs
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", *serve_args, "--quiet"],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env,
+                                   cwd=folder)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
