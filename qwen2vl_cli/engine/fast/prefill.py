@@ -43,6 +43,7 @@ class Prefill:
         self.graphs: OrderedDict[tuple, _VisionGraph | _TextGraph] = OrderedDict()
         self.seen: Counter = Counter()
         self.pending: OrderedDict[tuple, Callable] = OrderedDict()  # shapes seen once: their graph's maker
+        self.uncaptured: set[tuple] = set()  # shapes whose capture ran out of memory: not tried again
         self.supported = _supported(model)
         self.early: tuple | None = None  # (pixel_values, grid, features) from `start`
         self.lock = threading.Lock()
@@ -113,6 +114,8 @@ class Prefill:
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
+        if key in self.uncaptured:
+            return None
         self.seen[key] += 1
         if self.seen[key] < 2:
             self.pending[key] = make
@@ -137,7 +140,12 @@ class Prefill:
     def _capture(self, key, make):
         try:
             graph = make()
-        except RuntimeError as exc:  # a capture this GPU or build cannot do: stay correct without graphs
+        except RuntimeError as exc:
+            if _out_of_memory(exc):  # no room for this graph now: its shape runs without one, the others keep theirs
+                self.uncaptured.add(key)
+                torch.cuda.empty_cache()
+                return None
+            # a capture this GPU or build cannot do: stay correct without graphs
             self.use_graphs = False
             self.pending.clear()
             print(f"qwen2vl: warning: CUDA graphs unavailable for prompts ({str(exc).splitlines()[0]}); "
@@ -231,6 +239,15 @@ class _TextGraph:
         self.last.fill_(length - 1)
         self.graph.replay()
         return self.logits.clone(), [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """`exc` is, or was raised while handling, an out-of-memory error (a capture's end can fail after one)."""
+    while exc is not None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def captured(fn, device):
