@@ -31,8 +31,14 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     expected = run_process("describe", images["a"], "-m", tiny_model, "-n", "12", "--no-server")
     assert expected.returncode == 0, expected.stderr
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    old_log, recent_log = tmp_path / "serve-1700000000.log", tmp_path / "serve-1700000001.log"
+    old_log.write_text("a session's log from long ago\n")
+    recent_log.write_text("yesterday's\n")
+    os.utime(old_log, (time.time() - 8 * 86400,) * 2)
+    os.utime(recent_log, (time.time() - 86400,) * 2)
     first = run_process("describe", images["a"], "-m", tiny_model, "-n", "12", "--keep-alive", "4s", env=env)
     assert first.returncode == 0, first.stderr
+    assert not old_log.exists() and recent_log.exists()  # logs of sessions started a week ago go, as one starts
     assert first.stdout == expected.stdout  # the answer through the session is the in-process one
     assert b"started a background session" in first.stderr and first.stderr.count(b"\n") == 1
     [session] = _sessions(tmp_path)

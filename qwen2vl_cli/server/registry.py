@@ -19,6 +19,7 @@ from pathlib import Path
 HEALTH_TIMEOUT_S = 1.0
 DEFAULT_PORT = 8901
 PROOF_HEADER = "X-Qwen2VL-Challenge"
+LOGS_KEPT_S = 7 * 24 * 3600  # a started session's log (named in its error if it fails) is kept a week
 
 
 def proof(token: str, challenge: str) -> str:
@@ -164,6 +165,7 @@ def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: fl
     env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _prune_logs(folder)
     log_path = folder / f"serve-{int(time.time())}.log"
     # run from the state folder: `python -m` puts its working directory first on the path, so from the user's
     # (a dataset, a cloned repository) a folder named qwen2vl_cli there would be the code that runs
@@ -181,6 +183,17 @@ def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: fl
             return state
         time.sleep(0.05)  # a first one-liner waits on this: ~25 ms of it on average, a /health each time
     raise ServerError("serve", f"not ready after {timeout:.0f}s; log: {log_path}")
+
+
+def _prune_logs(folder: Path) -> None:
+    """Started sessions' logs untouched for LOGS_KEPT_S go: one-liners start sessions all day, each with a log."""
+    cutoff = time.time() - LOGS_KEPT_S
+    for path in folder.glob("serve-*.log"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def stop_server(info: dict, timeout: float = 30.0) -> bool:
