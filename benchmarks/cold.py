@@ -15,7 +15,8 @@
   - with --profile DIR: cProfile of one more in-process one-liner (DIR/in_process.prof) and of the client of one
     more self-starting one-liner (DIR/client.prof), for `python -m pstats`.
 
-  - with --baseline DIR: all of it for the tree before (a `git archive` of its commit) first, in the same run.
+  - with --baseline DIR: all of it for the tree before (a `git archive` of its commit) first, in the same run;
+    then the first one-liner of each tree in turn, --rounds times (the measure that moves most between runs).
 
     python benchmarks/cold.py --out RESULT.json [--checkpoint DIR] [--profile DIR] [--baseline DIR]
 """
@@ -89,8 +90,28 @@ def series(tree: str, env: dict, ask: list[str], state: Path, profile: str | Non
         report["self_starting"]["session"] = json.loads(done.stdout)
     except json.JSONDecodeError:
         report["self_starting"]["session"] = done.stdout.strip() or done.stderr.strip()
-    qwen2vl("stop", "--all", env=env)
+    qwen2vl("stop", env=env)
     return report
+
+
+def firsts(trees: list[str], env: dict, ask: list[str], state: Path, rounds: int) -> dict:
+    """The first one-liner (it starts the session) of each tree in turn, `rounds` times: wall seconds and the
+    session's load phases, each session stopped before the next one-liner."""
+    found: dict = {tree: [] for tree in trees}
+    for _ in range(rounds):
+        for tree in trees:
+            tree_env = {**env, "PYTHONPATH": os.pathsep.join([tree, env.get("PYTHONPATH", "")]),
+                        "QWEN2VL_STATE_DIR": str(state)}
+            wall, done = qwen2vl(*ask, env=tree_env)
+            _, listed = qwen2vl("ps", "--json", env=tree_env)
+            try:
+                phases_s = json.loads(listed.stdout)[0]["health"]["load_phases_s"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                phases_s = None
+            found[tree].append({"wall_s": wall if done.returncode == 0 else -1.0, "load_phases_s": phases_s})
+            qwen2vl("stop", env=tree_env)
+            print("first", tree, found[tree][-1], flush=True)
+    return found
 
 
 def _timings(stdout: str) -> dict | None:
@@ -107,7 +128,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="the 2B checkpoint's folder (built there if it holds none)")
     parser.add_argument("--profile", help="a folder for cProfile files of an in-process and a client one-liner")
     parser.add_argument("--baseline", help="the tree before (a `git archive` of its commit): measured first, "
-                                           "in the same run")
+                                           "in the same run, and first one-liners of both in turn")
+    parser.add_argument("--rounds", type=int, default=3, help="first one-liners of each tree, with --baseline")
     args = parser.parse_args()
     import torch
     import transformers
@@ -130,6 +152,9 @@ def main() -> None:
     if args.baseline:
         report["baseline"] = series(str(Path(args.baseline).resolve()), env, ask, work / "state-before", None)
     report.update(series(str(ROOT), env, ask, work / "state", args.profile))
+    if args.baseline:
+        report["first_one_liners_interleaved"] = firsts([str(Path(args.baseline).resolve()), str(ROOT)], env, ask,
+                                                        work / "state-firsts", args.rounds)
     print(json.dumps(report, indent=1))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
