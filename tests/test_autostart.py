@@ -65,8 +65,9 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (a console script's path) is 3.11's")
 def test_a_session_started_from_a_folder_holding_a_qwen2vl_cli_runs_the_installed_code(tiny_model, images, tmp_path):
     """A one-liner run in a folder that holds a package named qwen2vl_cli (a dataset, a cloned repository) starts
-    the installed qwen2vl's session, not that folder's code (`python -m` puts its working directory first)."""
-    folder = tmp_path / "work"
+    the installed qwen2vl's session, not that folder's code (`python -m` puts its working directory first); so
+    does `serve --background`, whose relative paths still mean what they meant where it was run."""
+    folder = tmp_path / "datasets" / "photos"  # deeper than the state folder: relative paths differ from there
     (folder / "qwen2vl_cli").mkdir(parents=True)
     (folder / "qwen2vl_cli" / "__init__.py").write_text("")
     (folder / "qwen2vl_cli" / "__main__.py").write_text(f"open({str(folder / 'RAN')!r}, 'w').close()\n")
@@ -76,6 +77,15 @@ def test_a_session_started_from_a_folder_holding_a_qwen2vl_cli_runs_the_installe
     try:
         assert first.returncode == 0 and b"started a background session" in first.stderr, first.stderr
         assert not (folder / "RAN").exists() and len(_sessions(tmp_path / "state")) == 1
+        assert run_process("stop", env={"QWEN2VL_STATE_DIR": str(tmp_path / "state")}).returncode == 0
+        # `serve --background` too, and it still runs where it was asked to: a relative --model is found
+        relative = os.path.relpath(tiny_model, folder)
+        started = subprocess.run([*ask[:4], "serve", "--background", "-m", relative, "--port", "0"], cwd=folder,
+                                 capture_output=True, env=env, timeout=120)
+        assert started.returncode == 0 and not (folder / "RAN").exists(), started.stderr
+        again = subprocess.run(ask, capture_output=True, cwd=folder, env=env, timeout=120)
+        assert again.returncode == 0 and b"started" not in again.stderr, again.stderr  # answered by that session
+        assert again.stdout == first.stdout and len(_sessions(tmp_path / "state")) == 1
     finally:
         run_process("stop", env={"QWEN2VL_STATE_DIR": str(tmp_path / "state")})
 
@@ -109,6 +119,22 @@ def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
         result = run_process("describe", images["b"], "-m", tiny_model, "-n", "4", *extra, env={**env, **extra_env})
         assert result.returncode == 0, result.stderr
         assert b"background session" not in result.stderr and not _sessions(tmp_path), extra
+
+
+def test_a_state_folder_that_cannot_be_used_leaves_one_liners_in_process_and_refuses_a_background_serve(
+        tiny_model, images, tmp_path):
+    """QWEN2VL_STATE_DIR naming a file (or a folder that cannot be made): a one-liner answers in-process, saying
+    once why no session started; `serve --background` is its one-line error, exit 6."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(blocked)}
+    result = run_process("describe", images["b"], "-m", tiny_model, "-n", "4", env=env)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert result.stderr.decode().startswith(f"qwen2vl: could not start a background session ({blocked}: cannot "
+                                             "keep sessions' records there") and result.stderr.count(b"\n") == 1
+    refused = run_process("serve", "--background", "-m", tiny_model, env=env)
+    assert refused.returncode == 6 and refused.stderr.count(b"\n") == 1, refused.stderr
+    assert b"QWEN2VL_STATE_DIR names another folder" in refused.stderr and blocked.read_text() == ""
 
 
 def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, images, tmp_path):

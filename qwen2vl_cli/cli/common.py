@@ -98,8 +98,9 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
             if found:
                 return found
             state = spawn_session(args, api_key)
-    except Qwen2VLError as exc:
-        note(f"could not start a background session ({exc}); answering in this process")
+    except (Qwen2VLError, OSError) as exc:  # OSError: a state folder it cannot write in ($QWEN2VL_STATE_DIR)
+        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else exc
+        note(f"could not start a background session ({reason}); answering in this process")
         return None
     note(f"started a background session for {spec.model} (pid {state['pid']}): later commands answer through "
          f"it; it ends after {keep_alive} idle (`qwen2vl stop` ends it now; --keep-alive 0 starts none)")
@@ -112,10 +113,9 @@ def _starting(spec: ModelSpec):
     import fcntl
     import hashlib
 
-    from ..server.registry import state_dir
+    from ..server.registry import state_folder
 
-    folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = state_folder()
     name = hashlib.sha256(repr((spec.model, spec.settings())).encode()).hexdigest()[:16]
     with open(os.open(folder / f"starting-{name}.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -354,8 +354,13 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
     url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else shown_host}:{port}"
     server = uvicorn.Server(uvicorn.Config(create_app(config, session, token), log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))
-    registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
-                          "model": config.model_name, "device": session.device, "started": time.time()})
+    try:
+        registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
+                              "model": config.model_name, "device": session.device, "started": time.time()})
+    except OSError as exc:  # a read-only home, say: it serves all the same, only `ps`, `stop` and one-liners miss it
+        print(f"qwen2vl serve: warning: cannot record this session in {registry.state_dir()} ({exc.strerror}; "
+              "QWEN2VL_STATE_DIR names another folder): `ps`, `stop` and other commands will not find it",
+              file=sys.stderr, flush=True)
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
     # process would die there, before the cleanup below; as SystemExit(0) it unwinds through it: a clean stop
     previous = signal.signal(signal.SIGTERM, _terminated)

@@ -19,6 +19,9 @@ from pathlib import Path
 HEALTH_TIMEOUT_S = 1.0
 DEFAULT_PORT = 8901
 PROOF_HEADER = "X-Qwen2VL-Challenge"
+# a started session runs in the user's working directory (relative paths in its arguments) but not from it: `python
+# -m` puts it first on the path, so a folder named qwen2vl_cli there (a dataset, a cloned repository) would run
+LAUNCH = "import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\nfrom qwen2vl_cli.cli import main\nmain()"
 LOGS_KEPT_S = 7 * 24 * 3600  # a started session's log (named in its error if it fails) is kept a week
 
 
@@ -33,6 +36,19 @@ def state_dir() -> Path:
     if os.environ.get("XDG_RUNTIME_DIR"):
         return Path(os.environ["XDG_RUNTIME_DIR"]) / "qwen2vl"
     return Path.home() / ".cache" / "qwen2vl" / "run"
+
+
+def state_folder() -> Path:
+    """state_dir(), made (0700) where it is missing; ServerError where it cannot be (a file, a read-only home)."""
+    from ..errors import ServerError
+
+    folder = state_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ServerError(str(folder), f"cannot keep sessions' records there ({exc.strerror}); "
+                                       "QWEN2VL_STATE_DIR names another folder") from None
+    return folder
 
 
 def write_state(info: dict) -> Path:
@@ -61,7 +77,7 @@ def read_state(pid: int) -> dict | None:
 def remove_state(pid: int) -> None:
     try:
         (state_dir() / f"{pid}.json").unlink()
-    except FileNotFoundError:
+    except OSError:  # never written, or not there to remove
         pass
 
 
@@ -163,16 +179,12 @@ def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: fl
     from ..errors import ServerError
 
     env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
-    folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = state_folder()
     _prune_logs(folder)
     log_path = folder / f"serve-{int(time.time())}.log"
-    # run from the state folder: `python -m` puts its working directory first on the path, so from the user's
-    # (a dataset, a cloned repository) a folder named qwen2vl_cli there would be the code that runs
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "serve", *serve_args, "--quiet"],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env,
-                                   cwd=folder)
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
