@@ -134,7 +134,7 @@ def test_a_state_folder_that_cannot_be_used_leaves_one_liners_in_process_and_ref
                                              "keep sessions' records there") and result.stderr.count(b"\n") == 1
     refused = run_process("serve", "--background", "-m", tiny_model, env=env)
     assert refused.returncode == 6 and refused.stderr.count(b"\n") == 1, refused.stderr
-    assert b"QWEN2VL_STATE_DIR names another folder" in refused.stderr and blocked.read_text() == ""
+    assert b"set QWEN2VL_STATE_DIR to a folder you can write in" in refused.stderr and blocked.read_text() == ""
 
 
 def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, images, tmp_path):

@@ -99,7 +99,7 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
                 return found
             state = spawn_session(args, api_key)
     except (Qwen2VLError, OSError) as exc:  # OSError: a state folder it cannot write in ($QWEN2VL_STATE_DIR)
-        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else exc
+        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
         note(f"could not start a background session ({reason}); answering in this process")
         return None
     note(f"started a background session for {spec.model} (pid {state['pid']}): later commands answer through "

@@ -358,8 +358,8 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
         registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
                               "model": config.model_name, "device": session.device, "started": time.time()})
     except OSError as exc:  # a read-only home, say: it serves all the same, only `ps`, `stop` and one-liners miss it
-        print(f"qwen2vl serve: warning: cannot record this session in {registry.state_dir()} ({exc.strerror}; "
-              "QWEN2VL_STATE_DIR names another folder): `ps`, `stop` and other commands will not find it",
+        print(f"qwen2vl serve: warning: cannot record this session in {registry.state_dir()} ({exc.strerror}): "
+              "`ps`, `stop` and other commands will not find it (QWEN2VL_STATE_DIR names a folder to use)",
               file=sys.stderr, flush=True)
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
     # process would die there, before the cleanup below; as SystemExit(0) it unwinds through it: a clean stop

@@ -47,7 +47,7 @@ def state_folder() -> Path:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ServerError(str(folder), f"cannot keep sessions' records there ({exc.strerror}); "
-                                       "QWEN2VL_STATE_DIR names another folder") from None
+                                       "set QWEN2VL_STATE_DIR to a folder you can write in") from None
     return folder
 
 
