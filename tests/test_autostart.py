@@ -113,6 +113,25 @@ def test_a_one_liner_asking_other_settings_gets_a_session_of_its_own(tiny_model,
     assert stopped.returncode == 0, stopped.stderr
 
 
+def test_ctrl_c_while_a_session_starts_leaves_none_running(tiny_model, images, tmp_path):
+    """Ctrl-C while the first one-liner waits for the session it started: exit 130, and that session is stopped
+    (it would otherwise load and stay for its keep-alive, a process the user never saw started)."""
+    import signal
+
+    env = {**os.environ, "QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    client = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "describe", str(images["a"]), "-m", tiny_model,
+                               "-n", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("serve-*.log")) and time.monotonic() < deadline:  # the session was started
+        time.sleep(0.05)
+    assert client.poll() is None, client.communicate()
+    client.send_signal(signal.SIGINT)
+    _, stderr = client.communicate(timeout=30)
+    assert client.returncode == 130 and stderr.endswith(b"qwen2vl: error: interrupted\n"), stderr
+    time.sleep(8)  # a session left running would have loaded the tiny model and recorded itself by now
+    assert not _sessions(tmp_path)
+
+
 def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
     for extra, extra_env in ((["--no-server"], {}), (["--keep-alive", "0"], {}), ([], {"QWEN2VL_AUTOSTART": "0"})):

@@ -186,15 +186,20 @@ def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: fl
         process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise ServerError("serve", f"the server exited ({tail[0]}); log: {log_path}")
-        state = read_state(process.pid)
-        if state and health(state["url"], api_key, token=state.get("token"), pid=process.pid):
-            return state
-        time.sleep(0.05)  # a first one-liner waits on this: ~25 ms of it on average, a /health each time
-    raise ServerError("serve", f"not ready after {timeout:.0f}s; log: {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise ServerError("serve", f"the server exited ({tail[0]}); log: {log_path}")
+            state = read_state(process.pid)
+            if state and health(state["url"], api_key, token=state.get("token"), pid=process.pid):
+                return state
+            time.sleep(0.05)  # a first one-liner waits on this: ~25 ms of it on average, a /health each time
+    except KeyboardInterrupt:  # Ctrl-C while it loads: nothing the user did not see start is left running
+        process.terminate()
+        raise
+    process.terminate()
+    raise ServerError("serve", f"not ready after {timeout:.0f}s (stopped); log: {log_path}")
 
 
 def _prune_logs(folder: Path) -> None:
