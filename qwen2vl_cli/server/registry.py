@@ -21,7 +21,8 @@ DEFAULT_PORT = 8901
 PROOF_HEADER = "X-Qwen2VL-Challenge"
 # a started session runs in the user's working directory (relative paths in its arguments) but not from it: `python
 # -m` puts it first on the path, so a folder named qwen2vl_cli there (a dataset, a cloned repository) would run
-LAUNCH = "import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\nfrom qwen2vl_cli.cli import main\nmain()"
+LAUNCH = ("# qwen2vl session\nimport sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n"  # the comment: what `ps` shows
+          "from qwen2vl_cli.cli import main\nmain()")
 LOGS_KEPT_S = 7 * 24 * 3600  # a started session's log (named in its error if it fails) is kept a week
 
 
