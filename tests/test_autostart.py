@@ -143,7 +143,8 @@ def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
 def test_a_state_folder_that_cannot_be_used_leaves_one_liners_in_process_and_refuses_a_background_serve(
         tiny_model, images, tmp_path):
     """QWEN2VL_STATE_DIR naming a file (or a folder that cannot be made): a one-liner answers in-process, saying
-    once why no session started; `serve --background` is its one-line error, exit 6."""
+    once why no session started; `serve`, in the background or not, is its one-line error, exit 6, before any
+    load (a session nothing can find or stop is not started)."""
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(blocked)}
@@ -151,9 +152,10 @@ def test_a_state_folder_that_cannot_be_used_leaves_one_liners_in_process_and_ref
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
     assert result.stderr.decode().startswith(f"qwen2vl: could not start a background session ({blocked}: cannot "
                                              "keep sessions' records there") and result.stderr.count(b"\n") == 1
-    refused = run_process("serve", "--background", "-m", tiny_model, env=env)
-    assert refused.returncode == 6 and refused.stderr.count(b"\n") == 1, refused.stderr
-    assert b"set QWEN2VL_STATE_DIR to a folder you can write in" in refused.stderr and blocked.read_text() == ""
+    for background in (["--background"], []):
+        refused = run_process("serve", *background, "-m", tiny_model, "--port", "0", env=env, timeout=30)
+        assert refused.returncode == 6 and refused.stderr.count(b"\n") == 1, refused.stderr
+        assert b"set QWEN2VL_STATE_DIR to a folder you can write in" in refused.stderr and blocked.read_text() == ""
 
 
 def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, images, tmp_path):

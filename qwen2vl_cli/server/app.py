@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ExitStatus, Qwen2VLError, UsageError, describe_exception
+from ..errors import ExitStatus, Qwen2VLError, ServerError, UsageError, describe_exception
 from ..types import Completion, ModelSpec, TextDelta
 from ..engine.scheduler import median_ms
 from ..engine.session import ModelSession
@@ -344,6 +344,7 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
                                                   "(--api-key or QWEN2VL_API_KEY)")
     sock = listening_socket(config.host, config.port)
     port = sock.getsockname()[1]
+    registry.state_folder()  # where the session will be recorded: one that cannot be used is an error before the load
     import contextlib
 
     with loading or contextlib.nullcontext():
@@ -357,10 +358,8 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
     try:
         registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
                               "model": config.model_name, "device": session.device, "started": time.time()})
-    except OSError as exc:  # a read-only home, say: it serves all the same, only `ps`, `stop` and one-liners miss it
-        print(f"qwen2vl serve: warning: cannot record this session in {registry.state_dir()} ({exc.strerror}): "
-              "`ps`, `stop` and other commands will not find it (QWEN2VL_STATE_DIR names a folder to use)",
-              file=sys.stderr, flush=True)
+    except OSError as exc:  # a full disk, say: unrecorded, `stop` could not find it nor a starting command see it
+        raise ServerError(str(registry.state_dir()), f"cannot record this session ({exc.strerror})") from None
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the
     # process would die there, before the cleanup below; as SystemExit(0) it unwinds through it: a clean stop
     previous = signal.signal(signal.SIGTERM, _terminated)
