@@ -280,6 +280,36 @@ def test_a_capture_out_of_memory_leaves_that_shape_without_a_graph_and_the_rest_
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_decode_capture_out_of_memory_steps_that_row_count_without_a_graph(monkeypatch, capsys):
+    """Out of memory while capturing a decode step's graph (a batch grown near the GPU's limit) does not turn the
+    decoder's graphs off for the session: that row count steps without one in this batch (tried once), correctly,
+    and graphs stay on. The capture's warm-up step is undone as before."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qwen2vl_cli.engine.fast import decoder as fast_decoder
+
+    fake = SimpleNamespace(kv_heads=1, head_dim=2, device=torch.device("cpu"), dtype=torch.float32, layer_count=1,
+                           use_graphs=True, _step=lambda tokens, *args: tokens + 1)
+    tries: list = []
+
+    def no_room(fn, device):
+        tries.append(device)
+        fn()  # the eager run before a capture: its step is undone
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(fast_decoder, "captured", no_room)
+    rows = fast_decoder.Rows(fake, capacity=4, size=8, eos_ids={99}, pad_id=0)
+    prompt = torch.zeros(1, 1, 3, 2)
+    rows.join([(prompt, prompt)], torch.ones(1, 3, dtype=torch.long), torch.tensor([5]), torch.tensor([3]))
+    host = torch.zeros(4, dtype=torch.long)
+    assert [rows.step(host) for _ in range(3)] == [(None, 1)] * 3
+    assert len(tries) == 1 and fake.use_graphs and rows.uncaptured == {1}
+    assert host[0].item() == 8 and rows.positions[0].item() == 6  # three steps from 5 (and from position 3)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_broken_contract_steps_aside_for_the_stock_code(cli, images, monkeypatch):
     """transformers 5.24 renamed the layers' cache argument, and the fast layers silently left the cache empty:
     wrong answers, exit 0. Reproduced here on any version (fast layers that drop the cache), the load-time

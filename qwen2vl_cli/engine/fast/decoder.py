@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .prefill import Prefill, captured, rope_index
+from .prefill import Prefill, captured, out_of_memory, rope_index
 
 CACHE_BLOCK = 256  # cache lengths are rounded up to this
 AHEAD = 2  # decode steps queued on the GPU before the host reads one: absorbs host stalls (GIL, I/O)
@@ -374,6 +374,7 @@ class Rows:
         self.pad = torch.tensor(pad_id, device=device)
         self.count = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.uncaptured: set[int] = set()  # row counts whose capture ran out of memory: stepped without a graph
 
     def join(self, prompt_kv, attention, first, positions) -> range:
         """Rows for a prefilled group: its (keys, values) per layer, attention mask [B, L] (left padding), first
@@ -424,9 +425,9 @@ class Rows:
         """Run one step and copy its tokens into `host_row` [capacity]; returns the event to wait on (None on
         the CPU) and the rows it ran over."""
         bucket = self.bucket()
-        if self.decoder.use_graphs and bucket not in self.graphs:
-            self._capture(bucket)  # where that fails, graphs are off from here on
-        if not self.decoder.use_graphs:
+        if self.decoder.use_graphs and bucket not in self.graphs and bucket not in self.uncaptured:
+            self._capture(bucket)  # where that fails, graphs are off from here on (out of memory: this count's)
+        if not self.decoder.use_graphs or bucket not in self.graphs:
             self._advance(bucket)
             host_row[:bucket].copy_(self.tokens[:bucket])
             return None, bucket
@@ -439,7 +440,8 @@ class Rows:
     def _capture(self, bucket: int) -> None:
         """Record the step (after prefill.captured's warm-up, which writes the K/V and mask of the step about
         to run: harmless), then put the inputs the warm-up moved on back. Where this GPU or build cannot
-        capture it: one warning, and graphs off for the decoder."""
+        capture it: one warning, and graphs off for the decoder; where it runs out of memory: this row count
+        steps without a graph in this batch (a larger batch is a new one, and tries again), the others keep theirs."""
         buffers = (self.tokens, self.positions, self.slot, self.finished)
         saved = [t.clone() for t in buffers]
         try:
@@ -447,6 +449,10 @@ class Rows:
         except RuntimeError as exc:
             import sys
 
+            if out_of_memory(exc):
+                self.uncaptured.add(bucket)
+                torch.cuda.empty_cache()
+                return
             self.decoder.use_graphs = False
             print(f"qwen2vl: warning: CUDA graphs unavailable for decoding ({str(exc).splitlines()[0]}); "
                   "running without", file=sys.stderr)

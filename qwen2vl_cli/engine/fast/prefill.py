@@ -141,7 +141,7 @@ class Prefill:
         try:
             graph = make()
         except RuntimeError as exc:
-            if _out_of_memory(exc):  # no room for this graph now: its shape runs without one, the others keep theirs
+            if out_of_memory(exc):  # no room for this graph now: its shape runs without one, the others keep theirs
                 self.uncaptured.add(key)
                 torch.cuda.empty_cache()
                 return None
@@ -241,7 +241,7 @@ class _TextGraph:
         return self.logits.clone(), [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
 
 
-def _out_of_memory(exc: BaseException | None) -> bool:
+def out_of_memory(exc: BaseException | None) -> bool:
     """`exc` is, or was raised while handling, an out-of-memory error (a capture's end can fail after one)."""
     while exc is not None:
         if isinstance(exc, torch.OutOfMemoryError):
