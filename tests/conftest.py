@@ -157,7 +157,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path.startswith("/slow"):
             time.sleep(3)
-        status, body, headers = self.routes.get(self.path.split("?")[0], (404, b"not found", {}))
+        route = self.routes.get(self.path.split("?")[0], (404, b"not found", {}))
+        status, body, headers = route() if callable(route) else route  # a callable: what to answer, when it is asked
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -174,7 +175,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def http_server():
-    """A loopback HTTP server; tests register routes in `server.routes[path] = (status, body, headers)`."""
+    """A loopback HTTP server; tests register routes in `server.routes[path] = (status, body, headers)` (or a
+    function returning them, called on each request)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     server.routes = _Handler.routes

@@ -159,8 +159,8 @@ def test_a_state_folder_that_cannot_be_used_leaves_one_liners_in_process_and_ref
 
 
 def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, images, tmp_path):
-    """Inputs are read (while a running session is looked for) before a session is started: a missing, truncated or
-    unreachable image is its one-line error (exit 3) without a session loading first, for seconds, to no use."""
+    """Inputs are read while a running session is looked for: a missing, truncated or unreachable image, known bad
+    by then, is its one-line error (exit 3) before any session is started, for seconds, to no use."""
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(images["jpg"].read_bytes()[:300])
@@ -172,6 +172,41 @@ def test_a_bad_input_is_an_error_at_once_and_starts_no_session(tiny_model, image
         assert b"background session" not in result.stderr and not _sessions(tmp_path)
     video = run_process("ask", "-q", "What happens?", "--video", tmp_path / "missing.mp4", "-m", tiny_model, env=env)
     assert video.returncode == 3 and b"missing.mp4" in video.stderr and not _sessions(tmp_path), video.stderr
+
+
+def test_a_slow_input_is_read_while_the_session_it_needs_loads(tiny_model, images, tmp_path, http_server):
+    """The first one-liner starts its session while a slow input (a download here, a long video's decode) is still
+    being read, instead of after it: the photo's server answers only once the session has been started. A bad one
+    read that way is still its one-line error (exit 3), and the session started for it is stopped."""
+
+    def once_a_session_starts(state, status, body):
+        def route():
+            deadline = time.monotonic() + 20
+            while not list(state.glob("serve-*.log")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            answered.append(bool(list(state.glob("serve-*.log"))))
+            return status, body, {"Content-Type": "image/png"}
+        return route
+
+    answered: list = []
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    http_server.routes["/after-start.png"] = once_a_session_starts(good, 200, images["a"].read_bytes())
+    http_server.routes["/gone-after-start.png"] = once_a_session_starts(bad, 404, b"gone")
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(good)}
+    first = run_process("describe", f"{http_server.url}/after-start.png", "-m", tiny_model, "-n", "6", env=env)
+    try:
+        assert first.returncode == 0 and b"started a background session" in first.stderr, first.stderr
+        assert answered == [True]  # the session was on its way before the photo came
+        again = run_process("describe", images["a"], "-m", tiny_model, "-n", "6", env=env)
+        assert again.stdout == first.stdout and b"started" not in again.stderr, again.stderr  # the same photo
+    finally:
+        run_process("stop", env=env)
+    refused = run_process("describe", f"{http_server.url}/gone-after-start.png", "-m", tiny_model, "-n", "6",
+                          env={**env, "QWEN2VL_STATE_DIR": str(bad)})
+    assert refused.returncode == 3 and refused.stderr.count(b"\n") == 1 and b"404" in refused.stderr, refused.stderr
+    assert answered == [True, True]
+    time.sleep(8)  # a session left running would have loaded the tiny model and recorded itself by now
+    assert not _sessions(bad)
 
 
 def test_a_model_that_cannot_load_starts_no_session(tmp_path, images):

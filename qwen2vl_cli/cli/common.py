@@ -44,7 +44,7 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
             env: Environment | None = None, keep_alive: str | None = None, inputs: Inputs | None = None):
     """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
     is given: the one-liners) one started in the background for this and later commands, else in-process.
-    `inputs` being read meanwhile must be whole before a session is started: a bad one is its error, at once."""
+    `inputs` are being read meanwhile (see _start_session)."""
     if server and no_server:
         raise UsageError("--server/--no-server", "give one or the other")
     if not no_server:
@@ -59,22 +59,26 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         found = find_server(spec, api_key)
         if found:
             return RemoteSession(found["url"], spec.model, api_key, concurrency, kind="qwen2vl")
-        if inputs is not None:
-            inputs.result()
-        started = _start_session(spec, api_key, keep_alive, env) if keep_alive is not None else None
+        started = _start_session(spec, api_key, keep_alive, env, inputs) if keep_alive is not None else None
         if started:
             return RemoteSession(started["url"], spec.model, api_key, concurrency, kind="qwen2vl")
     return get_session(spec)
 
 
-def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: Environment | None) -> dict | None:
+def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: Environment | None,
+                   inputs: Inputs | None = None) -> dict | None:
     """Start `qwen2vl serve` for `spec` in the background (a free loopback port, ending itself after `keep_alive`
     idle) and return its record; None where none should start (--keep-alive 0, QWEN2VL_AUTOSTART=0, a model
-    that cannot load: the in-process load says why) or it failed to (said on stderr)."""
+    that cannot load: the in-process load says why) or it failed to (said on stderr). `inputs` still being read
+    (a video's decode, a download) are waited for while the session loads; a bad one is its error and stops the
+    session; one already known bad is its error before any session starts."""
     from ..errors import Qwen2VLError
     from ..modelfiles import hub_offline, hub_reachable, local_model_dir, validate_model_dir
-    from ..server.registry import find_server, spawn_session
+    from ..server.registry import Launched, find_server
     from .options import parse_duration
+
+    if inputs is not None and inputs.done():
+        inputs.result()
 
     idle = parse_duration(keep_alive)
     if idle is not None and idle <= 0 or os.environ.get("QWEN2VL_AUTOSTART", "1").strip().lower() in ("0", "no", "off"):
@@ -91,20 +95,35 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
             "--port", "0", "--keep-alive", keep_alive, "--exit-when-idle",
             *(["--quantize", spec.quantize] if spec.quantize else [])]
     note = env.note if env is not None else lambda text: None
-    try:
-        with env.status(f"Loading {spec.model} (in a background session) ...") if env else contextlib.nullcontext(), \
-                _starting(spec):  # one-liners started together (xargs -P) start one session, not several
+    with contextlib.ExitStack() as held:
+        try:
+            if env is not None:
+                held.enter_context(env.status(f"Loading {spec.model} (in a background session) ..."))
+            held.enter_context(_starting(spec))  # one-liners started together (xargs -P) start one session
             found = find_server(spec, api_key)
             if found:
                 return found
-            state = spawn_session(args, api_key)
-    except (Qwen2VLError, OSError) as exc:  # OSError: a state folder it cannot write in ($QWEN2VL_STATE_DIR)
-        reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
-        note(f"could not start a background session ({reason}); answering in this process")
-        return None
+            launched = Launched(args, api_key)
+        except (Qwen2VLError, OSError) as exc:  # OSError: a state folder it cannot write in ($QWEN2VL_STATE_DIR)
+            return _not_started(note, exc)
+        try:
+            if inputs is not None:
+                inputs.result()
+        except BaseException:
+            launched.stop()
+            raise
+        try:
+            state = launched.ready()
+        except Qwen2VLError as exc:
+            return _not_started(note, exc)
     note(f"started a background session for {spec.model} (pid {state['pid']}): later commands answer through "
          f"it; it ends after {keep_alive} idle (`qwen2vl stop` ends it now; --keep-alive 0 starts none)")
     return state
+
+
+def _not_started(note, exc: BaseException) -> None:
+    reason = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else exc
+    note(f"could not start a background session ({reason}); answering in this process")
 
 
 @contextlib.contextmanager
@@ -144,7 +163,8 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
 
 class Inputs:
     """`resolve_media` on a helper thread, started at once: reading, decoding and resizing (which release the GIL)
-    overlap finding the session (httpx's import, /health). `result()` gives them or raises their error."""
+    overlap finding the session (httpx's import, /health) and, where one must start, its load. `result()` gives
+    them or raises their error; `done()` says whether that would wait."""
 
     def __init__(self, *args) -> None:
         import threading
@@ -160,6 +180,9 @@ class Inputs:
         except BaseException as exc:  # noqa: BLE001 - the command's, raised where it asks for the result
             self._error = exc
 
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
     def result(self) -> tuple[list, list]:
         self._thread.join()
         if self._error is not None:
@@ -169,8 +192,8 @@ class Inputs:
 
 def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchLimits, videos: list[str] = (),
                   video_options: VideoOptions | None = None) -> tuple[list, list]:
-    """Every source read, decoded and sized, before any session is started (Inputs), so that a bad one is an
-    InputError at once (not after a session has loaded): ([(name, image)], [VideoFrames]), for `media`."""
+    """Every source read, decoded and sized, each bad one an InputError (Inputs runs it beside finding or starting
+    the session): ([(name, image)], [VideoFrames]), for `media`."""
     from ..sources import display_name, resolve_image
     from ..video import resolve_video
 

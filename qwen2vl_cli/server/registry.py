@@ -172,35 +172,51 @@ def serves(health: dict, spec) -> bool:
 
 
 def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: float = 900.0) -> dict:
-    """Start `qwen2vl serve SERVE_ARGS --quiet` detached (its output in a log beside the state files), wait
-    until it answers /health, and return its record. ServerError when it exits first or is not ready in time."""
-    import subprocess
-    import sys
+    """Start `qwen2vl serve SERVE_ARGS --quiet` detached and return its record once it answers (Launched)."""
+    return Launched(serve_args, api_key).ready(timeout)
 
-    from ..errors import ServerError
 
-    env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
-    folder = state_folder()
-    _prune_logs(folder)
-    log_path = folder / f"serve-{int(time.time())}.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise ServerError("serve", f"the server exited ({tail[0]}); log: {log_path}")
-            state = read_state(process.pid)
-            if state and health(state["url"], api_key, token=state.get("token"), pid=process.pid):
-                return state
-            time.sleep(0.05)  # a first one-liner waits on this: ~25 ms of it on average, a /health each time
-    except KeyboardInterrupt:  # Ctrl-C while it loads: nothing the user did not see start is left running
-        process.terminate()
-        raise
-    process.terminate()
-    raise ServerError("serve", f"not ready after {timeout:.0f}s (stopped); log: {log_path}")
+class Launched:
+    """`qwen2vl serve SERVE_ARGS --quiet` started detached, its output in a log beside the state files: `ready()`
+    waits until it answers /health and returns its record; `stop()` ends it."""
+
+    def __init__(self, serve_args: list[str], api_key: str | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.api_key = api_key
+        env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
+        folder = state_folder()
+        _prune_logs(folder)
+        self.log_path = folder / f"serve-{int(time.time())}.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                            env=env)
+
+    def ready(self, timeout: float = 900.0) -> dict:
+        """Its record, once it answers /health. ServerError when it exits first or is not ready in time (then it
+        is stopped); stopped too on Ctrl-C: nothing the user did not see start is left running."""
+        from ..errors import ServerError
+
+        process, deadline = self.process, time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                    raise ServerError("serve", f"the server exited ({tail[0]}); log: {self.log_path}")
+                state = read_state(process.pid)
+                if state and health(state["url"], self.api_key, token=state.get("token"), pid=process.pid):
+                    return state
+                time.sleep(0.05)  # a first one-liner waits on this: ~25 ms of it on average, a /health each time
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        self.stop()
+        raise ServerError("serve", f"not ready after {timeout:.0f}s (stopped); log: {self.log_path}")
+
+    def stop(self) -> None:
+        self.process.terminate()
 
 
 def _prune_logs(folder: Path) -> None:
