@@ -188,7 +188,8 @@ class Launched:
         env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
         folder = state_folder()
         _prune_logs(folder)
-        self.log_path = folder / f"serve-{int(time.time())}.log"
+        # the starting command's pid too: two sessions started in the same second (two models) get a log each
+        self.log_path = folder / f"serve-{int(time.time())}-{os.getpid()}.log"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
