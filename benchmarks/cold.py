@@ -134,13 +134,10 @@ def main() -> None:
     import torch
     import transformers
 
-    from benchmarks.gpu import make_photos, with_bytecode
-    from tests.checkpoint import build_checkpoint
+    from benchmarks.gpu import checkpoint_at, make_photos, with_bytecode
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-cold-"))
-    checkpoint = args.checkpoint or str(work / "ckpt")
-    if not (Path(checkpoint) / "config.json").exists():
-        build_checkpoint(checkpoint, "2b", std=0.02, dtype="bfloat16", device="cuda")
+    checkpoint = checkpoint_at(args.checkpoint, work)
     photo = str(make_photos(work / "photos", 1)[0])
     gpu = torch.cuda.get_device_name(0)
     del torch

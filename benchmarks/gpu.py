@@ -44,6 +44,17 @@ def with_bytecode(env: dict, folder: str | Path) -> dict:
     return env
 
 
+def checkpoint_at(folder: str | Path | None, work: Path) -> str:
+    """A random-weight 2B checkpoint (real shapes, bf16): `folder` where given and it holds one, else built there (or
+    in `work`/ckpt) on the GPU."""
+    from tests.checkpoint import build_checkpoint
+
+    folder = Path(folder or work / "ckpt")
+    if not (folder / "config.json").exists():
+        build_checkpoint(folder, "2b", std=0.02, dtype="bfloat16", device="cuda")
+    return str(folder)
+
+
 def make_photos(folder: Path, count: int) -> list[Path]:
     """1280x960 JPEGs with smooth random content (JPEG-sized like photos, decoded like photos)."""
     import numpy as np

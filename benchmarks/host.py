@@ -70,15 +70,11 @@ def main() -> None:
 
     from cold import phases
     from engine import MAX_PIXELS, serve_and_clients
-    from gpu import make_photos, with_bytecode
+    from gpu import checkpoint_at, make_photos, with_bytecode
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-host-"))
-    checkpoint = args.checkpoint
-    if not checkpoint:
-        from tests.checkpoint import build_checkpoint
-
-        checkpoint = str(build_checkpoint(work / "ckpt", "2b", std=0.02, dtype="bfloat16", device="cuda"))
-        torch.cuda.empty_cache()
+    checkpoint = checkpoint_at(args.checkpoint, work)
+    torch.cuda.empty_cache()
     photos = [str(p) for p in make_photos(work / "photos", 64)]
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
                     "server": {}, "load": {}}

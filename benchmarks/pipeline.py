@@ -34,14 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from benchmarks.gpu import MAX_PIXELS, NEW_TOKENS, make_photos
+    from benchmarks.gpu import MAX_PIXELS, NEW_TOKENS, checkpoint_at, make_photos
     from engine import _env, _python  # the measured processes' environment and command line, as engine.py's
-    from tests.checkpoint import build_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qwen2vl-pipeline-"))
-    checkpoint = args.checkpoint or str(work / "ckpt")
-    if not (Path(checkpoint) / "config.json").exists():
-        build_checkpoint(checkpoint, "2b", std=0.02, dtype="bfloat16", device="cuda")
+    checkpoint = checkpoint_at(args.checkpoint, work)
     photos = [str(p) for p in make_photos(work / "photos", args.count)]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": gpu,
