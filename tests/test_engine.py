@@ -378,3 +378,23 @@ def test_images_are_processed_side_by_side_and_only_tokenizing_holds_the_lock(se
         assert made.keys() == expected.keys()
         for key in expected:
             assert (made[key] == expected[key]).all(), key
+
+
+def test_a_load_pauses_the_collector_and_an_unload_frees_what_it_froze(session, tmp_path):
+    """A load runs without cyclic collections and freezes what it made (engine/session.collector_paused); the
+    collector is on again after it, loaded or failed, and an unload (the server's --keep-alive) still frees the
+    model, whose layers' bound forwards make reference cycles that only the collector can break."""
+    import gc
+    import weakref
+
+    from qwen2vl_cli.engine.session import ModelSession
+    from qwen2vl_cli.errors import ModelLoadError
+    from qwen2vl_cli.types import ModelSpec
+
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    layer = weakref.ref(session.model.model.language_model.layers[0])  # in a cycle: its bound fast forward
+    session.unload()
+    assert layer() is None, "the unloaded model's layers are still held"
+    with pytest.raises(ModelLoadError):
+        ModelSession(ModelSpec(model=str(tmp_path / "missing"), device="cpu", dtype="float32")).load()
+    assert gc.isenabled()

@@ -40,3 +40,29 @@ def test_an_empty_cache_is_caught(checkpoint, measured, monkeypatch):
     measured("relative_error_with_an_empty_cache", float(error.group(1)) if error else str(caught.value))
     assert all("forward" not in layer.__dict__ for layer in session.model.model.language_model.layers)
     session.unload()
+
+
+def test_a_checked_load_leaves_no_probe_shapes_and_an_unload_frees_the_gpu(checkpoint, measured, monkeypatch):
+    """The load's check runs its probe prompts through the prefill: their image sizes and prompt lengths are not
+    left for a session's idle time to capture. An unload (the server's --keep-alive) gives the weights' memory
+    back, although the load froze them for the collector (engine/session.collector_paused)."""
+    import torch
+
+    from qwen2vl_cli.engine.fast import checks
+    from qwen2vl_cli.engine.session import ModelSession
+    from qwen2vl_cli.types import ModelSpec
+
+    from .conftest import DRY
+
+    if DRY:
+        pytest.skip("the check is run at every load on the CPU, and no prompt graphs are made there")
+    monkeypatch.setattr(checks, "passed", lambda key: None)  # as at a first load: the check runs
+    before = torch.cuda.memory_allocated()
+    session = ModelSession(ModelSpec(model=str(checkpoint), device=DEVICE)).load()
+    loaded = torch.cuda.memory_allocated()
+    assert session.fast and not session.fast.checked_before
+    assert not session.fast.prefill.pending and not session.fast.prefill.seen
+    session.unload()
+    measured("gib_loaded_then_after_unload", [round((loaded - before) / 2**30, 2),
+                                              round((torch.cuda.memory_allocated() - before) / 2**30, 2)])
+    assert torch.cuda.memory_allocated() - before < 0.05 * (loaded - before)

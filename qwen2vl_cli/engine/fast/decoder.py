@@ -55,6 +55,7 @@ def enable(model, probes=(), use_graphs: bool | None = None) -> "FastDecoder":
         uninstall(model)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ContractError(f"{type(exc).__name__}: {first}") from exc
+    decoder.prefill.forget_shapes()  # the probes' image sizes and prompt lengths are not the requests' to come
     tolerance = CONTRACT_TOLERANCE[decoder.dtype == torch.float32]
     if decoder.errors and max(decoder.errors) > tolerance:
         uninstall(model)

@@ -137,6 +137,13 @@ class Prefill:
                     return True
             return False
 
+    def forget_shapes(self) -> None:
+        """Forget the shapes seen so far (not the graphs captured): the load's check ran its probes through here,
+        and a session's idle time would otherwise go to capturing their graphs (and the graph slots to them)."""
+        with self.lock:
+            self.seen.clear()
+            self.pending.clear()
+
     def _capture(self, key, make):
         try:
             graph = make()
