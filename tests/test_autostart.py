@@ -132,6 +132,33 @@ def test_ctrl_c_while_a_session_starts_leaves_none_running(tiny_model, images, t
     assert not _sessions(tmp_path)
 
 
+def test_ctrl_c_while_the_session_is_spawned_stops_it(tiny_model, tmp_path, monkeypatch):
+    """Ctrl-C inside Popen (which waits for the child's exec; the test above can land there under load) is
+    held until the child is known, then stops it: no session is left running that nothing owns."""
+    import signal
+
+    from qwen2vl_cli.server import registry
+
+    monkeypatch.setenv("QWEN2VL_STATE_DIR", str(tmp_path))
+    children: list[subprocess.Popen] = []
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        children.append(real(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGINT)  # the interrupt, inside the spawn
+        return children[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            registry.Launched(["--model", str(tiny_model), "--port", "0", "--keep-alive", "30s", "--exit-when-idle"])
+        assert children[0].wait(timeout=30) == -signal.SIGTERM
+    finally:
+        for child in children:
+            child.kill()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_no_session_is_started_when_asked_not_to(tiny_model, images, tmp_path):
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
     for extra, extra_env in ((["--no-server"], {}), (["--keep-alive", "0"], {}), ([], {"QWEN2VL_AUTOSTART": "0"})):

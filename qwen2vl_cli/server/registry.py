@@ -7,6 +7,7 @@ this without importing torch."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -190,10 +191,13 @@ class Launched:
         _prune_logs(folder)
         # the starting command's pid too: two sessions started in the same second (two models) get a log each
         self.log_path = folder / f"serve-{int(time.time())}-{os.getpid()}.log"
-        with open(self.log_path, "ab") as log:
+        with _interrupt_deferred() as interrupted, open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                                             env=env)
+        if interrupted:
+            self.stop()
+            raise KeyboardInterrupt
 
     def ready(self, timeout: float = 900.0) -> dict:
         """Its record, once it answers /health. ServerError when it exits first or is not ready in time (then it
@@ -218,6 +222,23 @@ class Launched:
 
     def stop(self) -> None:
         self.process.terminate()
+
+
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Ctrl-C noted, not raised, inside (a list: [True] when it came); in the main thread only, where signals are
+    handled. A session's spawn is one: an interrupt inside Popen (which waits for the child's exec) would leave a
+    session running that nothing owns."""
+    interrupted: list[bool] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield interrupted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _prune_logs(folder: Path) -> None:
