@@ -141,6 +141,13 @@ def test_all_good_exits_0(cli, tree):
     assert result.exit_code == 0 and len(records(result.stdout)) == 1
 
 
+def test_verbose_says_which_weights_answer(cli, tree):
+    result = cli("batch", tree / "a.png", "-n", "4", "--verbose")
+    assert result.exit_code == 0, result.stderr
+    assert "float32 weights on cpu; fast path off (CPU); loaded in" in result.stderr
+    assert "weights on" not in cli("batch", tree / "a.png", "-n", "4").stderr
+
+
 def test_nothing_to_do_is_a_usage_error(cli):
     result = cli("batch")
     assert result.exit_code == 2

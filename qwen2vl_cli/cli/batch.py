@@ -11,10 +11,10 @@ from ..errors import ExitStatus, UsageError
 from ..render import Environment
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, MaxNewTokensOpt,
-                      MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt,
-                      ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TimeoutOpt,
-                      TopKOpt, TopPOpt)
+from .options import (DEFAULTS, OUTPUT_PANEL, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
+                      MaxNewTokensOpt, MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt,
+                      RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, SystemOpt,
+                      TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt)
 
 OUT_PANEL = "Results"
 DEFAULT_BATCH_PROMPT = "Describe this image."
@@ -53,6 +53,7 @@ def batch(
     repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=OUTPUT_PANEL, help="Say on stderr which weights answer and where the load's time went.")] = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     server: ServerOpt = None,
@@ -97,7 +98,12 @@ def batch(
     try:
         with BatchProgress(env, len(items)) as progress:
             results = Results(sinks, progress.summary, progress.advance, on_failure)
-            summary = run_batch(items, session, config, results, on_start=progress.start)
+            def started(todo: int, at_once: int) -> None:  # the model is loaded
+                if verbose and hasattr(session, "describe_weights"):  # a server's weights: `qwen2vl ps`
+                    progress.note(session.describe_weights())
+                progress.start(todo, at_once)
+
+            summary = run_batch(items, session, config, results, on_start=started)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for sink in sinks:
@@ -141,6 +147,13 @@ class BatchProgress:
                             completed=self.total - todo)
             self._started = self.bar.get_time()
             self._done_at_start = self.total - todo
+
+    def note(self, text: str) -> None:
+        """A line on stderr above the bar (or alone, without one)."""
+        if self.bar is not None:
+            self.bar.console.print(f"qwen2vl: {text}", markup=False, highlight=False)
+        else:
+            self.env.note(text)
 
     def advance(self, count: int) -> None:
         if self.bar is not None:
