@@ -230,10 +230,12 @@ def _interrupt_deferred():
     handled. A session's spawn is one: an interrupt inside Popen (which waits for the child's exec) would leave a
     session running that nothing owns."""
     interrupted: list[bool] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
-    except ValueError:  # not the main thread
-        previous = None
+    previous = None
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored or handled
+        try:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+        except ValueError:  # not the main thread
+            pass
     try:
         yield interrupted
     finally:
