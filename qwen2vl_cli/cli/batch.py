@@ -98,6 +98,7 @@ def batch(
     try:
         with BatchProgress(env, len(items)) as progress:
             results = Results(sinks, progress.summary, progress.advance, on_failure)
+
             def started(todo: int, at_once: int) -> None:  # the model is loaded
                 if verbose and hasattr(session, "describe_weights"):  # a server's weights: `qwen2vl ps`
                     progress.note(session.describe_weights())
