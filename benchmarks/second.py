@@ -1,6 +1,6 @@
 """The second one-liner through a session (issue 15's "every later one-liner"): what a request that comes soon after a
 session's first answer waits for. A session's engine (in process, `serving` as `qwen2vl serve` sets it) answers a
-first 1230-token photo, then, `--gap` seconds after that answer's end (a one-liner's process exits and the next
+first 1230-token photo, then, each of `--gaps` seconds after that answer's end (a one-liner's process exits and the next
 starts in ~0.3 s), a second one; then a third once the engine has been idle for 3 s. Each graph capture (prompt
 graphs: prefill.Prefill._capture; decode graphs: decoder.Rows._capture) is logged with its start and length,
 beside each request's submit, first token and end, on one clock.
