@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .errors import ServerError
-from .server.protocol import SIZED_HEADER
+from .server.protocol import SIZED_HEADER, is_loopback
 from .types import ChatRequest, Completion, Media, TextDelta
 from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, image_facts
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
@@ -41,14 +41,16 @@ _HTTP: dict = {}
 
 
 def http(url: str):
-    """This process's HTTP client for `url`'s scheme: one connection pool for every call, and for plain http
-    no TLS context (loading the CA certificates for each call cost a one-liner ~0.1 s apiece)."""
+    """This process's HTTP client for `url`: one connection pool for every call; for plain http no TLS context
+    (loading the CA certificates for each call cost a one-liner ~0.1 s apiece); for a loopback address no proxy
+    (HTTP_PROXY and the like name a proxy for other hosts: through one, a local session is never reached)."""
     import httpx
 
-    secure = url.startswith("https:")
-    if secure not in _HTTP:
-        _HTTP.setdefault(secure, httpx.Client(verify=secure))
-    return _HTTP[secure]
+    parts = httpx.URL(url)
+    key = (parts.scheme == "https", is_loopback(parts.host))
+    if key not in _HTTP:
+        _HTTP.setdefault(key, httpx.Client(verify=key[0], trust_env=not key[1]))
+    return _HTTP[key]
 
 
 class RemoteSession:

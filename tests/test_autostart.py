@@ -62,6 +62,25 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert not _alive(session["pid"]) and not _sessions(tmp_path)
 
 
+def test_a_proxy_named_for_other_hosts_is_not_used_to_reach_the_local_session(tiny_model, images, tmp_path):
+    """HTTP_PROXY and the like (a dead one here, NO_PROXY unset, as many machines have them) are for remote hosts:
+    the session on loopback is reached directly, found by a later one-liner, and stopped."""
+    proxy = "http://127.0.0.1:9"
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path), "HTTP_PROXY": proxy, "http_proxy": proxy,
+           "HTTPS_PROXY": proxy, "ALL_PROXY": proxy, "all_proxy": proxy, "NO_PROXY": None, "no_proxy": None}
+    try:
+        first = run_process("describe", images["a"], "-m", tiny_model, "-n", "4", "--keep-alive", "30s", env=env,
+                            timeout=90)
+        assert first.returncode == 0, first.stderr
+        assert b"started a background session" in first.stderr, first.stderr
+        again = run_process("describe", images["a"], "-m", tiny_model, "-n", "4", env=env, timeout=30)
+        assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+        assert b"started" not in again.stderr and len(_sessions(tmp_path)) == 1
+    finally:
+        stopped = run_process("stop", env=env, timeout=30)
+    assert stopped.returncode == 0 and not _sessions(tmp_path), stopped.stderr
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (a console script's path) is 3.11's")
 def test_a_session_started_from_a_folder_holding_a_qwen2vl_cli_runs_the_installed_code(tiny_model, images, tmp_path):
     """A one-liner run in a folder that holds a package named qwen2vl_cli (a dataset, a cloned repository) starts

@@ -11,7 +11,6 @@ gets a 4xx with an OpenAI-style error body, and a client that goes away stops it
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import json
 import os
 import secrets
@@ -32,8 +31,8 @@ from ..engine.session import ModelSession
 from ..sources import FetchLimits
 from . import registry
 from .registry import DEFAULT_PORT, PROOF_HEADER, proof
-from .protocol import (SIZED_HEADER, MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id,
-                       parse_chat_request, usage_body)
+from .protocol import (SIZED_HEADER, MediaPolicy, RequestError, chunk_body, completion_body, error_body,
+                       is_loopback, new_id, parse_chat_request, usage_body)
 from .worker import Job, joined, start_job
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
@@ -73,15 +72,6 @@ class ServerConfig:
         if self.host in ("0.0.0.0", "::", ""):
             return None
         return {self.host.lower()}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(header: str) -> str:

@@ -29,6 +29,19 @@ FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperatu
           "mm_processor_kwargs", "chat_template_kwargs", "add_vision_id"}
 
 
+def is_loopback(host: str) -> bool:
+    """'localhost', 127.0.0.0/8 or ::1 (brackets allowed)."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP status plus an OpenAI-style error body."""
 
