@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_on_a_terminal():
+    """The processes tests start and interrupt (Ctrl-C tests) take SIGINT even where the suite itself was started
+    ignoring it (a shell's background job): a handled signal is reset to its default in a child, an ignored one
+    is inherited."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _offline_and_isolated(tmp_path_factory):
     """No test touches the network hub or the user's cache."""
     home = tmp_path_factory.mktemp("hf_home")
