@@ -72,6 +72,49 @@ def test_http_url_equals_the_path(cli, images, reference, http_server):
     assert result.stdout == reference
 
 
+@pytest.fixture
+def proxy():
+    """A real proxy server (pproxy): SOCKS5 and HTTP on free loopback ports; `proxy.log()` is what it relayed."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    socks, web = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pproxy", "-l", f"socks5://127.0.0.1:{socks}", "-l",
+                                f"http://127.0.0.1:{web}", "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 2 and time.monotonic() < deadline:  # "Serving on ..." once per listener
+        lines.append(process.stdout.readline())
+    assert all("Serving on" in line for line in lines), lines
+    yield SimpleNamespace(socks=f"socks5://127.0.0.1:{socks}", http=f"http://127.0.0.1:{web}",
+                          log=lambda: lines.append(process.stdout.readline()) or lines[-1])
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("scheme", ["socks", "http"])
+def test_an_http_url_is_fetched_through_the_proxy_the_environment_names(cli, images, reference, http_server, proxy,
+                                                                       scheme):
+    """ALL_PROXY=socks5://... (which needs socksio: it was an 'unexpected ImportError') or HTTP_PROXY: the image
+    comes through that proxy, and the answer is the path's."""
+    http_server.routes["/a.png"] = (200, images["a"].read_bytes(), {"Content-Type": "image/png"})
+    names = {"socks": {"ALL_PROXY": proxy.socks}, "http": {"HTTP_PROXY": proxy.http}}[scheme]
+    result = cli("describe", f"{http_server.url}/a.png", "-n", "12", env={**names, "NO_PROXY": "", "no_proxy": ""})
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == reference
+    assert http_server.url.split("//")[1] in proxy.log()  # e.g. "socks5 127.0.0.1:50320 -> 127.0.0.1:41235"
+
+
 def test_file_url_with_spaces_and_unicode(cli, images, reference, tmp_path):
     target = tmp_path / "my photo é.png"
     target.write_bytes(images["a"].read_bytes())
