@@ -108,8 +108,10 @@ def test_an_http_url_is_fetched_through_the_proxy_the_environment_names(cli, ima
     """ALL_PROXY=socks5://... (which needs socksio: it was an 'unexpected ImportError') or HTTP_PROXY: the image
     comes through that proxy, and the answer is the path's."""
     http_server.routes["/a.png"] = (200, images["a"].read_bytes(), {"Content-Type": "image/png"})
-    names = {"socks": {"ALL_PROXY": proxy.socks}, "http": {"HTTP_PROXY": proxy.http}}[scheme]
-    result = cli("describe", f"{http_server.url}/a.png", "-n", "12", env={**names, "NO_PROXY": "", "no_proxy": ""})
+    env = {name: "" for base in ("http", "https", "all", "no") for name in (f"{base}_proxy", f"{base.upper()}_PROXY")}
+    named = {"socks": ("all_proxy", proxy.socks), "http": ("http_proxy", proxy.http)}[scheme]
+    env.update({named[0]: named[1], named[0].upper(): named[1]})  # every other one empty, as if unset
+    result = cli("describe", f"{http_server.url}/a.png", "-n", "12", env=env)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == reference
     assert http_server.url.split("//")[1] in proxy.log()  # e.g. "socks5 127.0.0.1:50320 -> 127.0.0.1:41235"
