@@ -399,3 +399,22 @@ def test_a_load_pauses_the_collector_and_an_unload_frees_what_it_froze(session, 
         ModelSession(ModelSpec(model=str(tmp_path / "missing"), device="cpu", dtype="float32")).load()
     assert gc.isenabled()
 
+
+def test_first_tokens_are_read_before_a_decode_graph_is_captured(session, paths, reference, monkeypatch):
+    """A step at a new row count captures its CUDA graph first (tens of ms, hundreds in a new process): the first
+    tokens the prefill made are read (and streamed) before it, not after. Captures are simulated on the CPU."""
+    from qwen2vl_cli.engine.fast.decoder import Rows
+
+    captured: dict = {}  # row count -> tokens its request had been given when the capture began
+
+    def will_capture(self):
+        return self.bucket() not in captured
+
+    def capture(self, bucket):
+        captured[bucket] = len(session.engine.live[0].answer.ids)
+
+    monkeypatch.setattr(Rows, "will_capture", will_capture)
+    monkeypatch.setattr(Rows, "_capture", capture)
+    completion = session.generate_batch([request_for(session, paths, CASES[0])])[0]
+    assert completion.text == reference[0]
+    assert captured == {1: 1}, captured

@@ -445,6 +445,11 @@ class Engine:
         self.in_flight.append((event, host, owners))
 
     def _enqueue_step(self) -> None:
+        if self.rows.will_capture():  # once per row count: the first tokens made meanwhile are not kept waiting
+            while self.in_flight:
+                self._consume()
+            if not self.rows.count:
+                return
         host = self.host[0]
         self.host.append(self.host.pop(0))
         event, bucket = self.rows.step(host)

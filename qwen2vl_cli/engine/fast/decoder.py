@@ -422,11 +422,16 @@ class Rows:
         positions += 1
         slot.copy_((slot + 1).clamp_(max=self.size - 1))  # only rows out of use get there (admission sees to it)
 
+    def will_capture(self) -> bool:
+        """The next step captures its graph first (tens of ms; once per row count)."""
+        bucket = self.bucket()
+        return self.decoder.use_graphs and bucket not in self.graphs and bucket not in self.uncaptured
+
     def step(self, host_row):
         """Run one step and copy its tokens into `host_row` [capacity]; returns the event to wait on (None on
         the CPU) and the rows it ran over."""
         bucket = self.bucket()
-        if self.decoder.use_graphs and bucket not in self.graphs and bucket not in self.uncaptured:
+        if self.will_capture():
             self._capture(bucket)  # where that fails, graphs are off from here on (out of memory: this count's)
         if not self.decoder.use_graphs or bucket not in self.graphs:
             self._advance(bucket)

@@ -26,10 +26,14 @@ from collections import Counter, OrderedDict
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GRAPHS_KEPT = 3  # vision graphs (by image size) and text graphs (by prompt length) kept: each holds ~0.1-0.2 GB
 TEXT_BUCKET = 64  # text graphs serve prompt lengths rounded up to this
 GRAPH_MAX_TOKENS = 4096  # longer prompts and larger images keep the GPU busy without graphs
+# the prompt's attention: not cuDNN's, which builds a plan for every new prompt length (36-40 ms on an H100, more than
+# the prompt's whole pass), where flash attention has none and takes as long at these lengths
+TEXT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 PENDING_KEPT = 4  # shapes seen once, remembered for a capture when the engine is idle (the latest first)
 
 
@@ -99,8 +103,9 @@ class Prefill:
         language = self.model.model.language_model
         cache = _Keep()
         embeddings = language.rotary_emb(hidden, positions)
-        for layer in language.layers:  # the fast layers of fastpath.install_text
-            hidden = layer.forward(hidden, position_embeddings=embeddings, past_key_values=cache, use_cache=True)
+        with sdpa_kernel(TEXT_ATTENTION):
+            for layer in language.layers:  # the fast layers of fastpath.install_text
+                hidden = layer.forward(hidden, position_embeddings=embeddings, past_key_values=cache, use_cache=True)
         tail = hidden[:, -1:] if last is None else hidden.index_select(1, last)
         return self.model.lm_head(language.norm(tail))[:, -1], cache.layers
 
