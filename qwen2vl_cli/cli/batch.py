@@ -11,7 +11,7 @@ from ..errors import ExitStatus, UsageError
 from ..render import Environment
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, OUTPUT_PANEL, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, BatchVerboseOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
                       MaxNewTokensOpt, MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt,
                       RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, SystemOpt,
                       TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt)
@@ -53,7 +53,7 @@ def batch(
     repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel=OUTPUT_PANEL, help="Say on stderr which weights answer and where the load's time went.")] = False,
+    verbose: BatchVerboseOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     server: ServerOpt = None,

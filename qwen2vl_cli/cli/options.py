@@ -125,6 +125,9 @@ VideoBackendOpt = Annotated[str, typer.Option(
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", rich_help_panel=OUTPUT_PANEL,
     help="Say on stderr what the model will see (frames, times, resolution, tokens) and which weights answer.")]
+BatchVerboseOpt = Annotated[bool, typer.Option(  # batch's: no per-item notes above its progress bar
+    "--verbose", "-v", rich_help_panel=OUTPUT_PANEL,
+    help="Say on stderr which weights answer and where the load's time went.")]
 
 # ---- generation ----------------------------------------------------------------------------------
 MaxNewTokensOpt = Annotated[int, typer.Option(
