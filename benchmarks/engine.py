@@ -169,8 +169,9 @@ def clients_in_process(session, request, count: int) -> dict:
 
 def gpu_costs(session, request) -> dict:
     """What the GPU alone takes (CUDA events, the host out of the way): one photo's prefill (vision tower and
-    language model, graphs warm), one decode step at 16 and 64 rows of ~1360 positions; and the batch rate
-    they bound (every photo prefilled, 128 steps shared by 64 rows)."""
+    language model, graphs warm) and its vision tower, one decode step at 16 and 64 rows of ~1360 positions; the
+    batch rate they bound (every photo prefilled, 128 steps shared by 64 rows, one after the other); and vision
+    towers beside decode steps on two streams (`beside`)."""
     import torch
 
     from qwen2vl_cli.engine.fast.decoder import Rows
@@ -204,10 +205,40 @@ def gpu_costs(session, request) -> dict:
             rows.finished[:count] = False
             rows.mask[:count, ..., :length] = 0.0
             costs[f"step_ms_{count}_rows"] = round(timed(lambda: rows.step(host), 50), 3)
+        pixels, grid = inputs["pixel_values"], prepared["image_grid_thw"]
+        costs["vision_ms"] = round(timed(lambda: fast.prefill._vision(pixels, grid), 10), 2)
+        costs.update(beside(lambda: fast.prefill._vision(pixels, grid), lambda: rows.step(host)))
         del rows
     per_image_ms = prefill_ms + NEW_TOKENS * costs["step_ms_64_rows"] / 64
     costs["batch_bound_images_per_s"] = round(1000 / per_image_ms, 1)
     return costs
+
+
+def beside(vision, step, towers: int = 8, steps: int = NEW_TOKENS) -> dict:
+    """Whether the GPU overlaps the two kinds of work: `towers` vision towers on one stream queued at once with
+    `steps` 64-row decode steps on another (of high priority, then of default priority): when each stream is done
+    (ms from the start), to set against the two alone one after the other. (H200, 2026-12-06: 8 towers and 128
+    steps took 538 ms side by side, 540 ms one after the other: the towers fill the GPU, the steps wait.)"""
+    import torch
+
+    side = torch.cuda.Stream()
+    out = {}
+    for name, stream in (("high_priority", torch.cuda.Stream(priority=-1)), ("default_priority", torch.cuda.Stream())):
+        torch.cuda.synchronize()
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        ends = []
+        for where, run, times in ((side, vision, towers), (stream, step, steps)):
+            where.wait_event(begin)
+            with torch.cuda.stream(where):
+                for _ in range(times):
+                    run()
+                ends.append(torch.cuda.Event(enable_timing=True))
+                ends[-1].record()
+        torch.cuda.synchronize()
+        out[f"steps_on_{name}_stream_ms"] = {"towers_done": round(begin.elapsed_time(ends[0]), 1),
+                                             "steps_done": round(begin.elapsed_time(ends[1]), 1)}
+    return {"beside": {"towers": towers, "steps": steps, **out}}
 
 
 def serve_and_clients(tree: str, checkpoint: str, photos: list[str], profile: str | None,
