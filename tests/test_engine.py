@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 
 import pytest
 
@@ -418,3 +419,40 @@ def test_first_tokens_are_read_before_a_decode_graph_is_captured(session, paths,
     completion = session.generate_batch([request_for(session, paths, CASES[0])])[0]
     assert completion.text == reference[0]
     assert captured == {1: 1}, captured
+
+
+@pytest.mark.parametrize("jump_s", [60.0, 0.0])
+def test_a_streamed_request_goes_ahead_of_non_streamed_ones_that_have_not_waited_long(session, paths, reference,
+                                                                                     monkeypatch, jump_s):
+    """Someone watching an answer come (a streamed one-liner) is not kept behind a batch's queue: a streamed request
+    is prefilled ahead of the non-streamed ones waiting, unless they have waited JUMP_S already (none waits for long).
+    One row, so the order they are admitted in is the order they are answered in; every answer is the recipe's."""
+    from qwen2vl_cli.engine import scheduler
+
+    monkeypatch.setattr(scheduler, "JUMP_S", jump_s)
+    engine = session.engine
+    engine.max_rows = 1
+    hold = threading.Event()
+    hold.set()
+    admit = engine._admit
+    monkeypatch.setattr(engine, "_admit", lambda: None if hold.is_set() else admit())
+
+    def waiting(count: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(engine.waiting) < count:
+            assert time.monotonic() < deadline, "the requests were not prepared"
+            time.sleep(0.01)
+
+    collector = Collector()
+    for count, index in enumerate([1, 3, 2], start=1):  # non-streamed, non-streamed, then streamed
+        assert CASES[index][3] == (index == 2)
+        engine.submit(request_for(session, paths, CASES[index]), collector.emit(index), stream=CASES[index][3])
+        waiting(count)
+    hold.clear()
+    done = []
+    for _ in range(3):
+        index, event = collector.events.get(timeout=120)
+        assert not isinstance(event, BaseException), event
+        assert event.text == reference[index]
+        done.append(index)
+    assert done == ([2, 1, 3] if jump_s else [1, 3, 2])

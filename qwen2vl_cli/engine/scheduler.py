@@ -4,7 +4,8 @@ Requests come in as Tickets (`Engine.submit`). Where the fast path serves them (
 CUDA) they are batched continuously: a prepared request is prefilled between decode steps and joins the running
 batch (fast.decoder.Rows) in a free row; it leaves as soon as it is done (end of text, its own max tokens or stop
 string, or its caller gone), and a waiting request takes the row at the next step. Streamed and non-streamed
-requests share the batch. The others (sampling, penalties, quantized weights, the CPU by default) are answered by
+requests share the batch; a streamed one is prefilled ahead of non-streamed ones that have not waited long
+(`_queue`: an interactive answer does not wait behind a batch's queue). The others (sampling, penalties, quantized weights, the CPU by default) are answered by
 transformers' `generate` on the same thread: non-streamed ones with the same options together, as one padded batch.
 
 One failure policy: a prefill that runs out of GPU memory is split and retried, down to one request, whose caller
@@ -36,6 +37,7 @@ STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
 PREPARERS = 4  # helper threads preparing requests (images on the GPU, tokenizing) while the engine decodes
 PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
 IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
+JUMP_S = 1.0  # a streamed request goes ahead of waiting non-streamed ones younger than this (`_queue`)
 
 
 def median_ms(seconds: list[float]) -> float | None:
@@ -239,7 +241,7 @@ class Engine:
                 ticket.fast = self.session.fast_path_enabled(ticket.request.generation)
             if ticket.prepared is not None:
                 ticket.prepared_at = ticket.prepared_at or time.perf_counter()
-                self.waiting.append(ticket)
+                self._queue(ticket)
             elif self.waiting or self.in_flight or (self.rows is not None and self.rows.count) or not self.inbox.empty():
                 self._prepare_later(ticket)
             else:
@@ -264,6 +266,19 @@ class Engine:
             ticket.emit(exc)
             return
         ticket.prepared_at = time.perf_counter()
+        self._queue(ticket)
+
+    def _queue(self, ticket: Ticket) -> None:
+        """A prepared request takes its place among the waiting ones: in order, except that a streamed answer on the
+        fast path (someone is watching it come: a one-liner, a chat) goes ahead of the non-streamed ones there (a
+        batch's queue, a pipeline's --json) that have waited less than JUMP_S. No work is added or lost, only
+        reordered; an older non-streamed request is not passed, so none waits for long."""
+        if ticket.stream and ticket.fast:
+            now = time.perf_counter()
+            for index, other in enumerate(self.waiting):
+                if other.fast and not other.stream and now - other.prepared_at < JUMP_S:
+                    self.waiting.insert(index, ticket)
+                    return
         self.waiting.append(ticket)
 
     def _prepare_later(self, ticket: Ticket) -> None:
