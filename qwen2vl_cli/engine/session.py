@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import sys
 import threading
@@ -185,8 +186,6 @@ class ModelSession:
         self.fast = None
         if self._engine is not None:
             self._engine.drop_cache()
-        import gc
-
         import torch
 
         gc.unfreeze()  # the model was frozen with the rest of its load (collector_paused); its cycles go now
@@ -500,8 +499,6 @@ def collector_paused():
     frozen (`gc.freeze`), so later full collections (in a session, between requests) walk only what came after;
     `unload` unfreezes them first, or the model's reference cycles (its layers' bound forwards) would keep its
     memory."""
-    import gc
-
     enabled = gc.isenabled()
     gc.disable()
     try:
