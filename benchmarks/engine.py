@@ -167,6 +167,21 @@ def clients_in_process(session, request, count: int) -> dict:
             "in_process_16_clients_engine_timings_ms": session.engine.timings_ms()}
 
 
+def gpu_ms(run, times: int) -> float:
+    """GPU milliseconds per call of `run` (CUDA events around `times` calls in a row, after one warm-up call)."""
+    import torch
+
+    run()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(times):
+        run()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / times
+
+
 def gpu_costs(session, request) -> dict:
     """What the GPU alone takes (CUDA events, the host out of the way): one photo's prefill (vision tower and
     language model, graphs warm) and its vision tower, one decode step at 16 and 64 rows of ~1360 positions; the
@@ -177,23 +192,11 @@ def gpu_costs(session, request) -> dict:
     from qwen2vl_cli.engine.fast.decoder import Rows
 
     fast = session.fast
-
-    def timed(run, times: int) -> float:
-        run()
-        torch.cuda.synchronize()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(times):
-            run()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / times
-
     prepared = session.prepare_one(request(0, NEW_TOKENS))
     inputs = session.to_device(prepared)
     with torch.inference_mode():
         fast._prefill(inputs, prepared)  # its shape seen twice: graphs from here on
-        prefill_ms = timed(lambda: fast._prefill(inputs, prepared), 10)
+        prefill_ms = gpu_ms(lambda: fast._prefill(inputs, prepared), 10)
         costs = {"prefill_ms": round(prefill_ms, 2)}
         rows = Rows(fast, 64, 2048, session.eos_ids, session.pad_id)
         host = torch.empty(64, dtype=torch.long, pin_memory=True)
@@ -204,9 +207,9 @@ def gpu_costs(session, request) -> dict:
             rows.positions[:count] = length
             rows.finished[:count] = False
             rows.mask[:count, ..., :length] = 0.0
-            costs[f"step_ms_{count}_rows"] = round(timed(lambda: rows.step(host), 50), 3)
+            costs[f"step_ms_{count}_rows"] = round(gpu_ms(lambda: rows.step(host), 50), 3)
         pixels, grid = inputs["pixel_values"], prepared["image_grid_thw"]
-        costs["vision_ms"] = round(timed(lambda: fast.prefill._vision(pixels, grid), 10), 2)
+        costs["vision_ms"] = round(gpu_ms(lambda: fast.prefill._vision(pixels, grid), 10), 2)
         costs.update(beside(lambda: fast.prefill._vision(pixels, grid), lambda: rows.step(host)))
         del rows
     per_image_ms = prefill_ms + NEW_TOKENS * costs["step_ms_64_rows"] / 64

@@ -86,24 +86,17 @@ def main() -> None:
 
 
 def timed(run, times: int, cuda: bool) -> float:
-    """ms per run of `run`, `times` in a row (CUDA events on a GPU)."""
+    """ms per call of `run`: GPU time on a GPU (engine.gpu_ms), wall time on the CPU."""
     import time
 
-    import torch
+    from benchmarks.engine import gpu_ms
 
-    if not cuda:
-        start = time.perf_counter()
-        for _ in range(times):
-            run()
-        return (time.perf_counter() - start) * 1000 / times
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
+    if cuda:
+        return gpu_ms(run, times)
+    start = time.perf_counter()
     for _ in range(times):
         run()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / times
+    return (time.perf_counter() - start) * 1000 / times
 
 
 if __name__ == "__main__":
