@@ -81,13 +81,13 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 def _start_background(config, env: Environment) -> None:
     """Re-run this command detached, wait until it answers /health, print its URL."""
-    from ..server.registry import spawn_session
+    from ..server.registry import Launched
 
     argv = _without_secrets([a for a in sys.argv[1:] if a not in ("--background", "-d")])
     if "serve" in argv:
         argv.remove("serve")
     with env.status(f"Starting a session for {config.model_name} ..."):
-        state = spawn_session(argv, config.api_key, READY_TIMEOUT_S)
+        state = Launched(argv, config.api_key).ready(READY_TIMEOUT_S)
     print(state["url"], flush=True)
     env.note(f"session {state['pid']} serves {config.model_name}; `qwen2vl stop` ends it")
 

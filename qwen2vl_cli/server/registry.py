@@ -172,11 +172,6 @@ def serves(health: dict, spec) -> bool:
                for key, asked in (("device", spec.device), ("dtype", spec.dtype), ("attn", spec.attn)))
 
 
-def spawn_session(serve_args: list[str], api_key: str | None = None, timeout: float = 900.0) -> dict:
-    """Start `qwen2vl serve SERVE_ARGS --quiet` detached and return its record once it answers (Launched)."""
-    return Launched(serve_args, api_key).ready(timeout)
-
-
 class Launched:
     """`qwen2vl serve SERVE_ARGS --quiet` started detached, its output in a log beside the state files: `ready()`
     waits until it answers /health and returns its record; `stop()` ends it."""
