@@ -5,8 +5,9 @@ CUDA) they are batched continuously: a prepared request is prefilled between dec
 batch (fast.decoder.Rows) in a free row; it leaves as soon as it is done (end of text, its own max tokens or stop
 string, or its caller gone), and a waiting request takes the row at the next step. Streamed and non-streamed
 requests share the batch; a streamed one is prefilled ahead of non-streamed ones that have not waited long
-(`_queue`: an interactive answer does not wait behind a batch's queue). The others (sampling, penalties, quantized weights, the CPU by default) are answered by
-transformers' `generate` on the same thread: non-streamed ones with the same options together, as one padded batch.
+(`_queue`: an interactive answer does not wait behind a batch's queue). The others (sampling, penalties,
+quantized weights, the CPU by default) are answered by transformers' `generate` on the same thread: non-streamed
+ones with the same options together, as one padded batch.
 
 One failure policy: a prefill that runs out of GPU memory is split and retried, down to one request, whose caller
 gets the error; an error reaches the callers of the requests it concerns and the engine serves on.
@@ -271,7 +272,7 @@ class Engine:
     def _queue(self, ticket: Ticket) -> None:
         """A prepared request takes its place among the waiting ones: in order, except that a streamed answer on the
         fast path (someone is watching it come: a one-liner, a chat) goes ahead of the non-streamed ones there (a
-        batch's queue, a pipeline's --json) that have waited less than JUMP_S. No work is added or lost, only
+        batch's queue, `"stream": false` API calls) that have waited less than JUMP_S. No work is added or lost, only
         reordered; an older non-streamed request is not passed, so none waits for long."""
         if ticket.stream and ticket.fast:
             now = time.perf_counter()
