@@ -44,8 +44,8 @@ def main() -> None:
     weights = sum(p.numel() * p.element_size() for p in language.parameters())
     weights += fast.model.lm_head.weight.numel() * fast.model.lm_head.weight.element_size()
     weights -= language.embed_tokens.weight.numel() * language.embed_tokens.weight.element_size()  # one row read
-    report: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "positions": POSITIONS,
-                    "weights_read_mb": round(weights / 2**20, 1), "rows": {}}
+    report: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                    "positions": POSITIONS, "weights_read_mb": round(weights / 2**20, 1), "rows": {}}
     host = torch.empty(64, dtype=torch.long, pin_memory=cuda)
     with torch.inference_mode():
         for count in ROWS:
