@@ -94,6 +94,7 @@ def test_model_loads_once_per_process(cli, images, monkeypatch):
     (["ask", "x.png"], 2, None),
     (["describe", "{a}", "--resized-height", "100"], 2, "give both or neither"),
     (["describe", "{a}", "--min-pixels", "2000", "--max-pixels", "1000"], 2, "larger than --max-pixels"),
+    (["describe", "{a}", "--max-pixels", "10"], 2, "below the smallest image"),
     (["describe", "{a}", "--bogus"], 2, None),
     (["describe", "{a}", "--device", "gpu"], 2, "use auto, cpu, mps, cuda or cuda:N"),
     (["describe", "{a}", "--dtype", "fp8"], 2, "use one of auto"),

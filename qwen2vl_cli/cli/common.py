@@ -13,7 +13,7 @@ from ..engine.quant import QUANTIZE_CHOICES
 from ..render import Environment, OutputOptions, render_answer
 from ..types import ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model
 from ..engine.session import get_session
-from ..sources import PATCH_FACTOR, FetchLimits, ImageOptions
+from ..sources import IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions
 from ..video import VideoOptions, describe_facts
 
 
@@ -151,6 +151,9 @@ def image_options(min_pixels: int | None, max_pixels: int | None, resized_height
                                          f"over Qwen2-VL's context of {MAX_CONTEXT} tokens")
     if min_pixels and max_pixels and min_pixels > max_pixels:
         raise UsageError("--min-pixels", f"{min_pixels} is larger than --max-pixels {max_pixels}")
+    if max_pixels is not None and min_pixels is None and max_pixels < IMAGE_MIN_PIXELS:
+        raise UsageError("--max-pixels", f"{max_pixels} is below the smallest image Qwen2-VL takes, "
+                                         f"{IMAGE_MIN_PIXELS} (4*28*28: 4 tokens)")
     return ImageOptions(min_pixels, max_pixels, resized_height, resized_width)
 
 
