@@ -403,7 +403,15 @@ def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int
     done = subprocess.run(["xargs", "-P", str(parallel), "-n", "1", *_python(None), "describe", "--json", *options],
                           input="\n".join(photos), env=env, capture_output=True, text=True, timeout=1800)
     xargs_s = time.perf_counter() - start
-    answers = len([line for line in done.stdout.splitlines() if line.startswith("{")])
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    answers = len(records)
+    # each one-liner's request as its client timed it (sent -> last token), to set against walls of ~8 x wall / 100
+    request_s = [r["timings"]["total_s"] for r in records if r.get("timings", {}).get("total_s")]
+    listed = subprocess.run([*_python(None), "ps", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    try:  # the session's phases (medians over the one-liners), to set against their walls
+        session_ms = json.loads(listed.stdout)[0]["health"]["timings_ms"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        session_ms = None
     subprocess.run([*_python(None), "stop"], env=env, capture_output=True, timeout=120)
     listing = Path(tempfile.mkdtemp(prefix="qwen2vl-list-")) / "photos.txt"
     listing.write_text("\n".join(photos) + "\n")
@@ -412,7 +420,9 @@ def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int
                            capture_output=True, text=True, timeout=1800)
     batch_s = time.perf_counter() - start
     return {"xargs_photos": len(photos), "xargs_parallel": parallel, "xargs_wall_s": round(xargs_s, 2),
-            "xargs_rc": done.returncode, "xargs_answers": answers, "batch_cli_wall_s": round(batch_s, 2),
+            "xargs_rc": done.returncode, "xargs_answers": answers, "xargs_session_timings_ms": session_ms,
+            "xargs_request_s_median": round(statistics.median(request_s), 3) if request_s else None,
+            "batch_cli_wall_s": round(batch_s, 2),
             "batch_cli_rc": batch.returncode, "xargs_over_batch": round(xargs_s / batch_s, 2)}
 
 
