@@ -119,7 +119,8 @@ def ask(
 
     env = Environment.from_system(quiet=quiet)
     limits = FetchLimits(timeout, max_download)
-    images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
+    images = common.image_options(min_pixels, max_pixels, resized_height, resized_width, images=bool(sources),
+                                  videos=bool(videos))
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
@@ -176,6 +177,7 @@ def video(
     from ..video import VideoOptions
 
     env = Environment.from_system(quiet=quiet)
+    common.image_options(min_pixels, max_pixels, resized_height, resized_width, images=False, videos=True)
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)

@@ -14,7 +14,7 @@ from ..render import Environment, OutputOptions, render_answer
 from ..types import ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model
 from ..engine.session import get_session
 from ..sources import IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions
-from ..video import VideoOptions, describe_facts
+from ..video import VIDEO_MIN_PIXELS, VideoOptions, describe_facts
 
 
 MAX_CONTEXT = 32768  # Qwen2-VL's positions (max_position_embeddings); the session checks each request exactly
@@ -142,8 +142,9 @@ def _starting(spec: ModelSpec):
 
 
 def image_options(min_pixels: int | None, max_pixels: int | None, resized_height: int | None,
-                  resized_width: int | None) -> ImageOptions:
-    """Check the resolution options fit together (usage error otherwise)."""
+                  resized_width: int | None, images: bool = True, videos: bool = False) -> ImageOptions:
+    """Check the resolution options fit together and the inputs given (`images`, `videos`): a usage error
+    otherwise, not the same input error on every image."""
     if (resized_height is None) != (resized_width is None):
         raise UsageError("--resized-height/--resized-width", "give both or neither")
     if min_pixels and min_pixels // PATCH_FACTOR ** 2 > MAX_CONTEXT:  # every image would be over any context
@@ -151,9 +152,12 @@ def image_options(min_pixels: int | None, max_pixels: int | None, resized_height
                                          f"over Qwen2-VL's context of {MAX_CONTEXT} tokens")
     if min_pixels and max_pixels and min_pixels > max_pixels:
         raise UsageError("--min-pixels", f"{min_pixels} is larger than --max-pixels {max_pixels}")
-    if max_pixels is not None and min_pixels is None and max_pixels < IMAGE_MIN_PIXELS:
-        raise UsageError("--max-pixels", f"{max_pixels} is below the smallest image Qwen2-VL takes, "
-                                         f"{IMAGE_MIN_PIXELS} (4*28*28: 4 tokens)")
+    if max_pixels is not None and min_pixels is None and resized_height is None:  # below qwen-vl-utils' floor
+        for kind, given, floor, tokens in (("an image", images, IMAGE_MIN_PIXELS, 4),
+                                           ("a video frame", videos, VIDEO_MIN_PIXELS, 128)):
+            if given and max_pixels < floor:
+                raise UsageError("--max-pixels", f"{max_pixels} is below the least area of {kind}, {floor} "
+                                                 f"({tokens}*28*28); give a smaller --min-pixels too")
     return ImageOptions(min_pixels, max_pixels, resized_height, resized_width)
 
 
