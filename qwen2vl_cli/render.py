@@ -59,6 +59,13 @@ def error(message: str, stream: TextIO | None = None) -> None:
     print(f"qwen2vl: error: {message}", file=stream or sys.stderr, flush=True)
 
 
+def json_line(record: dict) -> str:
+    """One JSON object and a newline: UTF-8 text as it is, but a lone surrogate (a file name that is not UTF-8, as
+    Python names it) as the \\u escape ensure_ascii would write, so that the line is valid JSON on any stream and
+    reads back to the same name."""
+    return json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+
+
 @dataclass
 class OutputOptions:
     json: bool = False
@@ -70,7 +77,7 @@ def render_answer(events: Iterable[TextDelta | Completion], env: Environment, ou
     """Print an answer as it streams; `record` holds the JSON fields besides text, usage and timings."""
     if output.json:
         completion = _last(events)
-        env.stdout.write(json.dumps(answer_record(completion, record), ensure_ascii=False) + "\n")
+        env.stdout.write(json_line(answer_record(completion, record)))
     elif env.stdout_isatty:
         completion = _render_rich(events, env, output.stream)
     else:

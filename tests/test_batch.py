@@ -136,6 +136,31 @@ def test_csv_output_and_resume(cli, tree, tmp_path):
     assert newline_row["source"] == str(tree / "sub" / "deeper" / "c\nnewline.png")
 
 
+def test_a_file_name_that_is_not_utf8_is_kept_exactly(cli, images, tmp_path, tiny_model):
+    """Such a name (Latin-1 bytes, as old archives have) is written to JSON as its escape and to CSV as its bytes,
+    read back to the same file on resume, and taken from a stdin list under a strict UTF-8 locale."""
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    named = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # what os.listdir gives: a lone surrogate for \xe9
+    with open(named, "wb") as handle:
+        handle.write(images["a"].read_bytes())
+    for out in (tmp_path / "out.jsonl", tmp_path / "out.csv"):
+        first, again = (cli("batch", folder, "-n", "2", "-o", out) for _ in range(2))
+        assert first.exit_code == again.exit_code == 0, first.stderr
+        assert "0 done, 1 skipped (already done)" in again.stderr  # read back as the same file
+    (record,) = records(tmp_path.joinpath("out.jsonl").read_bytes().decode("utf-8"))  # valid UTF-8 JSON
+    assert record["source"] == named and record["text"]
+    assert os.fsencode(named) in tmp_path.joinpath("out.csv").read_bytes()  # the name's own bytes
+    described = cli("describe", named, "-n", "2", "--json")
+    assert json.loads(described.stdout)["sources"] == [named]
+    # a real process whose streams are strict UTF-8 (as under en_US.UTF-8): the list's bytes in, valid JSON out
+    piped = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "batch", "-", "-n", "2", "--model", str(tiny_model)],
+                           input=os.fsencode(named) + b"\n", capture_output=True, timeout=300, cwd=ROOT,
+                           env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert records(piped.stdout.decode("utf-8"))[0]["source"] == named
+
+
 def test_all_good_exits_0(cli, tree):
     result = cli("batch", tree / "a.png", "-n", "4")
     assert result.exit_code == 0 and len(records(result.stdout)) == 1

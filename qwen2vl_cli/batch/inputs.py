@@ -99,6 +99,14 @@ def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
         stack.extend(reversed(subfolders))
 
 
+def byte_faithful(stream: TextIO | None) -> TextIO | None:
+    """`stream` (stdin) reading a path that is not UTF-8 as Python names such files (surrogateescape), as a list
+    or manifest file is read, not as an error (a strict UTF-8 locale) or a lookalike that names no file."""
+    if stream is not None and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="surrogateescape")
+    return stream
+
+
 def bounded_lines(handle: TextIO, name: str) -> Iterator[str]:
     """The lines of a list or manifest, each at most MAX_LINE characters (/dev/zero has no line ends)."""
     number = 0
@@ -116,9 +124,9 @@ def read_manifest(path: str) -> list[BatchItem]:
     """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output)."""
     items = []
     if path == "-":
-        handle = sys.stdin
+        handle = byte_faithful(sys.stdin)
     else:  # a regular file: a FIFO or /dev/zero named by mistake must not hang or fill memory
-        handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8", errors="replace")
+        handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8", errors="surrogateescape")
     with handle:
         for number, line in enumerate(bounded_lines(handle, path), 1):
             if not line.strip():
@@ -147,7 +155,7 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
     items: list[BatchItem] = read_manifest(manifest) if manifest else []
     for spec in inputs:
         if spec == "-":
-            stream = stdin or sys.stdin
+            stream = stdin or byte_faithful(sys.stdin)
             if stream is None:
                 raise InputError("stdin", "closed")
             lines = [line.rstrip("\r\n") for line in bounded_lines(stream, "stdin") if line.strip()]

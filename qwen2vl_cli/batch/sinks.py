@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from ..errors import OutputError, UsageError
+from ..render import json_line
 from .inputs import item_key
 
 BASE_FIELDS = ("source", "text", "error")
@@ -135,7 +136,7 @@ class JsonlSink(RecordFile):
         self.handle = open(path, "w" if overwrite else "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.write(json_line(record))
         _fsync(self.handle)
 
     def close(self) -> None:
@@ -162,7 +163,8 @@ class CsvSink(RecordFile):
                     self._remember(row)
         self.fields = header or [*BASE_FIELDS, *[f for f in fields if f not in BASE_FIELDS]]
         fresh = overwrite or not path.exists() or path.stat().st_size == 0
-        self.handle = open(path, "w" if fresh else "a", encoding="utf-8", newline="")
+        # a file name that is not UTF-8 goes in as its own bytes (surrogateescape), and is read back the same way
+        self.handle = open(path, "w" if fresh else "a", encoding="utf-8", errors="surrogateescape", newline="")
         self.writer = csv.DictWriter(self.handle, self.fields, extrasaction="ignore", lineterminator="\n")
         if fresh:
             self.writer.writeheader()
@@ -177,7 +179,7 @@ class CsvSink(RecordFile):
 
 def _read_csv(path: Path, note: Callable[[str], None]) -> tuple[list[dict], list[str] | None]:
     """The intact rows of a CSV file; a record cut off mid-way (even inside quotes) is dropped."""
-    data = truncate_torn_tail(path, note).decode("utf-8", "replace")
+    data = truncate_torn_tail(path, note).decode("utf-8", "surrogateescape")
     while data:
         try:
             reader = csv.DictReader(io.StringIO(data, newline=""), strict=True)
@@ -191,7 +193,7 @@ def _read_csv(path: Path, note: Callable[[str], None]) -> tuple[list[dict], list
             cut = data.rstrip("\n").rfind("\n") + 1  # drop the last line and try again
             data = data[:cut]
             with open(path, "r+b") as handle:
-                handle.truncate(len(data.encode("utf-8")))
+                handle.truncate(len(data.encode("utf-8", "surrogateescape")))
                 _fsync(handle)
             note(f"{path}: repaired a torn last record left by an interrupted run")
     return [], None
@@ -211,7 +213,7 @@ def _atomic_write(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync, rename over it: readers see old or new, never half."""
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".qwen2vl-tmp", dir=path.parent)
     try:
-        with open(fd, "w", encoding="utf-8") as handle:
+        with open(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
             handle.write(text)
             _fsync(handle)
         os.replace(temporary, path)
