@@ -348,8 +348,13 @@ def _check_frame_count(ele: dict, info: Probe, name: str) -> None:
         smart_nframes(ele, total_frames=total, video_fps=info.fps)
     except (ValueError, AssertionError) as exc:
         text = str(exc)
-        if "nframes should in interval" in text:
-            raise InputError(name, f"not enough frames: {text}") from None
+        bounds = re.search(r"interval \[(\d+), (\d+)\], but got (\d+)", text)
+        if bounds and int(bounds[2]) < int(bounds[1]):
+            raise InputError(name, f"not enough frames: {bounds[2]} to sample from (in the part --start/--end keep); "
+                                   f"Qwen2-VL takes at least {bounds[1]} (one frame is an image: qwen2vl describe)") from None
+        if bounds:
+            raise InputError(name, f"not enough frames: {bounds[3]} asked for (--nframes/--fps), {bounds[1]} to "
+                                   f"{bounds[2]} there") from None
         raise InputError(name, text.splitlines()[0]) from None
 
 

@@ -180,7 +180,8 @@ def test_long_video_is_bounded_and_says_so(tmp_path):
     ("clip", ["--start", "10"], "past the end of the video (4.00s)"),
     ("clip", ["--start", "3", "--end", "2"], "is not before --end"),
     ("clip", ["--end", "9"], "past the end"),
-    ("clip", ["--nframes", "100"], "not enough frames"),
+    ("clip", ["--nframes", "100"], "not enough frames: 100 asked for"),
+    ("one_frame", [], "not enough frames: 1 to sample from"),
     ("empty_dir", [], "holds no frame images"),
     ("bad_frames", [], "not an image"),
     ("no_match", [], "no files match"),
@@ -196,6 +197,8 @@ def test_bad_videos_exit_3(cli, clip, tmp_path, case, args, reason):
         target.write_bytes(data[: len(data) // 3])
     elif case == "empty":
         target.write_bytes(b"")
+    elif case == "one_frame":
+        make_video(target, frames=1, noise=False)
     elif case == "clip":
         target = clip
     elif case == "empty_dir":
