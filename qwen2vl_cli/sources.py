@@ -73,12 +73,16 @@ def display_name(source: str) -> str:
         return source.split(",", 1)[0] + ",..."
     if len(source) > 80 and looks_like_base64(source):
         return f"base64 ({len(source)} chars)"
+    if len(source) > 300:  # a payload that is not quite base64 (cut short, pasted with extra text) is no name
+        return f"{source[:40]}... ({len(source)} chars)"
     return source
 
 
 def looks_like_base64(source: str) -> bool:
-    """True when a string that is not a path reads as base64 payload."""
-    return len(source) >= 64 and "/" not in source[:1] and bool(_BASE64_RE.match(source))
+    """True when a string that is not a path reads as base64 payload. One that starts with "/" is taken for a
+    missing file, unless it starts as every JPEG's base64 does ("/9j/": the bytes FF D8 FF)."""
+    return (len(source) >= 64 and (not source.startswith("/") or source.startswith("/9j/"))
+            and bool(_BASE64_RE.match(source)))
 
 
 def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryIO | None = None) -> bytes:
@@ -94,7 +98,7 @@ def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryI
         return read_local(file_url_to_path(source), source, limits.max_bytes)
     if not os.path.lexists(os.path.expanduser(source)) and looks_like_base64(source):
         return decode_base64(source, "base64 input")
-    return read_local(Path(os.path.expanduser(source)), source, limits.max_bytes)
+    return read_local(Path(os.path.expanduser(source)), display_name(source), limits.max_bytes)
 
 
 def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:

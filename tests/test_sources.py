@@ -59,6 +59,20 @@ def test_source_forms_equal_the_path(cli, images, reference, form):
     assert result.stdout == reference
 
 
+def test_bare_base64_of_a_jpeg_equals_its_path(cli, images, tmp_path):
+    """A JPEG's base64 starts with "/" ("/9j/"), as an absolute path does: still read as the image."""
+    from PIL import Image
+
+    path = tmp_path / "a.jpg"
+    Image.open(images["a"]).convert("RGB").save(path, quality=90)
+    by_path, by_base64 = (cli("describe", source, "-n", "12") for source in (path, b64(path)))
+    assert b64(path).startswith("/9j/")
+    assert by_path.exit_code == by_base64.exit_code == 0, by_base64.stderr
+    assert by_base64.stdout == by_path.stdout
+    missing = cli("describe", "/" + "A" * 80, "-n", "2")  # a missing path that reads as base64 is still missing
+    assert missing.exit_code == 3 and "no such file" in missing.stderr
+
+
 def test_stdin_equals_the_path(cli, images, reference):
     result = cli("describe", "-", "-n", "12", input=images["a"].read_bytes())
     assert result.exit_code == 0, result.stderr
