@@ -17,7 +17,8 @@ from .conftest import ROOT, noise_image
 
 @pytest.fixture
 def tree(tmp_path, images):
-    """Nested folders with good images of several sizes, a corrupt file, a zero-byte file, odd names."""
+    """Nested folders with good images of several sizes, a corrupt file, a zero-byte file, odd names, hidden
+    entries."""
     root = tmp_path / "photos"
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / "a.png").write_bytes(images["a"].read_bytes())
@@ -26,6 +27,9 @@ def tree(tmp_path, images):
     (root / "sub" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     (root / "zero.png").write_bytes(b"")
     (root / "notes.md").write_text("not an image extension: ignored")
+    (root / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")  # hidden: passed over
+    (root / ".thumbnails").mkdir()
+    (root / ".thumbnails" / "a.png").write_bytes(images["a"].read_bytes())
     os.symlink(root, root / "sub" / "loop")
     return root
 

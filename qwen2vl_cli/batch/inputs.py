@@ -62,7 +62,9 @@ def is_remote(source: str) -> bool:
 
 def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
                    note: Callable[[str], None]) -> Iterable[Path]:
-    """Image files below `root` in a stable order; symlink loops and unreadable folders are noted, not fatal."""
+    """Image files below `root` in a stable order; symlink loops and unreadable folders are noted, not fatal.
+    Hidden entries are passed over, as a shell's glob passes them: macOS's `._photo.jpg` (AppleDouble metadata,
+    not an image), `.thumbnails/`, `.git/` (a file named on the command line is taken, hidden or not)."""
     seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
@@ -83,6 +85,8 @@ def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
             continue
         subfolders = []
         for entry in entries:
+            if entry.name.startswith("."):
+                continue
             path = Path(entry.path)
             try:
                 if entry.is_dir():
