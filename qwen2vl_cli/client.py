@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from .errors import ServerError
-from .server.protocol import SIZED_HEADER, is_loopback
+from .errors import ServerError, UsageError
+from .server.protocol import SIZED_HEADER, TOO_LONG, is_loopback
 from .types import ChatRequest, Completion, Media, TextDelta
 from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, image_facts
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
@@ -166,17 +166,22 @@ class RemoteSession:
         """The key, and (read by qwen2vl servers, ignored by others) that every medium is sized already."""
         return {SIZED_HEADER: "1", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
 
-    def _raise_for(self, response) -> None:
-        """A refusal is exit 6 with the server's own message."""
+    def _raise_for(self, response, request: ChatRequest) -> None:
+        """A refusal is exit 6 with the server's own message; a prompt over the context (OpenAI's code for it) is
+        the usage error (exit 2) the request gets in process."""
         if response.status_code < 400:
             return
         try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text.strip()[:300] or response.reason_phrase
+            error = response.json()["error"]
+            message, code = error["message"], error.get("code")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            message, code = response.text.strip()[:300] or response.reason_phrase, None
+        message = " ".join(str(message).split())
         if response.status_code == 401:
             raise ServerError(self.url, "unauthorized: set --api-key or QWEN2VL_API_KEY")
-        raise ServerError(self.url, f"HTTP {response.status_code}: {' '.join(str(message).split())}")
+        if response.status_code == 400 and code == TOO_LONG:
+            raise UsageError(", ".join(m.source for m in request.media) or "the prompt", message)
+        raise ServerError(self.url, f"HTTP {response.status_code}: {message}")
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
         """Server-sent events -> TextDelta pieces, then one Completion (usage from the server)."""
@@ -189,7 +194,7 @@ class RemoteSession:
                               headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10)) as response:
                 if response.status_code >= 400:
                     response.read()
-                    self._raise_for(response)
+                    self._raise_for(response, request)
                 for line in response.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -221,7 +226,7 @@ class RemoteSession:
                 response = http(self.url).post(self.url + "/chat/completions", json=self.body(request, False),
                                       headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10))
                 if response.status_code not in RETRY_STATUSES or attempt == RETRIES:
-                    self._raise_for(response)
+                    self._raise_for(response, request)
                     body = response.json()
                     choice, usage = body["choices"][0], body.get("usage") or {}
                     return Completion(choice["message"]["content"] or "", usage.get("prompt_tokens", 0),

@@ -350,8 +350,9 @@ def _check_frame_count(ele: dict, info: Probe, name: str) -> None:
         text = str(exc)
         bounds = re.search(r"interval \[(\d+), (\d+)\], but got (\d+)", text)
         if bounds and int(bounds[2]) < int(bounds[1]):
-            raise InputError(name, f"not enough frames: {bounds[2]} to sample from (in the part --start/--end keep); "
-                                   f"Qwen2-VL takes at least {bounds[1]} (one frame is an image: qwen2vl describe)") from None
+            reason = (f"not enough frames: {bounds[2]} to sample from (in the part --start/--end keep); Qwen2-VL "
+                      f"takes at least {bounds[1]} (one frame is an image: qwen2vl describe)")
+            raise InputError(name, reason) from None
         if bounds:
             raise InputError(name, f"not enough frames: {bounds[3]} asked for (--nframes/--fps), {bounds[1]} to "
                                    f"{bounds[2]} there") from None

@@ -47,6 +47,11 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert again.returncode == 0, again.stderr
     assert b"started" not in again.stderr and _sessions(tmp_path) == [session]  # reused, said once
     assert json.loads(again.stdout)["text"] + "\n" == expected.stdout.decode()
+    # a prompt over the context is the usage error it is in process (exit 2, the same words), not a server's failure
+    over = run_process("describe", images["a"], "-m", tiny_model, "-n", "32000", "--min-pixels", "1000*28*28", env=env)
+    assert over.returncode == 2, over.stderr
+    assert b"+ --max-new-tokens 32000: over the model's context of 32768 tokens" in over.stderr
+    assert b"HTTP" not in over.stderr and over.stderr.count(b"\n") == 1
     # a one-liner through the session is a light process: no torch, and not what typer >= 0.29 (pydantic) or
     # httpx's own command-line client (click, pygments) would import: ~0.15 s of every later one-liner
     light = ("torch", "transformers", "numpy", "pydantic", "click", "pygments", "fastapi", "uvicorn")

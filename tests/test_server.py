@@ -118,6 +118,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
+    if case == "over_the_context":
+        assert error["code"] == "context_length_exceeded"  # OpenAI's code: clients tell it from a server failure
     assert client.chat.completions.create(model=str(tiny_model), messages=image_message(images["a"], "Hi"),
                                           max_tokens=2).choices[0].message.content
 

@@ -31,7 +31,7 @@ from ..engine.session import ModelSession
 from ..sources import FetchLimits
 from . import registry
 from .registry import DEFAULT_PORT, PROOF_HEADER, proof
-from .protocol import (SIZED_HEADER, MediaPolicy, RequestError, chunk_body, completion_body, error_body,
+from .protocol import (SIZED_HEADER, TOO_LONG, MediaPolicy, RequestError, chunk_body, completion_body, error_body,
                        is_loopback, new_id, parse_chat_request, usage_body)
 from .worker import Job, joined, start_job
 
@@ -216,15 +216,15 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
         parsed = parse_chat_request(body, config.model_name, dataclasses.replace(policy, as_sent=as_sent))
         if parsed.characters > CHARS_PER_TOKEN_BOUND * max_prompt:
             raise RequestError(f"the prompt is {parsed.characters} characters, far over this server's limit of "
-                               f"{max_prompt} tokens (--max-prompt-tokens)", param="messages")
+                               f"{max_prompt} tokens (--max-prompt-tokens)", param="messages", code=TOO_LONG)
         tokens = session.prompt_tokens(parsed.request)
         if tokens > max_prompt:
             raise RequestError(f"the prompt is {tokens} tokens, over this server's limit of {max_prompt} "
-                               "(--max-prompt-tokens)", param="messages")
+                               "(--max-prompt-tokens)", param="messages", code=TOO_LONG)
         try:
             session.check_context([parsed.request], [tokens])
         except Qwen2VLError as exc:
-            raise RequestError(exc.reason, param="max_tokens") from None
+            raise RequestError(exc.reason, param="max_tokens", code=TOO_LONG) from None
         return parsed
 
     @app.post("/v1/chat/completions")
