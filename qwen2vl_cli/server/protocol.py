@@ -20,8 +20,9 @@ IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
 SIZED_HEADER = "X-Qwen2VL-Sized-Media"  # "1": qwen2vl's client sized every image and frame already
-TOO_LONG = "context_length_exceeded"  # OpenAI's error code for a prompt + max_tokens over the context; to a qwen2vl
-# client the usage error (exit 2) that the same request gets in process
+# OpenAI's error code for a prompt (+ max_tokens) over the context: to qwen2vl's client, the usage error (exit 2)
+# the same request gets in process
+TOO_LONG = "context_length_exceeded"
 MAX_FPS = 60.0
 # Every field of a chat-completions body this server reads; any other is refused (400), not ignored.
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
