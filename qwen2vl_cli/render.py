@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, TextIO
 
 from .types import Completion, TextDelta
+
+# control characters (C0 but tab and newline, DEL, C1): in a model's answer or a file name, ESC sequences would
+# reach the terminal and move the cursor, hide text, retitle the window or write the clipboard (OSC 52)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, lines: bool = True) -> str:
+    """`text` as a terminal may be given it: each control character shown as its escape (`\\x1b`); with
+    `lines` False a newline too (a diagnostic is one line, whatever a file name holds)."""
+    text = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return text if lines else text.replace("\n", "\\n")
 
 
 @dataclass
@@ -35,7 +47,7 @@ class Environment:
     def note(self, message: str) -> None:
         """A diagnostic line on stderr, unless --quiet."""
         if not self.quiet:
-            print(f"qwen2vl: {message}", file=self.stderr, flush=True)
+            print(f"qwen2vl: {printable(message, lines=False)}", file=self.stderr, flush=True)
 
     @contextlib.contextmanager
     def status(self, message: str) -> Iterator[None]:
@@ -56,7 +68,7 @@ def _isatty(stream) -> bool:
 
 def error(message: str, stream: TextIO | None = None) -> None:
     """The one-line error format: `qwen2vl: error: <input>: <reason>`."""
-    print(f"qwen2vl: error: {message}", file=stream or sys.stderr, flush=True)
+    print(f"qwen2vl: error: {printable(message, lines=False)}", file=stream or sys.stderr, flush=True)
 
 
 def json_line(record: dict) -> str:
@@ -133,15 +145,15 @@ def _render_rich(events, env: Environment, stream: bool) -> Completion:
     console = env.console()
     if not stream:
         completion = _last(events)
-        console.print(Markdown(completion.text))
+        console.print(Markdown(printable(completion.text)))
         return completion
     text, completion = "", None
     with Live(Markdown(""), console=console, refresh_per_second=12, vertical_overflow="visible") as live:
         for event in events:
             if isinstance(event, Completion):
                 completion = event
-                live.update(Markdown(completion.text))
+                live.update(Markdown(printable(completion.text)))
             else:
                 text += event.text
-                live.update(Markdown(text))
+                live.update(Markdown(printable(text)))
     return completion

@@ -202,3 +202,32 @@ def test_the_process_ends_with_its_objects_frozen(tiny_model, images):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "FROZEN True" in done.stderr and json.loads(done.stdout)["text"], done.stdout + done.stderr
+
+
+def test_control_characters_never_reach_the_terminal(cli, tmp_path):
+    """A file name or a model's answer holding escape sequences (clear the screen, retitle the window, write the
+    clipboard) is shown with them escaped: the error stays one line, the rendered answer holds no injected ESC."""
+    import io
+
+    from qwen2vl_cli.render import Environment, OutputOptions, render_answer
+    from qwen2vl_cli.types import Completion, TextDelta
+
+    hostile = tmp_path / "\x1b[2Jcleared\nsecond line\x9b.png"
+    hostile.write_bytes(b"")
+    result = cli("describe", hostile)
+    one_error_line(result, "\\x1b[2Jcleared\\nsecond line\\x9b.png", "empty file")
+    assert "\x1b" not in result.stderr and "\x9b" not in result.stderr
+
+    answer = "A cat.\x1b]52;c;cm0gLXJmIH4=\x07 \x1b[8mhidden\x1b[0m"
+    for stream in (True, False):
+        out = io.StringIO()
+        env = Environment(out, io.StringIO(), stdout_isatty=True, stderr_isatty=False)
+        render_answer(iter([TextDelta(answer), Completion(answer, 1, 1, "stop", 0.1, 0.2)]), env,
+                      OutputOptions(stream=stream), {})
+        shown = out.getvalue()
+        assert "A cat." in shown and "\\x1b]52;c;cm0gLXJmIH4=" in shown
+        assert "\x1b]52" not in shown and "\x1b[8m" not in shown and "\x07" not in shown
+    piped = io.StringIO()  # piped, the answer is data: every character as the model gave it
+    render_answer(iter([TextDelta(answer), Completion(answer, 1, 1, "stop", 0.1, 0.2)]),
+                  Environment(piped, io.StringIO(), stdout_isatty=False, stderr_isatty=False), OutputOptions(), {})
+    assert piped.getvalue() == answer + "\n"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ExitStatus, UsageError
-from ..render import Environment
+from ..render import Environment, printable
 from ..sources import FetchLimits
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, BatchVerboseOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
@@ -152,7 +152,7 @@ class BatchProgress:
     def note(self, text: str) -> None:
         """A line on stderr above the bar (or alone, without one)."""
         if self.bar is not None:
-            self.bar.console.print(f"qwen2vl: {text}", markup=False, highlight=False)
+            self.bar.console.print(f"qwen2vl: {printable(text, lines=False)}", markup=False, highlight=False)
         else:
             self.env.note(text)
 
