@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .errors import ServerError, UsageError
-from .server.protocol import SIZED_HEADER, TOO_LONG, is_loopback
+from .server.protocol import SIZED_HEADER, TOO_LONG
+from .transport import TransportError, http
 from .types import ChatRequest, Completion, Media, TextDelta
 from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, image_facts
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
@@ -35,22 +36,6 @@ def image_data_uri(image, form: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, form, **({"compress_level": 1} if form == "PNG" else {}))
     return f"data:image/{form.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
-
-
-_HTTP: dict = {}
-
-
-def http(url: str):
-    """This process's HTTP client for `url`: one connection pool for every call; for plain http no TLS context
-    (loading the CA certificates for each call cost a one-liner ~0.1 s apiece); for a loopback address no proxy
-    (HTTP_PROXY and the like name a proxy for other hosts: through one, a local session is never reached)."""
-    import httpx
-
-    parts = httpx.URL(url)
-    key = (parts.scheme == "https", is_loopback(parts.host))
-    if key not in _HTTP:
-        _HTTP.setdefault(key, httpx.Client(verify=key[0], trust_env=not key[1]))
-    return _HTTP[key]
 
 
 class RemoteSession:
@@ -111,12 +96,10 @@ class RemoteSession:
     def load(self) -> "RemoteSession":
         """Find out once whether the server answers, and whether it is a qwen2vl server."""
         if self.kind is None:
-            import httpx
-
             try:
                 response = http(self.url).get(self.url[:-len("/v1")] + "/health", timeout=10, headers=self._headers())
-            except httpx.HTTPError as exc:
-                raise ServerError(self.url, f"cannot reach the server ({type(exc).__name__})") from None
+            except TransportError as exc:
+                raise ServerError(self.url, f"cannot reach the server ({exc})") from None
             try:
                 facts = response.json()
             except ValueError:
@@ -128,12 +111,10 @@ class RemoteSession:
 
     def _adopt_model(self) -> None:
         """The server's model where it serves exactly one (and not the default name the request would carry)."""
-        import httpx
-
         try:
             served = [m.get("id") for m in http(self.url).get(self.url + "/models", timeout=10,
                                                                 headers=self._headers()).json()["data"]]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        except (TransportError, ValueError, KeyError, TypeError, AttributeError):
             return  # the request itself will say what is wrong
         if len(served) == 1 and isinstance(served[0], str) and served[0] != self.model_name:
             self.model_name = served[0]
@@ -185,13 +166,11 @@ class RemoteSession:
 
     def stream(self, request: ChatRequest) -> Iterator[TextDelta | Completion]:
         """Server-sent events -> TextDelta pieces, then one Completion (usage from the server)."""
-        import httpx
-
         start = time.perf_counter()
         text, first, usage, finish = [], None, {}, "stop"
         try:
             with http(self.url).stream("POST", self.url + "/chat/completions", json=self.body(request, True),
-                              headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10)) as response:
+                                       headers=self._headers(), timeout=self.timeout) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for(response, request)
@@ -209,22 +188,20 @@ class RemoteSession:
                             first = first if first is not None else time.perf_counter() - start
                             text.append(piece)
                             yield TextDelta(piece)
-        except httpx.HTTPError as exc:
-            raise ServerError(self.url, f"cannot reach the server ({type(exc).__name__})") from None
+        except TransportError as exc:
+            raise ServerError(self.url, f"cannot reach the server ({exc})") from None
         yield Completion("".join(text), usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), finish,
                          first, time.perf_counter() - start)
 
     def complete(self, request: ChatRequest) -> Completion:
         """One non-streamed request, retried with exponential backoff on transient failures (a 429's
         Retry-After is honoured)."""
-        import httpx
-
         start = time.perf_counter()
         for attempt in range(RETRIES + 1):
             wait = None
             try:
                 response = http(self.url).post(self.url + "/chat/completions", json=self.body(request, False),
-                                      headers=self._headers(), timeout=httpx.Timeout(self.timeout, connect=10))
+                                               headers=self._headers(), timeout=self.timeout)
                 if response.status_code not in RETRY_STATUSES or attempt == RETRIES:
                     self._raise_for(response, request)
                     body = response.json()
@@ -234,9 +211,10 @@ class RemoteSession:
                                       None, time.perf_counter() - start)
                 retry_after = response.headers.get("retry-after", "")
                 wait = min(60.0, float(retry_after)) if retry_after.isdigit() else None
-            except (httpx.TransportError, ValueError, KeyError) as exc:
+            except (TransportError, ValueError, KeyError) as exc:
                 if attempt == RETRIES:
-                    raise ServerError(self.url, f"no answer after {RETRIES + 1} tries ({type(exc).__name__})") from None
+                    reason = exc if isinstance(exc, TransportError) else type(exc).__name__
+                    raise ServerError(self.url, f"no answer after {RETRIES + 1} tries ({reason})") from None
             time.sleep(wait if wait is not None else min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
         raise ServerError(self.url, "no answer")  # pragma: no cover - the loop returns or raises
 

@@ -52,9 +52,9 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert over.returncode == 2, over.stderr
     assert b"+ --max-new-tokens 32000: over the model's context of 32768 tokens" in over.stderr
     assert b"HTTP" not in over.stderr and over.stderr.count(b"\n") == 1
-    # a one-liner through the session is a light process: no torch, and not what typer >= 0.29 (pydantic) or
-    # httpx's own command-line client (click, pygments) would import: ~0.15 s of every later one-liner
-    light = ("torch", "transformers", "numpy", "pydantic", "click", "pygments", "fastapi", "uvicorn")
+    # a one-liner through the session is a light process: no torch, not what typer >= 0.29 (pydantic) would
+    # import, and no httpx (http.client reaches a server on this machine): ~0.2 s of every later one-liner
+    light = ("torch", "transformers", "numpy", "pydantic", "click", "pygments", "fastapi", "uvicorn", "httpx")
     code = ("import sys\nsys.argv = ['qwen2vl', 'describe', %r, '-m', %r, '-n', '12']\n"
             "from qwen2vl_cli.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (str(images["a"]), str(tiny_model), light))

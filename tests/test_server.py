@@ -139,8 +139,8 @@ def test_disconnected_stream_frees_the_worker(server, client, images, tiny_model
 def test_commands_discover_the_session_without_importing_torch(server, images, tiny_model, cli):
     env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
     code = ("import sys\nsys.argv = ['qwen2vl', 'describe', %r, '-n', '12', '--json']\n"
-            "import httpx\ncalls = []\nrequest = httpx.Client.request\n"  # the /health asked once: found, not re-asked
-            "httpx.Client.request = lambda self, method, url, *a, **k: calls.append(str(url)) or request(self, method, url, *a, **k)\n"
+            "import http.client\ncalls = []\nrequest = http.client.HTTPConnection.request\n"  # /health asked once
+            "http.client.HTTPConnection.request = lambda self, method, url, *a, **k: calls.append(str(url)) or request(self, method, url, *a, **k)\n"
             "from qwen2vl_cli.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('HEALTH', sum(url.endswith('/health') for url in calls))\n"
             "print('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules)" % str(images["a"]))
@@ -373,3 +373,32 @@ def test_responses_go_out_without_waiting_for_the_clients_ack():
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_the_local_transport_reads_a_server_as_httpx_does(server, tiny_model, images):
+    """http.client, which reaches a server on this machine, gives what httpx gives (statuses, headers, JSON, the
+    server-sent events and their text), and TransportError where no answer comes."""
+    from qwen2vl_cli.transport import TransportError, _Httpx, http
+
+    url = server["url"]
+    local, reference = http(url), _Httpx(tls=False, loopback=True)
+    assert type(local).__name__ == "_Local" and type(http("https://127.0.0.1:1")).__name__ == "_Httpx"
+    body = {"model": str(tiny_model), "max_tokens": 12, "temperature": 0, "stream": True,
+            "messages": image_message(images["a"], "Hi")}
+    texts = []
+    for client in (local, reference):
+        health = client.get(url + "/health", timeout=10)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.headers.get("Content-Type") == "application/json"
+        refused = client.post(url + "/v1/chat/completions", json={**body, "model": "gpt-4o"}, timeout=10)
+        assert refused.status_code == 404 and "not served here" in refused.json()["error"]["message"]
+        with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as reply:
+            assert reply.status_code == 200
+            events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        texts.append("".join(choice["delta"].get("content") or "" for event in events[:-1]
+                             for choice in json.loads(event)["choices"]))
+    assert texts[0] == texts[1] and texts[0]
+    for client in (local, reference):
+        with pytest.raises(TransportError):
+            client.get("http://127.0.0.1:9/health", timeout=5)  # nothing listens there

@@ -170,7 +170,7 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
 
 class Inputs:
     """`resolve_media` on a helper thread, started at once: reading, decoding and resizing (which release the GIL)
-    overlap finding the session (httpx's import, /health) and, where one must start, its load. `result()` gives
+    overlap finding the session (its /health) and, where one must start, its load. `result()` gives
     them or raises their error; `done()` says whether that would wait."""
 
     def __init__(self, *args) -> None:

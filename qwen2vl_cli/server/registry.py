@@ -102,9 +102,7 @@ def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT
            pid: int | None = None) -> dict | None:
     """The server's /health answer, or None when it does not answer as a qwen2vl server; with `token`
     (and `pid`), None too unless it proves it is the session that recorded them."""
-    import httpx
-
-    from ..client import http
+    from ..transport import TransportError, http
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     challenge = secrets.token_hex(16)
@@ -113,7 +111,7 @@ def health(url: str, api_key: str | None = None, timeout: float = HEALTH_TIMEOUT
     try:
         response = http(url).get(url.rstrip("/") + "/health", timeout=timeout, headers=headers)
         answer = response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+    except (TransportError, ValueError):
         return None
     if not isinstance(answer, dict):
         return None
