@@ -103,6 +103,16 @@ def test_sidecars_are_written_kept_and_overwritten(cli, tree):
     assert sidecar.read_text() == alone(cli, tree / "a.png")
 
 
+def test_with_sidecars_alone_an_answer_with_no_file_beside_goes_to_stdout(cli, tree, images, http_server):
+    """A URL's caption has no file to sit beside: its record is printed, not dropped."""
+    http_server.routes["/remote.png"] = (200, images["b"].read_bytes(), {"Content-Type": "image/png"})
+    url = f"{http_server.url}/remote.png"
+    result = cli("batch", url, tree / "a.png", "-n", "8", "--sidecar")
+    assert result.exit_code == 0, result.stderr
+    assert records(result.stdout) == [{"source": url, "text": alone(cli, url), "error": None}]
+    assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
+
+
 def test_output_file_resumes_without_duplicates(cli, tree, tmp_path):
     out = tmp_path / "captions.jsonl"
     first = cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)

@@ -226,11 +226,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class SidecarSink:
-    """`photo.jpg` -> `photo.txt` beside it (prefix + caption + suffix); existing ones are kept."""
+    """`photo.jpg` -> `photo.txt` beside it (prefix + caption + suffix); existing ones are kept. An answer with no
+    file to sit beside (a URL's, stdin's) goes to `elsewhere` (stdout, where no -o is given), not nowhere."""
 
-    def __init__(self, extension: str, prefix: str, suffix: str, overwrite: bool) -> None:
+    def __init__(self, extension: str, prefix: str, suffix: str, overwrite: bool,
+                 elsewhere: JsonlSink | None = None) -> None:
         self.extension = "." + extension.lstrip(".")
-        self.prefix, self.suffix, self.overwrite = prefix, suffix, overwrite
+        self.prefix, self.suffix, self.overwrite, self.elsewhere = prefix, suffix, overwrite, elsewhere
 
     def path_for(self, source: str) -> Path | None:
         if source.startswith(("http://", "https://", "data:", "-")):
@@ -244,12 +246,17 @@ class SidecarSink:
 
     def write(self, record: dict) -> None:
         path = self.path_for(record["source"])
-        if record.get("error") or path is None:
+        if record.get("error"):
+            return
+        if path is None:
+            if self.elsewhere is not None:
+                self.elsewhere.write(record)
             return
         _atomic_write(path, f"{self.prefix}{record['text']}{self.suffix}")
 
     def close(self) -> None:
-        pass  # every sidecar is closed as it is written
+        if self.elsewhere is not None:  # every sidecar is closed as it is written
+            self.elsewhere.close()
 
 
 def open_output(output: str | None, fields: list[str], *, overwrite: bool, retry_errors: bool,
