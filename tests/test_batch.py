@@ -101,6 +101,11 @@ def test_sidecars_are_written_kept_and_overwritten(cli, tree):
     assert sidecar.read_text() == "hand-written caption"  # kept
     cli("batch", tree / "a.png", "-n", "8", "--sidecar", "--overwrite", "--sidecar-ext", "txt")
     assert sidecar.read_text() == alone(cli, tree / "a.png")
+    spaced = tree / "sub" / "b with space é.png"  # named by a file:// URL, escapes and all: beside that file
+    for url in (spaced.as_uri(), "file://localhost" + spaced.as_uri()[len("file://"):]):
+        spaced.with_suffix(".txt").unlink(missing_ok=True)
+        assert cli("batch", url, "-n", "8", "--sidecar").exit_code == 0
+        assert spaced.with_suffix(".txt").read_text() == alone(cli, spaced)
 
 
 def test_with_sidecars_alone_an_answer_with_no_file_beside_goes_to_stdout(cli, tree, images, http_server):

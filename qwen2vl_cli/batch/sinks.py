@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, TextIO
 
-from ..errors import OutputError, UsageError
+from ..errors import InputError, OutputError, UsageError
 from ..render import json_line
+from ..sources import file_url_to_path
 from .inputs import item_key
 
 BASE_FIELDS = ("source", "text", "error")
@@ -237,8 +238,12 @@ class SidecarSink:
     def path_for(self, source: str) -> Path | None:
         if source.startswith(("http://", "https://", "data:", "-")):
             return None
-        path = Path(os.path.expanduser(source[7:] if source.startswith("file://") else source))
-        return path.with_suffix(self.extension)
+        if source.startswith("file://"):  # file:///a/b%20c.jpg -> /a/b c.txt, file://localhost/... too
+            try:
+                return file_url_to_path(source).with_suffix(self.extension)
+            except InputError:
+                return None
+        return Path(os.path.expanduser(source)).with_suffix(self.extension)
 
     def state(self, item) -> str | None:
         path = self.path_for(item.source)  # beside the file as named, where write() puts it
