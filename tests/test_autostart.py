@@ -30,6 +30,8 @@ def _alive(pid: int) -> bool:
 def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself(tiny_model, images, tmp_path):
     expected = run_process("describe", images["a"], "-m", tiny_model, "-n", "12", "--no-server")
     assert expected.returncode == 0, expected.stderr
+    expected_many = run_process("ask", *[images["a"]] * 40, "-q", "Which?", "-m", tiny_model, "-n", "4", "--no-server")
+    assert expected_many.returncode == 0, expected_many.stderr
     env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
     old_log, recent_log = tmp_path / "serve-1700000000.log", tmp_path / "serve-1700000001.log"
     old_log.write_text("a session's log from long ago\n")
@@ -52,6 +54,10 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert over.returncode == 2, over.stderr
     assert b"+ --max-new-tokens 32000: over the model's context of 32768 tokens" in over.stderr
     assert b"HTTP" not in over.stderr and over.stderr.count(b"\n") == 1
+    # nor does a shared server's --max-images (32) bind the owner's commands: 40 images answer as in process
+    many = run_process("ask", *[images["a"]] * 40, "-q", "Which?", "-m", tiny_model, "-n", "4", env=env)
+    assert many.returncode == 0, many.stderr
+    assert many.stdout == expected_many.stdout
     # a one-liner through the session is a light process: no torch, not what typer >= 0.29 (pydantic) would
     # import, and no httpx (http.client reaches a server on this machine): ~0.2 s of every later one-liner
     light = ("torch", "transformers", "numpy", "pydantic", "click", "pygments", "fastapi", "uvicorn", "httpx")

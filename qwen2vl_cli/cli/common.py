@@ -91,8 +91,11 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
             return None
     except Qwen2VLError:
         return None
+    # a shared server's limits are not the owner's: its commands are bound only by the context, as in process
+    # (an image is at least 4 tokens; a full context of image pixels is ~100 MB of base64)
     args = ["--model", spec.model, "--device", spec.device, "--dtype", spec.dtype, "--attn", spec.attn,
-            "--port", "0", "--keep-alive", keep_alive, "--exit-when-idle",
+            "--port", "0", "--keep-alive", keep_alive, "--exit-when-idle", "--max-images", str(MAX_CONTEXT // 4),
+            "--max-videos", str(MAX_CONTEXT // 4), "--max-body-size", "256MB",
             *(["--quantize", spec.quantize] if spec.quantize else [])]
     note = env.note if env is not None else lambda text: None
     with contextlib.ExitStack() as held:
