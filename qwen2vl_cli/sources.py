@@ -335,20 +335,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def decode_image(data: bytes, name: str):
-    """Decode image bytes fully (so truncation shows now), respect EXIF orientation, check limits."""
+def decode_image(data: bytes, name: str, own: bool = False):
+    """Decode image bytes fully (so truncation shows now), respect EXIF orientation, check limits. `own`: the
+    user's own input, taken up to Pillow's hard limit (~179 MP: a 100 MP camera's photo, a scanned panorama, as
+    the seed recipe takes them); a server's request only up to the size Pillow warns at (~89 MP)."""
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore" if own else "error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputError(name, f"image is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} "
-                                   "pixels; a decompression bomb?)") from None
+            limit = Image.MAX_IMAGE_PIXELS * (2 if own else 1)
+            raise InputError(name, f"image is too large to decode safely (over {limit} pixels; a decompression "
+                                   "bomb?)") from None
         except UnidentifiedImageError:
             raise InputError(name, "not an image (or an unsupported format)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -438,4 +441,5 @@ def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: F
                   stdin: BinaryIO | None = None):
     """Any image source -> an RGB PIL image ready for the processor, or InputError."""
     name = display_name(source)
-    return prepare_image(decode_image(read_source(source, limits, stdin), name), options, name)
+    own = limits.policy is None  # no fetch policy: the user's own command, not a server's request
+    return prepare_image(decode_image(read_source(source, limits, stdin), name, own), options, name)

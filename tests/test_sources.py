@@ -313,3 +313,20 @@ def test_base64_payloads_wrapped_escaped_unpadded_or_bad():
     for bad in ("a", "@@@@", "ab=c", plain[:100] + "*" + plain[100:], "===="):
         with pytest.raises(InputError):
             decode_base64(bad, "x")
+
+
+def test_a_100_megapixel_photo_is_taken_from_the_user_but_not_by_a_server(cli, tmp_path):
+    """Above the size Pillow warns at (~89 MP) but under its hard limit (~179 MP): a medium-format camera's photo
+    or a scanned panorama, which the seed recipe captions; a server's request stays bounded by the warning."""
+    from qwen2vl_cli.errors import InputError
+    from qwen2vl_cli.sources import decode_image
+
+    from PIL import Image
+
+    path = tmp_path / "large.png"
+    Image.new("RGB", (9500, 9500), (40, 120, 200)).save(path, compress_level=1)  # 90 MP, one colour: a small file
+    data = path.read_bytes()
+    result = cli("describe", path, "-n", "2", "--max-pixels", "64*28*28")
+    assert result.exit_code == 0, result.stderr
+    with pytest.raises(InputError, match="too large to decode safely"):
+        decode_image(data, "a request's image")
