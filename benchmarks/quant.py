@@ -86,7 +86,7 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
 
     from qwen2vl_cli.types import ChatRequest, GenerationOptions, ModelSpec
     from qwen2vl_cli.engine.session import ModelSession
-    from qwen2vl_cli.sources import ImageOptions, resolve_image
+    from qwen2vl_cli.sources import ImageOptions, read_image
 
     session = ModelSession(ModelSpec(str(folder), device="cuda")).load()
     held = {"weights_gb": round(sum(t.numel() * t.element_size() for t in
@@ -97,7 +97,7 @@ def qwen2vl(folder: Path, prompts: dict, new_tokens: int) -> dict:
     options = GenerationOptions(max_new_tokens=new_tokens)
     results = {}
     for length, images in prompts.items():
-        media = [session.image_media(resolve_image(str(image), ImageOptions(max_pixels=MAX_PIXELS)), str(image))
+        media = [session.image_media(read_image(str(image), ImageOptions(max_pixels=MAX_PIXELS)))
                  for image in images]
         request = ChatRequest("Describe this image.", media, generation=options)
         session.generate_batch([request])  # warm: the fast path's graphs for this shape

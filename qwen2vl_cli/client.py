@@ -1,9 +1,11 @@
 """RemoteSession: ModelSession's interface over any OpenAI-compatible server (qwen2vl serve, vLLM,
-SGLang). Media are read, checked and sized here by the same code as in-process answers, and sent at their
-final size: images as lossless data URIs (BMP to a qwen2vl server: nothing to compress; PNG to others), videos as the frames the model sees, in the frame-list form
-vLLM reads (`data:video/jpeg;base64,F1,F2,...`). No mm_processor_kwargs are needed, so a stock vLLM answers
-every option exactly as in-process; vision ids go as chat_template_kwargs. Images import neither torch nor
-transformers (videos need the decoders)."""
+SGLang). Media are read and checked here by the same code as in-process answers. A qwen2vl server is sent an
+image's own bytes and the size the model sees it at (it resizes by the same code: ~16x fewer bytes than the
+pixels of a photo, and no resizing here); other servers get images at their final size as lossless PNG data
+URIs, so that their processors leave them as they are; videos go as the frames the model sees, in the
+frame-list form vLLM reads (`data:video/jpeg;base64,F1,F2,...`). No mm_processor_kwargs are needed, so a stock
+vLLM answers every option exactly as in-process; vision ids go as chat_template_kwargs. Images import neither
+torch nor transformers (videos need the decoders)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .errors import ServerError, UsageError
 from .server.protocol import SIZED_HEADER, TOO_LONG
 from .transport import TransportError, http
 from .types import ChatRequest, Completion, Media, TextDelta
-from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, image_facts
+from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, on_grid
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
@@ -61,15 +63,30 @@ class RemoteSession:
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- media ---------------------------------------------------------------------------------
-    def image_media(self, image, name: str) -> Media:
-        """A sized image (sources.resolve_image, as in-process) as a server takes it: the pixels, losslessly."""
-        facts = image_facts(image)
+    def image_media(self, image) -> Media:
+        """A read image (sources.read_image, as in-process) as a server takes it: the sized pixels, losslessly
+        (BMP to a qwen2vl server: nothing to compress; PNG to others), or to a qwen2vl server the source's own
+        bytes and the size to make of them (it resizes them by the same code), where that is less work: a photo
+        near the size the model sees it at (decoding it there costs about what resizing it here does) in fewer
+        bytes than its pixels, within what the server decodes."""
+        facts = image.facts
         tokens = facts["tokens"]
-        ours = self.load().kind == "qwen2vl"
-        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] or ours else [
-            f"{name}: {tokens} tokens; this server's processor resizes images to {IMAGE_TOKENS[0]}-{IMAGE_TOKENS[1]} "
-            "tokens (its defaults), so the answer will differ from an in-process one"]
-        return Media("image", name, image_data_uri(image, "BMP" if ours else "PNG"), facts=facts, notes=notes)
+        if self.load().kind == "qwen2vl":
+            width, height = image.size
+            source_pixels = image.decoded.width * image.decoded.height
+            # on the grid and at least 4 tokens: resized_height/width give that size back exactly (fit_size)
+            if (len(image.data) < width * height * 3 and source_pixels <= 2 * width * height
+                    and on_grid(width, height) and width * height >= IMAGE_MIN_PIXELS):
+                from PIL import Image
+
+                mime = Image.MIME.get(image.decoded.format or "", "application/octet-stream")
+                return Media("image", image.name, f"data:{mime};base64,{base64.b64encode(image.data).decode()}",
+                             metadata={"resized_width": width, "resized_height": height}, facts=facts)
+            return Media("image", image.name, image_data_uri(image.sized(), "BMP"), facts=facts)
+        notes = [] if IMAGE_TOKENS[0] <= tokens <= IMAGE_TOKENS[1] else [
+            f"{image.name}: {tokens} tokens; this server's processor resizes images to {IMAGE_TOKENS[0]}-"
+            f"{IMAGE_TOKENS[1]} tokens (its defaults), so the answer will differ from an in-process one"]
+        return Media("image", image.name, image_data_uri(image.sized(), "PNG"), facts=facts, notes=notes)
 
     def video_media(self, video) -> Media:
         """A sampled video (video.resolve_video, as in-process) as a server takes it: the frames the model sees."""
@@ -124,7 +141,9 @@ class RemoteSession:
 
     def body(self, request: ChatRequest, stream: bool) -> dict:
         """The OpenAI request for a ChatRequest; greedy is temperature 0 (what vLLM and qwen2vl read as greedy)."""
-        content = [{"type": f"{m.kind}_url", f"{m.kind}_url": {"url": m.data}} for m in request.media]
+        # an image sent as its source's bytes carries the size to make of it (image_media)
+        content = [{"type": f"{m.kind}_url", f"{m.kind}_url": {"url": m.data, **(m.metadata if m.kind == "image" and m.metadata else {})}}
+                   for m in request.media]
         content.append({"type": "text", "text": request.prompt})
         messages = [{"role": "system", "content": request.system}] if request.system else []
         messages.append({"role": "user", "content": content})

@@ -16,7 +16,7 @@ import stat
 import sys
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -424,22 +424,49 @@ def on_grid(width: int, height: int) -> bool:
     return not (width % PATCH_FACTOR or height % PATCH_FACTOR) and width * height <= IMAGE_MAX_PIXELS
 
 
-def image_as_sent(data: bytes, name: str):
-    """An image a client has sized already (on_grid), taken as it is; None when it is not, to be sized as
-    usual."""
-    image = decode_image(data, name)
-    return to_rgb(image) if on_grid(*image.size) else None
+@dataclass
+class SourceImage:
+    """An image as its source gave it (the bytes, decoded and checked: every input error is known) and the size
+    the model sees it at. `sized()` resizes it (once); a qwen2vl server can be sent the bytes and the size
+    instead, and resizes them by the same code."""
+
+    name: str
+    data: bytes
+    decoded: object  # the PIL image, upright
+    size: tuple[int, int]  # (width, height) the model sees: fit_size of the options
+    _sized: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def facts(self) -> dict:
+        """What the model sees of it: width, height and tokens (one per 28x28 patch)."""
+        width, height = self.size
+        return {"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2}
+
+    def sized(self):
+        """The RGB image the processor takes: prepare_image's, from the size found at reading."""
+        from PIL import Image
+
+        if self._sized is None:
+            self._sized = to_rgb(self.decoded).resize(self.size, Image.Resampling.BICUBIC)  # same size: a copy
+        return self._sized
 
 
-def image_facts(image) -> dict:
-    """A sized image's width, height and tokens (one per 28x28 patch)."""
-    width, height = image.size
-    return {"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2}
+def read_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),
+               stdin: BinaryIO | None = None, sized: bool = False) -> SourceImage:
+    """Any image source -> a SourceImage (read, decoded, its size checked), or InputError. `sized`: a qwen2vl
+    client sized it already (a server's request), so one on the grid is taken at the size it has."""
+    name = display_name(source)
+    own = limits.policy is None  # no fetch policy: the user's own command, not a server's request
+    decoded = decode_image(data := read_source(source, limits, stdin), name, own)
+    if sized and on_grid(*decoded.size):
+        return SourceImage(name, data, decoded, decoded.size)
+    try:
+        return SourceImage(name, data, decoded, fit_size(*decoded.size, options))
+    except ValueError as exc:
+        raise InputError(name, _first_line(exc)) from None
 
 
 def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),
                   stdin: BinaryIO | None = None):
     """Any image source -> an RGB PIL image ready for the processor, or InputError."""
-    name = display_name(source)
-    own = limits.policy is None  # no fetch policy: the user's own command, not a server's request
-    return prepare_image(decode_image(read_source(source, limits, stdin), name, own), options, name)
+    return read_image(source, options, limits, stdin).sized()

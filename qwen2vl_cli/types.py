@@ -146,8 +146,8 @@ class Session(Protocol):
     def load(self) -> "Session":
         """Be ready to answer (load the model, or reach the server); raise ModelLoadError when it cannot."""
 
-    def image_media(self, image, name: str) -> Media:
-        """An image read, decoded and sized already (sources.resolve_image), in the form this session takes."""
+    def image_media(self, image) -> Media:
+        """An image read and checked (sources.read_image: a SourceImage), in the form this session takes."""
 
     def video_media(self, video) -> Media:
         """A video sampled and sized already (video.resolve_video), in the form this session takes."""

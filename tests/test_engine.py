@@ -71,11 +71,11 @@ def session(tiny_model):
 
 
 def request_for(session, paths, case, **options):
-    from qwen2vl_cli.sources import resolve_image
+    from qwen2vl_cli.sources import read_image
     from qwen2vl_cli.types import ChatRequest, GenerationOptions
 
     names, prompt, new, _ = case
-    media = [session.image_media(resolve_image(str(paths[n])), str(paths[n])) for n in names]
+    media = [session.image_media(read_image(str(paths[n]))) for n in names]
     return ChatRequest(prompt, media, generation=GenerationOptions(max_new_tokens=new, **options))
 
 

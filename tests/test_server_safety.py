@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -399,16 +400,22 @@ def clip(tmp_path_factory):
      "--resized-width", "84"),
     ("video", "{frames}", "-q", "What happens?", "-n", "8"),
     ("ask", "{a}", "--video", "{clip}", "-q", "Compare.", "-n", "8", "--min-pixels", "16*28*28"),
-], ids=["max-pixels", "resized", "vision-ids", "video", "video-resized", "frame-dir", "image+video"])
+    ("describe", "{jpg}", "{rotated}", "-n", "8"),
+    ("describe", "{rotated}", "-n", "8", "--max-pixels", "12*28*28"),
+    ("describe", "{rotated}", "-n", "8", "--resized-height", "140", "--resized-width", "56"),
+], ids=["max-pixels", "resized", "vision-ids", "video", "video-resized", "frame-dir", "image+video",
+        "own-bytes", "own-bytes-max-pixels", "own-bytes-resized"])
 def test_client_answers_equal_in_process(guarded, tiny_model, images, clip, tmp_path_factory, cli, args):
-    """Media are sized in the client by the in-process code and sent as they are: every option holds
+    """Media are sized in the client by the in-process code and sent as they are (photos as their own bytes
+    with that size, resized by the server with the same code: EXIF orientation included): every option holds
     through a server, with no mm_processor_kwargs (frame directories included, once in-process only)."""
+    from .conftest import noise_image
+
     frames = tmp_path_factory.mktemp("frames")
     for i in range(1, 5):
-        from .conftest import noise_image
-
         noise_image(84, 56, 60 + i).save(frames / f"f{i}.png")
-    args = [a.format(a=images["a"], b=images["b"], clip=clip, frames=frames) for a in args]
+    args = [a.format(a=images["a"], b=images["b"], clip=clip, frames=frames, jpg=images["jpg"],
+                     rotated=rotated_photo(frames.parent)) for a in args]
     expected = in_process(cli, *args)
     remote = run_process(*args, "--server", guarded["url"], env={"QWEN2VL_MODEL": str(tiny_model)})
     assert remote.returncode == 0, remote.stderr.decode()
@@ -416,14 +423,61 @@ def test_client_answers_equal_in_process(guarded, tiny_model, images, clip, tmp_
     assert b"note" not in remote.stderr  # a qwen2vl server takes every size as sent
 
 
+def rotated_photo(folder: Path) -> Path:
+    """A smooth JPEG (a photo's few bytes per pixel) that its EXIF says to show turned 90 degrees."""
+    from PIL import Image
+
+    path = folder / "rotated.jpg"
+    if not path.exists():
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.linear_gradient("L").resize((140, 84)).convert("RGB").save(path, quality=90, exif=exif)
+    return path
+
+
+def test_what_the_client_sends_a_qwen2vl_server(images, tmp_path):
+    """A photo goes as its own bytes (JPEG's few bytes per pixel) with the size the model sees it at; an image
+    whose pixels are fewer bytes (noise as PNG), one much larger than the model sees it (the server would decode
+    it all again), or one whose size that cannot say (under 4 tokens), as its sized pixels; any other server gets
+    the sized pixels as PNG."""
+    from qwen2vl_cli.client import RemoteSession
+    from qwen2vl_cli.sources import ImageOptions, read_image
+    from qwen2vl_cli.types import ChatRequest
+
+    ours = RemoteSession("http://127.0.0.1:9", "m", kind="qwen2vl")
+    photo = read_image(str(rotated_photo(tmp_path)))
+    assert photo.size == (84, 140)  # upright
+    part = ours.body(ChatRequest("Hi", [ours.image_media(photo)]), False)["messages"][0]["content"][0]
+    assert part["image_url"] == {"url": "data:image/jpeg;base64," + base64.b64encode(photo.data).decode(),
+                                 "resized_width": 84, "resized_height": 140}
+    assert ours.image_media(read_image(str(images["a"]))).data.startswith("data:image/bmp;")
+    for options in (ImageOptions(min_pixels=28 * 28, max_pixels=3 * 28 * 28), ImageOptions(max_pixels=8 * 28 * 28)):
+        assert ours.image_media(read_image(photo.name, options)).data.startswith("data:image/bmp;")
+    other = RemoteSession("http://127.0.0.1:9", "m", kind="openai")
+    assert other.image_media(photo).data.startswith("data:image/png;") and other.image_media(photo).metadata is None
+
+
+def test_an_images_own_sizing_is_checked_as_the_requests(guarded, tiny_model, images):
+    """resized_height/width beside an image_url's url (what the client sends with a photo's bytes) are bounded
+    as mm_processor_kwargs are: over the prompt limit a 400 naming the part, and the server keeps serving."""
+    part = {"type": "image_url", "image_url": {"url": data_uri(images["a"]), "resized_height": 28 * 60,
+                                               "resized_width": 28 * 60}}
+    refused = chat(guarded["url"], tiny_model, [part, {"type": "text", "text": "Hi"}])
+    assert refused.status_code == 400, refused.text
+    assert "messages[0].content[0].image_url.resized_height x resized_width" in refused.json()["error"]["message"]
+    part["image_url"].update(resized_height=56, resized_width=28)  # on the grid but 2 tokens: sized up to 4
+    answered = chat(guarded["url"], tiny_model, [part, {"type": "text", "text": "Hi"}])
+    assert answered.status_code == 200, answered.text
+
+
 def test_the_client_sends_no_processor_kwargs(tiny_model, images):
     from qwen2vl_cli.client import RemoteSession
     from qwen2vl_cli.types import ChatRequest, GenerationOptions
-    from qwen2vl_cli.sources import ImageOptions, resolve_image
+    from qwen2vl_cli.sources import ImageOptions, read_image
 
     session = RemoteSession("http://127.0.0.1:9", str(tiny_model))
     session.kind = "openai"
-    media = session.image_media(resolve_image(str(images["a"]), ImageOptions(resized_height=56, resized_width=56)), "a")
+    media = session.image_media(read_image(str(images["a"]), ImageOptions(resized_height=56, resized_width=56)))
     body = session.body(ChatRequest("Hi", [media], vision_ids=True,
                                     generation=GenerationOptions(8, stop=("x",), frequency_penalty=0.5)), False)
     assert "mm_processor_kwargs" not in body and "add_vision_id" not in body

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from ..errors import InputError, describe_exception
 from ..types import ChatRequest, GenerationOptions, TextDelta
-from ..sources import FetchLimits, ImageOptions, display_name, resolve_image
+from ..sources import FetchLimits, ImageOptions, read_image
 from .inputs import BatchItem
 
 WINDOW_ITEMS = 64  # items are decoded and sorted by size in windows of this many
@@ -173,8 +173,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def _decode(item: BatchItem, session, config: BatchConfig):
     """(item, Media, None) or (item, None, reason)."""
     try:
-        image = resolve_image(item.source, config.images, config.limits)
-        return item, session.image_media(image, display_name(item.source)), None
+        return item, session.image_media(read_image(item.source, config.images, config.limits)), None
     except InputError as exc:
         return item, None, exc.reason
     except Exception as exc:  # noqa: BLE001 - a bad file must not stop the run

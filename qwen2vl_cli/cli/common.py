@@ -172,8 +172,8 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
 
 
 class Inputs:
-    """`resolve_media` on a helper thread, started at once: reading, decoding and resizing (which release the GIL)
-    overlap finding the session (its /health) and, where one must start, its load. `result()` gives
+    """`resolve_media` on a helper thread, started at once: reading and decoding (which release the GIL) overlap
+    finding the session (its /health) and, where one must start, its load. `result()` gives
     them or raises their error; `done()` says whether that would wait."""
 
     def __init__(self, *args) -> None:
@@ -202,14 +202,14 @@ class Inputs:
 
 def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchLimits, videos: list[str] = (),
                   video_options: VideoOptions | None = None) -> tuple[list, list]:
-    """Every source read, decoded and sized, each bad one an InputError (Inputs runs it beside finding or starting
-    the session): ([(name, image)], [VideoFrames]), for `media`."""
-    from ..sources import display_name, resolve_image
+    """Every source read and decoded (the sizing checked: each bad one an InputError), videos sampled and sized
+    (Inputs runs it beside finding or starting the session): ([SourceImage], [VideoFrames]), for `media`."""
+    from ..sources import read_image
     from ..video import resolve_video
 
     if [*images, *videos].count("-") > 1:
         raise UsageError("-", "stdin can be read only once")
-    return ([(display_name(source), resolve_image(source, image_options, limits)) for source in images],
+    return ([read_image(source, image_options, limits) for source in images],
             [resolve_video(source, video_options, limits) for source in videos])
 
 
@@ -217,7 +217,7 @@ def media(session, inputs: Inputs, env: Environment, verbose: bool = False) -> l
     """The inputs' images, then videos, in the form `session` takes; their notes on stderr, and with --verbose
     what the model sees of each video."""
     images, videos = inputs.result()
-    items = [session.image_media(image, name) for name, image in images] + [session.video_media(v) for v in videos]
+    items = [session.image_media(image) for image in images] + [session.video_media(v) for v in videos]
     for item in items:
         for note in item.notes:
             env.note(note)

@@ -194,11 +194,9 @@ class ModelSession:
             torch.cuda.empty_cache()
 
     # ---- media ---------------------------------------------------------------------------------
-    def image_media(self, image, name: str) -> Media:
-        """A sized image (sources.resolve_image) as the engine takes it: the picture itself."""
-        from ..sources import image_facts
-
-        return Media("image", name, image, facts=image_facts(image))
+    def image_media(self, image) -> Media:
+        """An image read (sources.read_image) as the engine takes it: the picture itself, sized."""
+        return Media("image", image.name, image.sized(), facts=image.facts)
 
     def video_media(self, video) -> Media:
         """A sampled video (video.resolve_video) as the engine takes it: the frames and their timing."""

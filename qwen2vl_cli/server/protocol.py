@@ -146,17 +146,18 @@ def generation_from(body: dict) -> GenerationOptions:
     )
 
 
-def media_options(kwargs: dict, policy: MediaPolicy):
+def media_options(kwargs: dict, policy: MediaPolicy, param: str = "mm_processor_kwargs"):
     """mm_processor_kwargs -> (ImageOptions, VideoOptions), checked: within the model's own limits (an
-    image at most 16384 tokens, at most 768 frames) and this server's prompt limit."""
+    image at most 16384 tokens, at most 768 frames) and this server's prompt limit. `param`: where they were
+    given (an image_url's own sizing keys, as qwen-vl-utils takes them per image, go through here too)."""
     from ..video import VideoOptions
 
     if not isinstance(kwargs, dict):
-        raise RequestError("mm_processor_kwargs must be an object", param="mm_processor_kwargs")
+        raise RequestError(f"{param} must be an object", param=param)
     unknown = set(kwargs) - set(VIDEO_KEYS)
     if unknown:
-        raise RequestError(f"mm_processor_kwargs: unknown {', '.join(sorted(unknown))}", param="mm_processor_kwargs")
-    where = "mm_processor_kwargs."
+        raise RequestError(f"{param}: unknown {', '.join(sorted(unknown))}", param=param)
+    where = f"{param}."
     pixels = min(IMAGE_MAX_PIXELS, policy.max_prompt_tokens * PATCH_FACTOR ** 2)
     high = {"fps": MAX_FPS, "nframes": MAX_FRAMES, "min_frames": MAX_FRAMES, "max_frames": MAX_FRAMES,
             "min_pixels": pixels, "max_pixels": IMAGE_MAX_PIXELS, "resized_height": 32768, "resized_width": 32768,
@@ -164,8 +165,7 @@ def media_options(kwargs: dict, policy: MediaPolicy):
     values = {key: _number(kwargs, key, float if key in ("fps", "video_start", "video_end") else int, 0,
                            high[key], where) for key in VIDEO_KEYS}
     if (values["resized_height"] or 0) * (values["resized_width"] or 0) > pixels:
-        raise RequestError(f"{where}resized_height x resized_width must be at most {pixels} pixels",
-                           param="mm_processor_kwargs")
+        raise RequestError(f"{where}resized_height x resized_width must be at most {pixels} pixels", param=param)
     images = ImageOptions(values["min_pixels"], values["max_pixels"], values["resized_height"], values["resized_width"])
     try:
         videos = VideoOptions(fps=values["fps"], nframes=values["nframes"], min_frames=values["min_frames"],
@@ -175,7 +175,7 @@ def media_options(kwargs: dict, policy: MediaPolicy):
                               resized_width=values["resized_width"],
                               **({"total_pixels": values["total_pixels"]} if values["total_pixels"] else {}))
     except Qwen2VLError as exc:
-        raise RequestError(f"mm_processor_kwargs: {exc}", param="mm_processor_kwargs") from None
+        raise RequestError(f"{param}: {exc}", param=param) from None
     return images, videos
 
 
@@ -198,10 +198,12 @@ def check_local(url: str, policy: MediaPolicy) -> str:
     return real
 
 
-def resolve_part_media(kind: str, url: str, images: ImageOptions, videos, policy: MediaPolicy) -> Media:
+def resolve_part_media(kind: str, url: str, images: ImageOptions, videos, policy: MediaPolicy,
+                       as_sent: bool = False) -> Media:
     """One image_url / video_url part -> Media, through the command line's resolvers. Errors name the
-    media as the client did, never by the server's own paths."""
-    from ..sources import FetchRefused, image_as_sent, read_source, resolve_image
+    media as the client did, never by the server's own paths. `as_sent`: sized by qwen2vl's client already
+    (SIZED_HEADER, and no sizing of the part's own): taken as it is where on the grid."""
+    from ..sources import FetchRefused, read_image
     from ..video import frames_as_sent, is_frame_list_uri, resolve_video
 
     if not isinstance(url, str) or not url:
@@ -210,13 +212,9 @@ def resolve_part_media(kind: str, url: str, images: ImageOptions, videos, policy
     name = display_name(url)
     try:
         if kind == "image":
-            sent = image_as_sent(read_source(source, policy.limits), name) if policy.as_sent and source.startswith(
-                "data:") else None
-            image = sent or resolve_image(source, images, policy.limits)
-            width, height = image.size
-            return Media("image", name, image, facts={"width": width, "height": height,
-                                                      "tokens": width * height // PATCH_FACTOR ** 2})
-        sent = frames_as_sent(source) if policy.as_sent and is_frame_list_uri(source) else None
+            image = read_image(source, images, policy.limits, sized=as_sent and source.startswith("data:"))
+            return Media("image", name, image.sized(), facts=image.facts)
+        sent = frames_as_sent(source) if as_sent and is_frame_list_uri(source) else None
         video = sent or resolve_video(source, videos, policy.limits)
         return Media("video", name, video.frames, metadata=video.metadata, facts=video.facts)
     except FetchRefused as exc:
@@ -239,7 +237,8 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
     generation = generation_from(body)
     vision_ids = vision_ids_from(body)
     count_media(messages, policy)  # before a byte of any of them is fetched or decoded
-    images, videos = media_options(body.get("mm_processor_kwargs") or {}, policy)
+    kwargs = body.get("mm_processor_kwargs") or {}
+    images, videos = media_options(kwargs, policy)
     conversation, media, prompt = [], [], ""
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -265,7 +264,13 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
             elif kind in ("image_url", "video_url"):
                 ref = part.get(kind)
                 url = ref.get("url") if isinstance(ref, dict) else ref
-                item = resolve_part_media(kind[:5], url, images, videos, policy)
+                # qwen-vl-utils' per-image sizing keys, beside the url (what qwen2vl's client sends with an
+                # image's own bytes: the size the model sees it at)
+                sizing = {key: ref[key] for key in IMAGE_KEYS if key in ref} if kind == "image_url" and isinstance(
+                    ref, dict) else {}
+                own = media_options({**kwargs, **sizing}, policy, f"{where}.content[{number}].image_url")[0] \
+                    if sizing else images
+                item = resolve_part_media(kind[:5], url, own, videos, policy, policy.as_sent and not sizing)
                 media.append(item)
                 parts.append({"type": item.kind, item.kind: item.data})
             else:

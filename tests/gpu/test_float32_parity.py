@@ -141,7 +141,7 @@ def test_continuous_batch_answers_equal_the_seed_recipe(checkpoint, seed, media,
 
     from qwen2vl_cli.engine.fast.decoder import Rows
     from qwen2vl_cli.engine.session import ModelSession
-    from qwen2vl_cli.sources import resolve_image
+    from qwen2vl_cli.sources import read_image
     from qwen2vl_cli.types import ChatRequest, Completion, GenerationOptions, ModelSpec
 
     free_sessions()  # the commands' cached sessions: this test loads its own model beside the seed recipe's
@@ -159,7 +159,7 @@ def test_continuous_batch_answers_equal_the_seed_recipe(checkpoint, seed, media,
     for name, new, _ in cases:  # the seed's answers first: the requests then arrive together
         text, ids, scores, processor = seed(_user(_image(media[name]), {"type": "text", "text": "Describe this image."}))
         expected.append((processor.batch_decode([ids[:new]], skip_special_tokens=True)[0], ids[:new], scores, processor))
-        image = session.image_media(resolve_image(str(media[name])), str(media[name]))
+        image = session.image_media(read_image(str(media[name])))
         requests.append(ChatRequest("Describe this image.", [image], generation=GenerationOptions(max_new_tokens=new)))
     for index, (request, (_, _, stream)) in enumerate(zip(requests, cases)):
         session.engine.submit(request, lambda event, i=index: events.put((i, event)), stream=stream)
