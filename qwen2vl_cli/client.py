@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .errors import ServerError, UsageError
-from .server.protocol import SIZED_HEADER, TOO_LONG
-from .transport import TransportError, http
+from .transport import SIZED_HEADER, TOO_LONG, TransportError, http
 from .types import ChatRequest, Completion, Media, TextDelta
 from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, on_grid
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS

@@ -11,9 +11,24 @@ import contextlib
 import json
 from typing import Iterator
 
-from .server.protocol import is_loopback
-
 CONNECT_TIMEOUT_S = 10.0
+SIZED_HEADER = "X-Qwen2VL-Sized-Media"  # "1": qwen2vl's client sized every image and frame already
+# OpenAI's error code for a prompt (+ max_tokens) over the context: to qwen2vl's client, the usage error (exit 2)
+# the same request gets in process
+TOO_LONG = "context_length_exceeded"
+
+
+def is_loopback(host: str) -> bool:
+    """'localhost', 127.0.0.0/8 or ::1 (brackets allowed)."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class TransportError(Exception):

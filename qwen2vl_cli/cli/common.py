@@ -12,7 +12,6 @@ from ..errors import UsageError
 from ..engine.quant import QUANTIZE_CHOICES
 from ..render import Environment, OutputOptions, render_answer
 from ..types import ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model
-from ..engine.session import get_session
 from ..sources import IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions
 from ..video import VIDEO_MIN_PIXELS, VideoOptions, describe_facts
 
@@ -62,6 +61,8 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         started = _start_session(spec, api_key, keep_alive, env, inputs) if keep_alive is not None else None
         if started:
             return RemoteSession(started["url"], spec.model, api_key, concurrency, kind="qwen2vl")
+    from ..engine.session import get_session
+
     return get_session(spec)
 
 

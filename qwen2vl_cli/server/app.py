@@ -31,8 +31,9 @@ from ..engine.session import ModelSession
 from ..sources import FetchLimits
 from . import registry
 from .registry import DEFAULT_PORT, PROOF_HEADER, proof
-from .protocol import (SIZED_HEADER, TOO_LONG, MediaPolicy, RequestError, chunk_body, completion_body, error_body,
-                       is_loopback, new_id, parse_chat_request, usage_body)
+from .protocol import (MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id, parse_chat_request,
+                       usage_body)
+from ..transport import SIZED_HEADER, TOO_LONG, is_loopback
 from .worker import Job, joined, start_job
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024

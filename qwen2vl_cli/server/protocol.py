@@ -19,10 +19,6 @@ MAX_STOP_STRINGS = 16
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
-SIZED_HEADER = "X-Qwen2VL-Sized-Media"  # "1": qwen2vl's client sized every image and frame already
-# OpenAI's error code for a prompt (+ max_tokens) over the context: to qwen2vl's client, the usage error (exit 2)
-# the same request gets in process
-TOO_LONG = "context_length_exceeded"
 MAX_FPS = 60.0
 # Every field of a chat-completions body this server reads; any other is refused (400), not ignored.
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
@@ -30,19 +26,6 @@ FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperatu
           "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
           "functions", "function_call", "logit_bias", "user", "metadata", "store", "service_tier",
           "mm_processor_kwargs", "chat_template_kwargs", "add_vision_id"}
-
-
-def is_loopback(host: str) -> bool:
-    """'localhost', 127.0.0.0/8 or ::1 (brackets allowed)."""
-    import ipaddress
-
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class RequestError(Exception):
