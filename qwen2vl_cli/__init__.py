@@ -1,3 +1,3 @@
 """qwen2vl: the Qwen2-VL vision-language model in the shell."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

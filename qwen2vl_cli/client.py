@@ -26,10 +26,18 @@ from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
 DEFAULT_CONCURRENCY = 4
+OWN_BYTES_SINCE = (0, 2)  # qwen2vl servers from 0.2 resize an image sent as its bytes (resized_height/width by the url)
 VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
 # what Qwen2-VL's processors (vLLM's included) size images and video frames within by default, in tokens
 IMAGE_TOKENS = (IMAGE_MIN_PIXELS // PATCH_FACTOR ** 2, IMAGE_MAX_PIXELS // PATCH_FACTOR ** 2)
 VIDEO_TOKENS = (VIDEO_MIN_PIXELS // PATCH_FACTOR ** 2, VIDEO_MAX_PIXELS // PATCH_FACTOR ** 2)
+
+
+def release(version) -> tuple[int, ...]:
+    """(major, minor, ...) of a version string; () for none (a server that did not say)."""
+    import re
+
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3]) if isinstance(version, str) else ()
 
 
 def image_data_uri(image, form: str = "PNG") -> str:
@@ -59,6 +67,9 @@ class RemoteSession:
         self.timeout = timeout
         self.adopt = adopt
         self.kind = kind  # set by load(): "qwen2vl" for a qwen2vl server, "openai" for any other
+        # whether the server resizes an image sent as its own bytes (image_media): a local session found running
+        # is this version (registry.serves); another's /health says its version
+        self.own_bytes = kind == "qwen2vl"
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- media ---------------------------------------------------------------------------------
@@ -74,7 +85,7 @@ class RemoteSession:
             width, height = image.size
             source_pixels = image.decoded.width * image.decoded.height
             # on the grid and at least 4 tokens: resized_height/width give that size back exactly (fit_size)
-            if (len(image.data) < width * height * 3 and source_pixels <= 2 * width * height
+            if (self.own_bytes and len(image.data) < width * height * 3 and source_pixels <= 2 * width * height
                     and on_grid(width, height) and width * height >= IMAGE_MIN_PIXELS):
                 from PIL import Image
 
@@ -121,6 +132,7 @@ class RemoteSession:
             except ValueError:
                 facts = None
             self.kind = "qwen2vl" if isinstance(facts, dict) and "pid" in facts else "openai"
+            self.own_bytes = self.kind == "qwen2vl" and release(facts.get("version")) >= OWN_BYTES_SINCE
             if self.adopt:
                 self._adopt_model()
         return self

@@ -457,6 +457,38 @@ def test_what_the_client_sends_a_qwen2vl_server(images, tmp_path):
     assert other.image_media(photo).data.startswith("data:image/png;") and other.image_media(photo).metadata is None
 
 
+def test_only_a_server_that_says_it_resizes_is_sent_an_images_bytes(guarded, tiny_model, tmp_path):
+    """A qwen2vl server from before 0.2 would size a photo's bytes by its defaults (it knows no resized_height
+    beside the url): its /health's version decides, and one that gives none is sent pixels."""
+    from qwen2vl_cli.client import RemoteSession
+    from qwen2vl_cli.sources import read_image
+
+    photo = read_image(str(rotated_photo(tmp_path)))
+    assert RemoteSession(guarded["url"], str(tiny_model)).image_media(photo).data.startswith("data:image/jpeg;")
+
+    for version in ("0.1.0", None):
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({"status": "ok", "pid": 1, **({"version": version} if version else {})}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        old = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+        threading.Thread(target=old.serve_forever, daemon=True).start()
+        try:
+            session = RemoteSession(f"http://127.0.0.1:{old.server_port}", "m").load()
+            assert session.kind == "qwen2vl" and not session.own_bytes
+            assert session.image_media(photo).data.startswith("data:image/bmp;")
+        finally:
+            old.shutdown()
+
+
 def test_an_images_own_sizing_is_checked_as_the_requests(guarded, tiny_model, images):
     """resized_height/width beside an image_url's url (what the client sends with a photo's bytes) are bounded
     as mm_processor_kwargs are: over the prompt limit a 400 naming the part, and the server keeps serving."""
