@@ -457,6 +457,33 @@ def test_what_the_client_sends_a_qwen2vl_server(images, tmp_path):
     assert other.image_media(photo).data.startswith("data:image/png;") and other.image_media(photo).metadata is None
 
 
+@pytest.mark.parametrize("mode,form", [("CMYK", "JPEG"), ("LA", "PNG"), ("I;16", "PNG"), ("P", "GIF"), ("RGB", "WEBP"),
+                                       ("RGBA", "WEBP"), ("RGB", "TIFF")])
+def test_a_server_makes_of_an_images_bytes_the_pixels_the_client_would(tmp_path, mode, form):
+    """Whatever form a photo comes in (CMYK, alpha, 16-bit, palette), what the server makes of its bytes and the
+    size sent beside them is, pixel for pixel, what the client would have sent (or answered with in process)."""
+    import numpy as np
+    from PIL import Image
+
+    from qwen2vl_cli.client import RemoteSession
+    from qwen2vl_cli.server.protocol import MediaPolicy, media_options, resolve_part_media
+    from qwen2vl_cli.sources import FetchLimits, ImageOptions, read_image
+
+    gradient = Image.linear_gradient("L").resize((300, 200))
+    picture = Image.merge("RGBA", (gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                                   gradient.transpose(Image.Transpose.FLIP_TOP_BOTTOM), gradient.rotate(30)))
+    path = tmp_path / f"picture.{form.lower()}"
+    (picture.convert("L").convert(mode) if mode in ("I;16", "LA") else picture.convert(mode)).save(
+        path, form, **({"compression": "tiff_lzw"} if form == "TIFF" else {}))
+    ours, policy = RemoteSession("http://127.0.0.1:9", "m", kind="qwen2vl"), MediaPolicy(FetchLimits(), as_sent=True)
+    image = read_image(str(path), ImageOptions(max_pixels=60 * 28 * 28))
+    media = ours.image_media(image)
+    assert media.metadata, "sent as its own bytes"
+    served = resolve_part_media("image", media.data, media_options(media.metadata, policy)[0], None, policy)
+    assert served.data.size == image.size and served.data.mode == "RGB"
+    assert np.array_equal(np.asarray(served.data), np.asarray(image.sized()))
+
+
 def test_only_a_server_that_says_it_resizes_is_sent_an_images_bytes(guarded, tiny_model, tmp_path):
     """A qwen2vl server from before 0.2 would size a photo's bytes by its defaults (it knows no resized_height
     beside the url): its /health's version decides, and one that gives none is sent pixels."""
