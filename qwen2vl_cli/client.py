@@ -1,11 +1,11 @@
 """RemoteSession: ModelSession's interface over any OpenAI-compatible server (qwen2vl serve, vLLM,
-SGLang). Media are read and checked here by the same code as in-process answers. A qwen2vl server is sent an
-image's own bytes and the size the model sees it at (it resizes by the same code: ~16x fewer bytes than the
-pixels of a photo, and no resizing here); other servers get images at their final size as lossless PNG data
-URIs, so that their processors leave them as they are; videos go as the frames the model sees, in the
-frame-list form vLLM reads (`data:video/jpeg;base64,F1,F2,...`). No mm_processor_kwargs are needed, so a stock
-vLLM answers every option exactly as in-process; vision ids go as chat_template_kwargs. Images import neither
-torch nor transformers (videos need the decoders)."""
+SGLang). Media are read and checked here by the same code as in-process answers. A qwen2vl server (0.2 on) is
+sent a photo as its own bytes and the size the model sees it at (it resizes by the same code: ~14x fewer bytes
+than the pixels, and no resizing here), other images as their sized pixels (BMP); other servers get images at
+their final size as lossless PNG data URIs, so that their processors leave them as they are; videos go as the
+frames the model sees, in the frame-list form vLLM reads (`data:video/jpeg;base64,F1,F2,...`). No
+mm_processor_kwargs are needed, so a stock vLLM answers every option exactly as in-process; vision ids go as
+chat_template_kwargs. Images import neither torch nor transformers (videos need the decoders)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class RemoteSession:
         (BMP to a qwen2vl server: nothing to compress; PNG to others), or to a qwen2vl server the source's own
         bytes and the size to make of them (it resizes them by the same code), where that is less work: a photo
         near the size the model sees it at (decoding it there costs about what resizing it here does) in fewer
-        bytes than its pixels, within what the server decodes."""
+        bytes than its pixels."""
         facts = image.facts
         tokens = facts["tokens"]
         if self.load().kind == "qwen2vl":
@@ -153,7 +153,8 @@ class RemoteSession:
     def body(self, request: ChatRequest, stream: bool) -> dict:
         """The OpenAI request for a ChatRequest; greedy is temperature 0 (what vLLM and qwen2vl read as greedy)."""
         # an image sent as its source's bytes carries the size to make of it (image_media)
-        content = [{"type": f"{m.kind}_url", f"{m.kind}_url": {"url": m.data, **(m.metadata if m.kind == "image" and m.metadata else {})}}
+        content = [{"type": f"{m.kind}_url",
+                    f"{m.kind}_url": {"url": m.data, **(m.metadata if m.kind == "image" and m.metadata else {})}}
                    for m in request.media]
         content.append({"type": "text", "text": request.prompt})
         messages = [{"role": "system", "content": request.system}] if request.system else []
