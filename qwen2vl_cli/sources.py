@@ -397,12 +397,21 @@ def fit_size(width: int, height: int, options: ImageOptions = ImageOptions()) ->
 def prepare_image(image, options: ImageOptions, name: str):
     """RGB (alpha onto white) and resized to multiples of 28 within the pixel bounds: what qwen-vl-utils'
     fetch_image makes of it, pixel for pixel (Pillow's bicubic), without importing torch."""
-    from PIL import Image
+    return resized(image, checked_size(image, options, name))
 
+
+def checked_size(image, options: ImageOptions, name: str) -> tuple[int, int]:
+    """fit_size of a decoded image, or the InputError saying why it cannot be sized."""
     try:
-        size = fit_size(*image.size, options)
+        return fit_size(*image.size, options)
     except ValueError as exc:
         raise InputError(name, _first_line(exc)) from None
+
+
+def resized(image, size: tuple[int, int]):
+    """RGB (to_rgb), resized to `size` with Pillow's bicubic (the same size: a copy)."""
+    from PIL import Image
+
     return to_rgb(image).resize(size, Image.Resampling.BICUBIC)
 
 
@@ -443,11 +452,9 @@ class SourceImage:
         return {"width": width, "height": height, "tokens": width * height // PATCH_FACTOR ** 2}
 
     def sized(self):
-        """The RGB image the processor takes: prepare_image's, from the size found at reading."""
-        from PIL import Image
-
+        """The RGB image the processor takes (prepare_image's, at the size found at reading)."""
         if self._sized is None:
-            self._sized = to_rgb(self.decoded).resize(self.size, Image.Resampling.BICUBIC)  # same size: a copy
+            self._sized = resized(self.decoded, self.size)
         return self._sized
 
 
@@ -458,12 +465,8 @@ def read_image(source: str, options: ImageOptions = ImageOptions(), limits: Fetc
     name = display_name(source)
     own = limits.policy is None  # no fetch policy: the user's own command, not a server's request
     decoded = decode_image(data := read_source(source, limits, stdin), name, own)
-    if sized and on_grid(*decoded.size):
-        return SourceImage(name, data, decoded, decoded.size)
-    try:
-        return SourceImage(name, data, decoded, fit_size(*decoded.size, options))
-    except ValueError as exc:
-        raise InputError(name, _first_line(exc)) from None
+    size = decoded.size if sized and on_grid(*decoded.size) else checked_size(decoded, options, name)
+    return SourceImage(name, data, decoded, size)
 
 
 def resolve_image(source: str, options: ImageOptions = ImageOptions(), limits: FetchLimits = FetchLimits(),
