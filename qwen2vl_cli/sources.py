@@ -294,7 +294,8 @@ def _guarded_transport(policy: FetchPolicy):
     import socket
 
     import httpcore
-    import httpx
+
+    from .compat import transport_through
 
     class Vetted(httpcore.SyncBackend):
         def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
@@ -312,9 +313,7 @@ def _guarded_transport(policy: FetchPolicy):
                 address = addresses[0]
             return super().connect_tcp(address, port, timeout, local_address, socket_options)
 
-    transport = httpx.HTTPTransport()
-    transport._pool = httpcore.ConnectionPool(ssl_context=transport._pool._ssl_context, network_backend=Vetted())
-    return transport
+    return transport_through(Vetted())
 
 
 def is_public_address(address: str) -> bool:

@@ -281,15 +281,11 @@ def _readers(choice: str):
     """The backends to try, in order: decord, torchcodec (when installed), PyAV."""
     import importlib.util
 
-    from qwen_vl_utils import vision_process
+    from .compat import video_readers
 
-    available = {
-        "decord": importlib.util.find_spec("decord") is not None,
-        "torchcodec": importlib.util.find_spec("torchcodec") is not None,
-        "pyav": True,
-    }
-    table = {"decord": vision_process._read_video_decord, "torchcodec": vision_process._read_video_torchcodec,
-             "pyav": read_video_pyav}
+    table = {**video_readers(), "pyav": read_video_pyav}
+    available = {name: name == "pyav" or (name in table and importlib.util.find_spec(name) is not None)
+                 for name in ("decord", "torchcodec", "pyav")}
     if choice != "auto":
         if not available[choice]:
             raise UsageError("--video-backend", f"{choice} is not installed")

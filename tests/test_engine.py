@@ -338,7 +338,7 @@ def test_images_are_processed_side_by_side_and_only_tokenizing_holds_the_lock(se
     alone = [session.prepare([r]) for r in requests]
     state = {"images": 0, "most_images": 0, "tokenizing": 0, "unlocked": 0}
     guard = threading.Lock()
-    process = session._processing.process
+    process = session.processor._process_images  # the session's hook around transformers' own (compat.py)
 
     def slow_images(*args, **kwargs):
         with guard:
@@ -364,7 +364,7 @@ def test_images_are_processed_side_by_side_and_only_tokenizing_holds_the_lock(se
         finally:
             state["tokenizing"] -= 1
 
-    monkeypatch.setattr(session._processing, "process", slow_images)
+    monkeypatch.setattr(session.processor, "_process_images", slow_images)
     monkeypatch.setattr(tokenizer_type, "__call__", watched)
     results: list = [None] * len(requests)
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session.prepare([requests[i]])))

@@ -437,27 +437,25 @@ class _Processing:
     images while the prompt is tokenized. A call without images, or with videos, holds the lock throughout."""
 
     def __init__(self, processor, lock: threading.Lock) -> None:
-        self.lock, self.local = lock, threading.local()
-        self.process = getattr(processor, "_process_images", None)
-        if self.process is not None:
-            processor._process_images = self._images_done
+        from ..compat import after_image_processing
 
-    def _images_done(self, *args, **kwargs):
-        result = self.process(*args, **kwargs)
+        self.lock, self.local = lock, threading.local()
+        self.hooked = after_image_processing(processor, self._images_done)
+
+    def _images_done(self, image_inputs) -> None:
         call = self.local
         if getattr(call, "callback", None) is not None:
-            call.callback(result[0])
+            call.callback(image_inputs)
         if getattr(call, "active", False) and not call.held:
             self.lock.acquire()
             call.held = True
-        return result
 
     @contextlib.contextmanager
     def call(self, callback=None, images_only: bool = False):
         """Around one `processor(...)` call on this thread: `callback(image_inputs)` once its images are done."""
         call = self.local
         call.callback, call.active, call.held = callback, True, False
-        if not images_only or self.process is None:
+        if not images_only or not self.hooked:
             self.lock.acquire()
             call.held = True
         try:

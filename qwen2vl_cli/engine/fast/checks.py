@@ -35,10 +35,11 @@ def key(model, device: str, quantization: str | None) -> str | None:
     import torch
 
     from ... import __version__
+    from ...compat import attn_implementation
 
     source = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for path in sorted(here.glob("*.py")) + [here.parent / "session.py"]:
+    for path in sorted(here.glob("*.py")) + [here.parent / "session.py", here.parent.parent / "compat.py"]:
         source.update(path.read_bytes())
     config = model.config.to_dict()
     config.pop("_name_or_path", None)
@@ -46,7 +47,7 @@ def key(model, device: str, quantization: str | None) -> str | None:
     gpu = ([torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index))]
            if device.startswith("cuda") else device)
     facts = {"qwen2vl": __version__, "source": source.hexdigest(), "dtype": str(model.dtype), "gpu": gpu,
-             "attn": model.config._attn_implementation, "cuda": torch.version.cuda, "config": config,
+             "attn": attn_implementation(model.config), "cuda": torch.version.cuda, "config": config,
              "quantization": quantization, **{name: _version(name) for name in LIBRARIES}}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
