@@ -518,12 +518,22 @@ def test_only_a_server_that_says_it_resizes_is_sent_an_images_bytes(guarded, tin
 
 def test_an_images_own_sizing_is_checked_as_the_requests(guarded, tiny_model, images):
     """resized_height/width beside an image_url's url (what the client sends with a photo's bytes) are bounded
-    as mm_processor_kwargs are: over the prompt limit a 400 naming the part, and the server keeps serving."""
+    as mm_processor_kwargs are: over the prompt limit, given by half, or a min above the max, a 400 naming the
+    part's keys, and the server keeps serving."""
     part = {"type": "image_url", "image_url": {"url": data_uri(images["a"]), "resized_height": 28 * 60,
                                                "resized_width": 28 * 60}}
     refused = chat(guarded["url"], tiny_model, [part, {"type": "text", "text": "Hi"}])
     assert refused.status_code == 400, refused.text
     assert "messages[0].content[0].image_url.resized_height x resized_width" in refused.json()["error"]["message"]
+    where = "messages[0].content[0].image_url."
+    for sizing, said in (({"resized_height": 56}, f"{where}resized_height and {where}resized_width: give both"),
+                         ({"resized_height": 0, "resized_width": 28}, f"{where}resized_height must be between 1"),
+                         ({"min_pixels": 10000, "max_pixels": 5000}, f"{where}min_pixels 10000 is larger than "
+                                                                     f"{where}max_pixels 5000")):
+        refused = chat(guarded["url"], tiny_model, [{"type": "image_url", "image_url": {"url": data_uri(images["a"]),
+                                                                                        **sizing}},
+                                                          {"type": "text", "text": "Hi"}])
+        assert refused.status_code == 400 and said in refused.json()["error"]["message"], refused.text
     part["image_url"].update(resized_height=56, resized_width=28)  # on the grid but 2 tokens: sized up to 4
     answered = chat(guarded["url"], tiny_model, [part, {"type": "text", "text": "Hi"}])
     assert answered.status_code == 200, answered.text

@@ -145,8 +145,14 @@ def media_options(kwargs: dict, policy: MediaPolicy, param: str = "mm_processor_
     high = {"fps": MAX_FPS, "nframes": MAX_FRAMES, "min_frames": MAX_FRAMES, "max_frames": MAX_FRAMES,
             "min_pixels": pixels, "max_pixels": IMAGE_MAX_PIXELS, "resized_height": 32768, "resized_width": 32768,
             "total_pixels": 2 * policy.max_prompt_tokens * PATCH_FACTOR ** 2, "video_start": None, "video_end": None}
-    values = {key: _number(kwargs, key, float if key in ("fps", "video_start", "video_end") else int, 0,
-                           high[key], where) for key in VIDEO_KEYS}
+    low = {"max_pixels": 1, "resized_height": 1, "resized_width": 1}  # 0 would be no size at all
+    values = {key: _number(kwargs, key, float if key in ("fps", "video_start", "video_end") else int,
+                           low.get(key, 0), high[key], where) for key in VIDEO_KEYS}
+    if (values["resized_height"] is None) != (values["resized_width"] is None):
+        raise RequestError(f"{where}resized_height and {where}resized_width: give both or neither", param=param)
+    if None not in (values["min_pixels"], values["max_pixels"]) and values["min_pixels"] > values["max_pixels"]:
+        raise RequestError(f"{where}min_pixels {values['min_pixels']} is larger than {where}max_pixels "
+                           f"{values['max_pixels']}", param="min_pixels")
     if (values["resized_height"] or 0) * (values["resized_width"] or 0) > pixels:
         raise RequestError(f"{where}resized_height x resized_width must be at most {pixels} pixels", param=param)
     images = ImageOptions(values["min_pixels"], values["max_pixels"], values["resized_height"], values["resized_width"])
