@@ -27,6 +27,9 @@ RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
 DEFAULT_CONCURRENCY = 4
 OWN_BYTES_SINCE = (0, 2)  # qwen2vl servers from 0.2 resize an image sent as its bytes (resized_height/width by the url)
+# the forms any Pillow the server may have (>= 10, any build) decodes, and to the same pixels: not AVIF (Pillow 11.3 on),
+# a plugin's HEIF, nor TIFF (its codecs are libtiff's build); those go as their pixels
+OWN_BYTES_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})
 VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
 # what Qwen2-VL's processors (vLLM's included) size images and video frames within by default, in tokens
 IMAGE_TOKENS = (IMAGE_MIN_PIXELS // PATCH_FACTOR ** 2, IMAGE_MAX_PIXELS // PATCH_FACTOR ** 2)
@@ -77,16 +80,17 @@ class RemoteSession:
         """A read image (sources.read_image, as in-process) as a server takes it: the sized pixels, losslessly
         (BMP to a qwen2vl server: nothing to compress; PNG to others), or to a qwen2vl server the source's own
         bytes and the size to make of them (it resizes them by the same code), where that is less work: a photo
-        near the size the model sees it at (decoding it there costs about what resizing it here does) in fewer
-        bytes than its pixels."""
+        (OWN_BYTES_FORMATS) near the size the model sees it at (decoding it there costs about what resizing it
+        here does) in fewer bytes than its pixels."""
         facts = image.facts
         tokens = facts["tokens"]
         if self.load().kind == "qwen2vl":
             width, height = image.size
             source_pixels = image.decoded.width * image.decoded.height
             # on the grid and at least 4 tokens: resized_height/width give that size back exactly (fit_size)
-            if (self.own_bytes and len(image.data) < width * height * 3 and source_pixels <= 2 * width * height
-                    and on_grid(width, height) and width * height >= IMAGE_MIN_PIXELS):
+            if (self.own_bytes and image.decoded.format in OWN_BYTES_FORMATS and len(image.data) < width * height * 3
+                    and source_pixels <= 2 * width * height and on_grid(width, height)
+                    and width * height >= IMAGE_MIN_PIXELS):
                 from PIL import Image
 
                 mime = Image.MIME.get(image.decoded.format or "", "application/octet-stream")
