@@ -28,8 +28,10 @@ RETRIES = 4
 DEFAULT_CONCURRENCY = 4
 OWN_BYTES_SINCE = (0, 2)  # qwen2vl servers from 0.2 resize an image sent as its bytes (resized_height/width by the url)
 # the forms any Pillow the server may have (>= 10, any build) decodes, and to the same pixels: not AVIF (Pillow 11.3 on),
-# a plugin's HEIF, nor TIFF (its codecs are libtiff's build); those go as their pixels
+# a plugin's HEIF, TIFF (its codecs are libtiff's build), nor 16-bit or float pixels (their conversion to RGB has
+# changed between Pillow versions); those go as their pixels
 OWN_BYTES_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})
+OWN_BYTES_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
 # what Qwen2-VL's processors (vLLM's included) size images and video frames within by default, in tokens
 IMAGE_TOKENS = (IMAGE_MIN_PIXELS // PATCH_FACTOR ** 2, IMAGE_MAX_PIXELS // PATCH_FACTOR ** 2)
@@ -88,7 +90,8 @@ class RemoteSession:
             width, height = image.size
             source_pixels = image.decoded.width * image.decoded.height
             # on the grid and at least 4 tokens: resized_height/width give that size back exactly (fit_size)
-            if (self.own_bytes and image.decoded.format in OWN_BYTES_FORMATS and len(image.data) < width * height * 3
+            if (self.own_bytes and image.decoded.format in OWN_BYTES_FORMATS and image.decoded.mode in OWN_BYTES_MODES
+                    and len(image.data) < width * height * 3
                     and source_pixels <= 2 * width * height and on_grid(width, height)
                     and width * height >= IMAGE_MIN_PIXELS):
                 from PIL import Image

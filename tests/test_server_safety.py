@@ -438,8 +438,8 @@ def rotated_photo(folder: Path) -> Path:
 def test_what_the_client_sends_a_qwen2vl_server(images, tmp_path):
     """A photo goes as its own bytes (JPEG's few bytes per pixel) with the size the model sees it at; an image
     whose pixels are fewer bytes (noise as PNG), one much larger than the model sees it (the server would decode
-    it all again), one whose size that cannot say (under 4 tokens), or one in a form outside OWN_BYTES_FORMATS
-    (TIFF), as its sized pixels; any other server gets the sized pixels as PNG."""
+    it all again), one whose size that cannot say (under 4 tokens), or one in a form or mode outside
+    OWN_BYTES_FORMATS/MODES (TIFF, 16-bit PNG), as its sized pixels; any other server gets the sized pixels as PNG."""
     from PIL import Image
 
     from qwen2vl_cli.client import RemoteSession
@@ -453,20 +453,23 @@ def test_what_the_client_sends_a_qwen2vl_server(images, tmp_path):
     assert part["image_url"] == {"url": "data:image/jpeg;base64," + base64.b64encode(photo.data).decode(),
                                  "resized_width": 84, "resized_height": 140}
     assert ours.image_media(read_image(str(images["a"]))).data.startswith("data:image/bmp;")
-    tiff = tmp_path / "photo.tiff"  # a form another machine's Pillow may not decode alike (libtiff's codecs)
-    Image.open(rotated_photo(tmp_path)).save(tiff, compression="tiff_lzw")
-    assert ours.image_media(read_image(str(tiff))).data.startswith("data:image/bmp;")
+    tiff, deep = tmp_path / "photo.tiff", tmp_path / "deep.png"  # another Pillow may not decode these alike
+    Image.open(rotated_photo(tmp_path)).save(tiff, compression="tiff_lzw")  # libtiff's codecs
+    Image.open(rotated_photo(tmp_path)).convert("L").convert("I;16").save(deep)  # 16-bit pixels
+    for path in (tiff, deep):
+        assert ours.image_media(read_image(str(path))).data.startswith("data:image/bmp;"), path
     for options in (ImageOptions(min_pixels=28 * 28, max_pixels=3 * 28 * 28), ImageOptions(max_pixels=8 * 28 * 28)):
         assert ours.image_media(read_image(photo.name, options)).data.startswith("data:image/bmp;")
     other = RemoteSession("http://127.0.0.1:9", "m", kind="openai")
     assert other.image_media(photo).data.startswith("data:image/png;") and other.image_media(photo).metadata is None
 
 
-@pytest.mark.parametrize("mode,form", [("CMYK", "JPEG"), ("RGB", "MPO"), ("LA", "PNG"), ("I;16", "PNG"), ("P", "GIF"),
-                                       ("RGB", "WEBP"), ("RGBA", "WEBP")])
+@pytest.mark.parametrize("mode,form", [("CMYK", "JPEG"), ("RGB", "MPO"), ("LA", "PNG"), ("P", "GIF"), ("RGB", "WEBP"),
+                                       ("RGBA", "WEBP")])
 def test_a_server_makes_of_an_images_bytes_the_pixels_the_client_would(tmp_path, mode, form):
-    """Whatever form a photo comes in (CMYK, alpha, 16-bit, palette), what the server makes of its bytes and the
-    size sent beside them is, pixel for pixel, what the client would have sent (or answered with in process)."""
+    """Whatever form a photo sent as bytes comes in (CMYK, alpha, palette, MPO), what the server makes of its bytes
+    and the size sent beside them is, pixel for pixel, what the client would have sent (or answered with in
+    process)."""
     import numpy as np
     from PIL import Image
 
@@ -478,7 +481,7 @@ def test_a_server_makes_of_an_images_bytes_the_pixels_the_client_would(tmp_path,
     picture = Image.merge("RGBA", (gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
                                    gradient.transpose(Image.Transpose.FLIP_TOP_BOTTOM), gradient.rotate(30)))
     path = tmp_path / f"picture.{form.lower()}"
-    made = picture.convert("L").convert(mode) if mode in ("I;16", "LA") else picture.convert(mode)
+    made = picture.convert("L").convert(mode) if mode == "LA" else picture.convert(mode)
     made.save(path, form, **({"save_all": True, "append_images": [made.rotate(90)]} if form == "MPO" else {}))
     ours, policy = RemoteSession("http://127.0.0.1:9", "m", kind="qwen2vl"), MediaPolicy(FetchLimits(), as_sent=True)
     image = read_image(str(path), ImageOptions(max_pixels=60 * 28 * 28))
