@@ -27,9 +27,9 @@ RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
 DEFAULT_CONCURRENCY = 4
 OWN_BYTES_SINCE = (0, 2)  # qwen2vl servers from 0.2 resize an image sent as its bytes (resized_height/width by the url)
-# the forms any Pillow the server may have (>= 10, any build) decodes, and to the same pixels: not AVIF (Pillow 11.3 on),
-# a plugin's HEIF, TIFF (its codecs are libtiff's build), nor 16-bit or float pixels (their conversion to RGB has
-# changed between Pillow versions); those go as their pixels
+# the forms any Pillow the server may have (>= 10, any build) decodes, and to the same pixels: not AVIF (Pillow 11.3
+# on), a plugin's HEIF, TIFF (its codecs are libtiff's build), nor 16-bit or float pixels (their conversion to RGB
+# has changed between Pillow versions); those go as their pixels
 OWN_BYTES_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})
 OWN_BYTES_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 VLLM_FRAME_LIST_DEFAULT = 32  # a stock vLLM reads this many frames of a frame list (--media-io-kwargs num_frames)
