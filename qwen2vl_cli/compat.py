@@ -3,7 +3,8 @@ against; everything else uses public API. Each says what happens where the inter
 `tests/test_compat.py` fails on an installed version that lacks one (so an upgrade that drops it is seen, not
 silently slower or unguarded). Nothing here is imported until a command needs it.
 
-Checked against: transformers 5.17 and 5.24, qwen-vl-utils 0.0.14, httpx 0.27-0.29 with httpcore 1.0.
+Checked against: transformers 5.17 and 5.24 (the ends of the range pyproject allows), qwen-vl-utils 0.0.14, httpx
+0.29 with httpcore 1.0.9 (the CPU suite's).
 """
 
 from __future__ import annotations
