@@ -91,7 +91,8 @@ def test_model_loads_once_per_process(cli, images, monkeypatch):
 @pytest.mark.parametrize("args, status, reason", [
     (["describe"], 2, None),
     (["describe", "x.png", "--min-pixels", "lots"], 2, None),
-    (["ask", "x.png"], 2, None),
+    (["ask", "x.png"], 2, 'give the question with -q, e.g. -q "What is in this picture?"'),
+    (["ask", "{a}", "What color is it?"], 2, "the question goes after -q: qwen2vl ask {a} -q 'What color is it?'"),
     (["describe", "{a}", "--resized-height", "100"], 2, "give both or neither"),
     (["describe", "{a}", "--min-pixels", "2000", "--max-pixels", "1000"], 2, "larger than --max-pixels"),
     (["describe", "{a}", "--max-pixels", "10"], 2, "below the least area of an image, 3136"),
@@ -107,7 +108,7 @@ def test_usage_errors_exit_2(cli, images, args, status, reason):
     assert result.exit_code == status, result.stderr
     assert "Traceback" not in result.stderr
     if reason:
-        one_error_line(result, reason)
+        one_error_line(result, reason.format(a=images["a"]))
 
 
 def test_model_errors_exit_4(cli, images, tmp_path):

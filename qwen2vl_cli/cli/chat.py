@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
 from ..render import Environment, OutputOptions
 from ..types import ChatRequest
 from ..sources import FetchLimits, ImageOptions
@@ -73,7 +74,7 @@ def describe(
 
 def ask(
     sources: Annotated[list[str] | None, typer.Argument(metavar="SOURCE", help=SOURCE_HELP + " None: a text-only chat.")] = None,
-    question: Annotated[str, typer.Option("--question", "-q", help="The question to answer.")] = ...,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question to answer (required).")] = None,
     videos: Annotated[list[str] | None, typer.Option("--video", metavar="SOURCE", help=VIDEO_HELP + " Repeatable; videos follow the images.")] = None,
     system: SystemOpt = None,
     vision_ids: VisionIdsOpt = False,
@@ -117,6 +118,8 @@ def ask(
     """
     from ..video import VideoOptions
 
+    if question is None:
+        raise _missing_question(sources or [])
     env = Environment.from_system(quiet=quiet)
     limits = FetchLimits(timeout, max_download)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width, images=bool(sources),
@@ -130,6 +133,19 @@ def ask(
         prompt=question, media=common.media(session, inputs, env, verbose), system=system, vision_ids=vision_ids,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
+
+
+def _missing_question(sources: list[str]) -> UsageError:
+    """-q is required; a question typed as the last SOURCE (`ask photo.jpg "What is this?"`) is shown where it goes."""
+    import os
+    import shlex
+
+    last = sources[-1] if sources else ""
+    if ((" " in last or last.endswith("?")) and not os.path.lexists(os.path.expanduser(last))
+            and ":" not in last.split(" ", 1)[0]):  # not a path, URL or data URI
+        return UsageError("--question", "missing; the question goes after -q: "
+                                        + shlex.join(["qwen2vl", "ask", *sources[:-1], "-q", last]))
+    return UsageError("--question", 'missing: give the question with -q, e.g. -q "What is in this picture?"')
 
 
 def video(
