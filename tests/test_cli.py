@@ -111,6 +111,19 @@ def test_usage_errors_exit_2(cli, images, args, status, reason):
         one_error_line(result, reason.format(a=images["a"]))
 
 
+@pytest.mark.parametrize("args, said", [
+    (["describe", "{a}", "What is in it?"], "What is in it?: no such file (text for the model goes after -p)"),
+    (["ask", "{a}", "Why red?", "-q", "Hi"], "Why red?: no such file (text for the model goes after -q)"),
+    (["describe", "{a}", "missing.jpg"], "missing.jpg: no such file"),
+])
+def test_a_prompt_typed_as_a_source_is_pointed_to_its_option(cli, images, args, said):
+    """A missing SOURCE that reads as prose says where text goes; a missing file name is only missing (exit 3 both)."""
+    result = cli(*[a.format(a=images["a"]) for a in args])
+    assert result.exit_code == 3, result.stderr
+    one_error_line(result, said)
+    assert result.stderr.strip().endswith(said)
+
+
 def test_model_errors_exit_4(cli, images, tmp_path):
     missing = cli("describe", images["a"], "--model", str(tmp_path / "nope"), model=False)
     assert missing.exit_code == 4

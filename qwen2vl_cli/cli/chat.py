@@ -63,7 +63,7 @@ def describe(
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    inputs = common.Inputs(sources, images, FetchLimits(timeout, max_download))
+    inputs = common.Inputs(sources, images, FetchLimits(timeout, max_download), text_flag="-p")
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
     request = ChatRequest(
         prompt=prompt, media=common.media(session, inputs, env),
@@ -127,7 +127,7 @@ def ask(
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
     spec = common.model_spec(model, device, dtype, attn, quantize)
-    inputs = common.Inputs(sources or [], images, limits, videos or [], video_options)
+    inputs = common.Inputs(sources or [], images, limits, videos or [], video_options, text_flag="-q")
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
     request = ChatRequest(
         prompt=question, media=common.media(session, inputs, env, verbose), system=system, vision_ids=vision_ids,

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..engine.quant import QUANTIZE_CHOICES
 from ..render import Environment, OutputOptions, render_answer
 from ..types import ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model
@@ -177,10 +177,10 @@ class Inputs:
     finding the session (its /health) and, where one must start, its load. `result()` gives
     them or raises their error; `done()` says whether that would wait."""
 
-    def __init__(self, *args) -> None:
+    def __init__(self, *args, text_flag: str | None = None) -> None:
         import threading
 
-        self._result, self._error = None, None
+        self._result, self._error, self._text_flag = None, None, text_flag
         # a daemon: Ctrl-C during a slow download ends the command without waiting for the read
         self._thread = threading.Thread(target=self._run, args=args, name="qwen2vl-inputs", daemon=True)
         self._thread.start()
@@ -190,6 +190,10 @@ class Inputs:
             self._result = resolve_media(*args)
         except BaseException as exc:  # noqa: BLE001 - the command's, raised where it asks for the result
             self._error = exc
+            prose = " " in getattr(exc, "subject", "") or getattr(exc, "subject", "").endswith("?")
+            if self._text_flag and isinstance(exc, InputError) and exc.reason == "no such file" and prose:
+                # the prompt typed as a SOURCE (`describe photo.jpg "What is in it?"`): say where text goes
+                self._error = InputError(exc.subject, f"no such file (text for the model goes after {self._text_flag})")
 
     def done(self) -> bool:
         return not self._thread.is_alive()
