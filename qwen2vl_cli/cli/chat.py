@@ -137,12 +137,10 @@ def ask(
 
 def _missing_question(sources: list[str]) -> UsageError:
     """-q is required; a question typed as the last SOURCE (`ask photo.jpg "What is this?"`) is shown where it goes."""
-    import os
     import shlex
 
     last = sources[-1] if sources else ""
-    if ((" " in last or last.endswith("?")) and not os.path.lexists(os.path.expanduser(last))
-            and ":" not in last.split(" ", 1)[0]):  # not a path, URL or data URI
+    if common.reads_as_prose(last):
         return UsageError("--question", "missing; the question goes after -q: "
                                         + shlex.join(["qwen2vl", "ask", *sources[:-1], "-q", last]))
     return UsageError("--question", 'missing: give the question with -q, e.g. -q "What is in this picture?"')

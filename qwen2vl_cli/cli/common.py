@@ -190,9 +190,8 @@ class Inputs:
             self._result = resolve_media(*args)
         except BaseException as exc:  # noqa: BLE001 - the command's, raised where it asks for the result
             self._error = exc
-            prose = " " in getattr(exc, "subject", "") or getattr(exc, "subject", "").endswith("?")
-            if self._text_flag and isinstance(exc, InputError) and exc.reason == "no such file" and prose:
-                # the prompt typed as a SOURCE (`describe photo.jpg "What is in it?"`): say where text goes
+            misplaced = isinstance(exc, InputError) and exc.reason == "no such file" and reads_as_prose(exc.subject)
+            if self._text_flag and misplaced:  # the prompt typed as a SOURCE: say where text goes
                 self._error = InputError(exc.subject, f"no such file (text for the model goes after {self._text_flag})")
 
     def done(self) -> bool:
@@ -203,6 +202,13 @@ class Inputs:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def reads_as_prose(source: str) -> bool:
+    """A SOURCE that is a sentence, not a file, URL or data URI: a prompt typed where a SOURCE goes
+    (`describe photo.jpg "What is in it?"`)."""
+    return ((" " in source or source.endswith("?")) and not os.path.lexists(os.path.expanduser(source))
+            and ":" not in source.split(" ", 1)[0])
 
 
 def resolve_media(images: list[str], image_options: ImageOptions, limits: FetchLimits, videos: list[str] = (),
