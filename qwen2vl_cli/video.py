@@ -283,14 +283,14 @@ def _readers(choice: str):
 
     from .compat import video_readers
 
-    table = {**video_readers(), "pyav": read_video_pyav}
-    available = {name: name == "pyav" or (name in table and importlib.util.find_spec(name) is not None)
-                 for name in ("decord", "torchcodec", "pyav")}
+    readers = {**video_readers(), "pyav": read_video_pyav}  # in the order they are tried
+    usable = [(name, read) for name, read in readers.items()
+              if name == "pyav" or importlib.util.find_spec(name) is not None]
     if choice != "auto":
-        if not available[choice]:
+        if choice not in dict(usable):
             raise UsageError("--video-backend", f"{choice} is not installed")
-        return [(choice, table[choice])]
-    return [(name, table[name]) for name in ("decord", "torchcodec", "pyav") if available[name]]
+        return [(choice, readers[choice])]
+    return usable
 
 
 def _frames_from_file(path: str, name: str, options: VideoOptions) -> VideoFrames:
