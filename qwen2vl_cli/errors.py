@@ -1,10 +1,13 @@
-"""Exit codes and the one table that turns known exceptions into one-line messages."""
+"""Exit codes, the one table that turns known exceptions into one-line messages, and how a process ends."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import enum
 import errno
 import os
+import sys
 
 
 class ExitStatus(enum.IntEnum):
@@ -101,3 +104,31 @@ def describe_exception(exc: BaseException) -> tuple[str, ExitStatus]:
         return "output closed early (broken pipe)", ExitStatus.ERROR
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"unexpected {name}: {first_line} (QWEN2VL_DEBUG=1 shows the traceback)", ExitStatus.ERROR
+
+
+@contextlib.contextmanager
+def ending_promptly():
+    """Around a whole process's work (the CLI's main, a started session's): once it ends with an exit status, the
+    process ends when the other exit handlers have run (threads joined, engines stopped between steps, temporary
+    folders removed: registered later, they run first) and stdout and stderr are flushed, without the teardown of
+    every module torch and transformers made: 0.2 s of an in-process one-liner on the CPU test machine, 0.4 s on
+    the H100 machine. Where a flush fails (a closed pipe), the interpreter ends it as usual."""
+    status: list[int] = []
+
+    def end() -> None:
+        if not status:
+            return
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            return
+        os._exit(status[0])
+
+    atexit.register(end)
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            status.append(exc.code or 0)
+        raise

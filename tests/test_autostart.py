@@ -168,6 +168,8 @@ def test_ctrl_c_while_the_session_is_spawned_stops_it(tiny_model, tmp_path, monk
     import signal
 
     from qwen2vl_cli.server import registry
+    from qwen2vl_cli.server.config import ServerConfig
+    from qwen2vl_cli.types import ModelSpec
 
     monkeypatch.setenv("QWEN2VL_STATE_DIR", str(tmp_path))
     children: list[subprocess.Popen] = []
@@ -181,7 +183,7 @@ def test_ctrl_c_while_the_session_is_spawned_stops_it(tiny_model, tmp_path, monk
     monkeypatch.setattr(subprocess, "Popen", popen)
     try:
         with pytest.raises(KeyboardInterrupt):
-            registry.Launched(["--model", str(tiny_model), "--port", "0", "--keep-alive", "30s", "--exit-when-idle"])
+            registry.Launched(ServerConfig(ModelSpec(str(tiny_model)), port=0, keep_alive_s=30, exit_when_idle=True))
         assert children[0].wait(timeout=30) == -signal.SIGTERM
     finally:
         for child in children:
@@ -276,6 +278,23 @@ def test_a_model_that_cannot_load_starts_no_session(tmp_path, images):
                                                                      "QWEN2VL_STATE_DIR": str(state)})
     assert result.returncode == 4, result.stderr
     assert b"background session" not in result.stderr and not list(state.glob("*.json"))
+
+
+def test_a_started_session_that_fails_to_load_is_one_line_at_once(tiny_model, tmp_path):
+    """A session that fails as it starts (its weights cut short) ends its starter's wait at once,
+    with the session's own one-line error from its log; nothing is left recorded."""
+    import shutil
+
+    broken = tmp_path / "cut"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    state = tmp_path / "state"
+    started = time.monotonic()
+    result = run_process("serve", "--background", "-m", broken, "--port", "0", env={"QWEN2VL_STATE_DIR": str(state)})
+    assert result.returncode == 6 and result.stderr.count(b"\n") == 1, result.stderr
+    assert b"the server exited (qwen2vl: error: " in result.stderr and b"log: " in result.stderr, result.stderr
+    assert time.monotonic() - started < 60 and not list(state.glob("*.json"))
 
 
 def test_one_liners_started_together_start_one_session(tiny_model, images, tmp_path):

@@ -252,6 +252,8 @@ def test_background_start_and_stop(tiny_model, tmp_path, images):
     assert health["model"] == str(tiny_model)
     with open(f"/proc/{health['pid']}/cmdline", "rb") as cmdline:  # what every local user sees in ps
         assert b"s3cret-k3y" not in cmdline.read()
+    with open(f"/proc/{health['pid']}/environ", "rb") as environ:  # the config came on its stdin, key and all
+        assert b"s3cret-k3y" not in environ.read()
     used = run_process("describe", images["a"], "-n", "4", "--json", env={**env, "QWEN2VL_API_KEY": "s3cret-k3y"})
     assert json.loads(used.stdout)["timings"]["load_s"] == 0.0
     assert run_process("stop", env=env).returncode == 0
@@ -402,3 +404,34 @@ def test_the_local_transport_reads_a_server_as_httpx_does(server, tiny_model, im
     for client in (local, reference):
         with pytest.raises(TransportError):
             client.get("http://127.0.0.1:9/health", timeout=5)  # nothing listens there
+
+
+def test_a_client_connecting_while_the_model_loads_waits_for_it_rather_than_being_refused(tiny_model, tmp_path):
+    """The server's socket listens from the moment it is bound, before the load: a request sent then is answered
+    once the model is loaded (a started session's starter connects the moment it is told, with no polling)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process, _ = start_server(tiny_model, tmp_path, "--port", port, wait=False)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert process.poll() is None and time.time() < deadline, process.stderr.read().decode()
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=1)
+                break
+            except OSError:
+                time.sleep(0.02)
+        assert not list(tmp_path.glob(f"{process.pid}.json"))  # connected while it still loads
+        with connection:
+            connection.settimeout(120)
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b'"loaded":true' in answer, answer[:300]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

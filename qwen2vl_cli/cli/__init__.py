@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
 import sys
 import traceback
@@ -17,7 +15,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException as CliUsageError
 
 from .. import __version__
-from ..errors import ExitStatus, OutputError, debug_enabled, describe_exception
+from ..errors import ExitStatus, OutputError, debug_enabled, describe_exception, ending_promptly
 from ..render import error
 from . import batch, chat, serve
 
@@ -92,11 +90,6 @@ class _ClosedOutput:
 
 def main() -> None:
     """Console-script entry point."""
-    # at exit (after every other exit handler: they run last-registered first), freeze what is alive: the
-    # interpreter's teardown then frees it by reference counts alone, without the garbage collections that walk
-    # every object torch, transformers and sympy made (1.2 s of a one-liner's 5.4 on the CPU test machine)
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
     # httpx imports its own command-line client (click, pygments, rich: ~45 ms) on import when those are
     # installed; nothing here runs it, and a None in sys.modules makes that import fail as httpx expects
     sys.modules.setdefault("httpx._main", None)
@@ -104,8 +97,9 @@ def main() -> None:
         sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:
         sys.stdout = _ClosedOutput()
-    try:
-        app(prog_name="qwen2vl")
-    except KeyboardInterrupt:
-        error("interrupted")
-        sys.exit(ExitStatus.INTERRUPTED)
+    with ending_promptly():
+        try:
+            app(prog_name="qwen2vl")
+        except KeyboardInterrupt:
+            error("interrupted")
+            sys.exit(ExitStatus.INTERRUPTED)

@@ -68,13 +68,14 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
 
 def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: Environment | None,
                    inputs: Inputs | None = None) -> dict | None:
-    """Start `qwen2vl serve` for `spec` in the background (a free loopback port, ending itself after `keep_alive`
+    """Start a session serving `spec` in the background (a free loopback port, ending itself after `keep_alive`
     idle) and return its record; None where none should start (--keep-alive 0, QWEN2VL_AUTOSTART=0, a model
     that cannot load: the in-process load says why) or it failed to (said on stderr). `inputs` still being read
     (a video's decode, a download) are waited for while the session loads; a bad one is its error and stops the
     session; one already known bad is its error before any session starts."""
     from ..errors import Qwen2VLError
     from ..modelfiles import hub_offline, hub_reachable, local_model_dir, validate_model_dir
+    from ..server.config import ServerConfig
     from ..server.registry import Launched, find_server
     from .options import parse_duration
 
@@ -94,10 +95,8 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
         return None
     # a shared server's limits are not the owner's: its commands are bound only by the context, as in process
     # (an image is at least 4 tokens; a full context of image pixels is ~100 MB of base64)
-    args = ["--model", spec.model, "--device", spec.device, "--dtype", spec.dtype, "--attn", spec.attn,
-            "--port", "0", "--keep-alive", keep_alive, "--exit-when-idle", "--max-images", str(MAX_CONTEXT // 4),
-            "--max-videos", str(MAX_CONTEXT // 4), "--max-body-size", "256MB",
-            *(["--quantize", spec.quantize] if spec.quantize else [])]
+    config = ServerConfig(spec=spec, port=0, api_key=api_key, keep_alive_s=idle, exit_when_idle=True,
+                          max_images=MAX_CONTEXT // 4, max_videos=MAX_CONTEXT // 4, max_body=256 * 1024 ** 2)
     note = env.note if env is not None else lambda text: None
     with contextlib.ExitStack() as held:
         try:
@@ -107,7 +106,7 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
             found = find_server(spec, api_key)
             if found:
                 return found
-            launched = Launched(args, api_key)
+            launched = Launched(config)
         except (Qwen2VLError, OSError) as exc:  # OSError: a state folder it cannot write in ($QWEN2VL_STATE_DIR)
             return _not_started(note, exc)
         try:

@@ -45,13 +45,12 @@ def serve(
     timeout: TimeoutOpt = DEFAULTS["timeout"],
     max_download: MaxDownloadOpt = DEFAULTS["max_download"],
     quiet: QuietOpt = False,
-    exit_when_idle: Annotated[bool, typer.Option("--exit-when-idle", hidden=True, help="End the process (not only unload the model) after --keep-alive idle: the sessions commands start themselves.")] = False,
 ) -> None:
     """Keep the model loaded and serve an OpenAI-compatible API; other commands use it automatically.
 
     Example: qwen2vl serve --background && qwen2vl describe photo.jpg
     """
-    from ..server.app import ServerConfig, run_server
+    from ..server.config import ServerConfig
 
     env = Environment.from_system(quiet=quiet)
     if status:
@@ -64,9 +63,10 @@ def serve(
         allowed_local=allowed_local_media_path.resolve() if allowed_local_media_path else None,
         limits=FetchLimits(timeout, max_download, FetchPolicy(allow_fetch, _names(allowed_media_domains))),
         served_name=served_model_name, max_prompt_tokens=max_prompt_tokens, max_images=max_images,
-        max_videos=max_videos, max_queue=max_queue, allowed_hosts=_names(allowed_hosts), exit_when_idle=exit_when_idle)
+        max_videos=max_videos, max_queue=max_queue, allowed_hosts=_names(allowed_hosts))
     if background:
         return _start_background(config, env)
+    from ..server.app import run_server
 
     def ready(url, session):
         env.note(f"serving {config.model_name} on {url} ({session.device}); Ctrl-C stops it")
@@ -80,30 +80,13 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def _start_background(config, env: Environment) -> None:
-    """Re-run this command detached, wait until it answers /health, print its URL."""
+    """Start a session serving `config` detached, wait until it serves, print its URL."""
     from ..server.registry import Launched
 
-    argv = _without_secrets([a for a in sys.argv[1:] if a not in ("--background", "-d")])
-    if "serve" in argv:
-        argv.remove("serve")
     with env.status(f"Starting a session for {config.model_name} ..."):
-        state = Launched(argv, config.api_key).ready(READY_TIMEOUT_S)
+        state = Launched(config).ready(READY_TIMEOUT_S)
     print(state["url"], flush=True)
     env.note(f"session {state['pid']} serves {config.model_name}; `qwen2vl stop` ends it")
-
-
-def _without_secrets(argv: list[str]) -> list[str]:
-    """argv less `--api-key K` / `--api-key=K`: the key goes to the child in its environment, where other
-    local users cannot read it (a command line is visible to all of them in `ps`)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--api-key":
-            skip = True
-        elif not arg.startswith("--api-key="):
-            kept.append(arg)
-    return kept
 
 
 def ps(

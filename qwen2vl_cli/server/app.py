@@ -20,59 +20,24 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
 
 from .. import __version__
-from ..errors import ExitStatus, Qwen2VLError, ServerError, UsageError, describe_exception
-from ..types import Completion, ModelSpec, TextDelta
+from ..errors import (ExitStatus, Qwen2VLError, ServerError, UsageError, debug_enabled, describe_exception,
+                      ending_promptly)
+from ..render import error
+from ..types import Completion, TextDelta
 from ..engine.scheduler import median_ms
 from ..engine.session import ModelSession
-from ..sources import FetchLimits
 from . import registry
-from .registry import DEFAULT_PORT, PROOF_HEADER, proof
+from .registry import PROOF_HEADER, proof
 from .protocol import (MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id, parse_chat_request,
                        usage_body)
 from ..transport import SIZED_HEADER, TOO_LONG, is_loopback
+from .config import ServerConfig
 from .worker import Job, joined, start_job
 
-DEFAULT_MAX_BODY = 100 * 1024 * 1024
-DEFAULT_MAX_QUEUE = 64
+LISTEN_BACKLOG = 2048  # uvicorn's own
 CHARS_PER_TOKEN_BOUND = 32  # a prompt of more characters than this many per allowed token is refused untokenized
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    spec: ModelSpec
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    api_key: str | None = None
-    keep_alive_s: float | None = 600.0
-    max_body: int = DEFAULT_MAX_BODY
-    allowed_local: Path | None = None
-    limits: FetchLimits = FetchLimits()  # with its fetch policy (FetchPolicy(): no URL is fetched)
-    served_name: str | None = None
-    max_prompt_tokens: int | None = None  # None: the model's context
-    max_images: int = 32
-    max_videos: int = 4
-    max_queue: int = DEFAULT_MAX_QUEUE
-    allowed_hosts: tuple[str, ...] = ()  # Host headers answered; () derives them from the bind address
-    exit_when_idle: bool = False  # a session a command started: the process ends after keep_alive_s idle
-
-    @property
-    def model_name(self) -> str:
-        return self.served_name or self.spec.model
-
-    def hosts(self) -> set[str] | None:
-        """The Host names requests may carry (None: any): loopback names on loopback, the address bound to,
-        any on a wildcard bind (whose clients need the API key)."""
-        if self.allowed_hosts:
-            return None if "*" in self.allowed_hosts else {h.lower() for h in self.allowed_hosts}
-        if is_loopback(self.host):
-            return {"localhost", "127.0.0.1", "::1"}
-        if self.host in ("0.0.0.0", "::", ""):
-            return None
-        return {self.host.lower()}
 
 
 def host_name(header: str) -> str:
@@ -323,6 +288,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise UsageError(f"{host}:{port}", exc.strerror or str(exc)) from None
+    # listening from now: a client that connects while the model loads waits for it (its connection queued until
+    # uvicorn accepts) rather than being refused and polling; a session's starter is told when to connect
+    sock.listen(LISTEN_BACKLOG)
     return sock
 
 
@@ -365,6 +333,26 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
         signal.signal(signal.SIGTERM, previous)
         session.engine.close()
         registry.remove_state(os.getpid())
+
+
+def run_launched() -> None:
+    """The entry of a session a command started (registry.Launched): its ServerConfig comes pickled on stdin (no
+    command line to parse again, no CLI to import: the load starts sooner); a failure is one line in its log
+    and the exit code, as the CLI's."""
+    import pickle
+    import traceback
+
+    config = pickle.loads(sys.stdin.buffer.read())
+    told = int(os.environ.pop(registry.READY_FD))
+    with ending_promptly():
+        try:  # told once its socket listens and it is recorded: the starter's /health waits in the queue for uvicorn
+            run_server(config, on_ready=lambda url, session: registry.signal_ready(told))
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the process's one error boundary
+            if debug_enabled():
+                traceback.print_exc()
+            message, status = describe_exception(exc)
+            error(message)
+            sys.exit(int(status))
 
 
 def _exit_when_idle(server, engine, keep_alive_s: float) -> None:

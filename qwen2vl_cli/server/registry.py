@@ -23,7 +23,8 @@ PROOF_HEADER = "X-Qwen2VL-Challenge"
 # a started session runs in the user's working directory (relative paths in its arguments) but not from it: `python
 # -m` puts it first on the path, so a folder named qwen2vl_cli there (a dataset, a cloned repository) would run
 LAUNCH = ("# qwen2vl session\nimport sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n"  # the comment: what `ps` shows
-          "from qwen2vl_cli.cli import main\nmain()")
+          "from qwen2vl_cli.server.app import run_launched\nrun_launched()")
+READY_FD = "QWEN2VL_READY_FD"  # a started session's end of the pipe on which it says it serves
 LOGS_KEPT_S = 7 * 24 * 3600  # a started session's log (named in its error if it fails) is kept a week
 
 
@@ -171,50 +172,86 @@ def serves(health: dict, spec) -> bool:
 
 
 class Launched:
-    """`qwen2vl serve SERVE_ARGS --quiet` started detached, its output in a log beside the state files: `ready()`
-    waits until it answers /health and returns its record; `stop()` ends it."""
+    """A session serving `config` (a ServerConfig), started detached: its config goes pickled on its stdin (no
+    command line to parse again; the API key on no command line and in no environment), its output to a log
+    beside the state files. `ready()` waits until it says it serves and returns its record; `stop()` ends it."""
 
-    def __init__(self, serve_args: list[str], api_key: str | None = None) -> None:
+    def __init__(self, config) -> None:
+        import pickle
         import subprocess
         import sys
 
-        self.api_key = api_key
-        env = {**os.environ, **({"QWEN2VL_API_KEY": api_key} if api_key else {})}  # never on a command line
+        self.api_key = config.api_key
         folder = state_folder()
         _prune_logs(folder)
         # the starting command's pid too: two sessions started in the same second (two models) get a log each
         self.log_path = folder / f"serve-{int(time.time())}-{os.getpid()}.log"
-        with _interrupt_deferred() as interrupted, open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", *serve_args, "--quiet"],
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                            env=env)
+        self.pipe, told = os.pipe()  # it writes a byte there once it serves; its exit closes it
+        try:
+            with _interrupt_deferred() as interrupted, open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen([sys.executable, "-c", LAUNCH], stdin=subprocess.PIPE, stdout=log,
+                                                stderr=log, start_new_session=True, pass_fds=(told,),
+                                                env={**os.environ, READY_FD: str(told)})
+                with contextlib.suppress(OSError):  # it exited already: ready() says why
+                    self.process.stdin.write(pickle.dumps(config))
+                    self.process.stdin.close()
+        except BaseException:
+            self._close_pipe()
+            raise
+        finally:
+            os.close(told)
         if interrupted:
             self.stop()
             raise KeyboardInterrupt
 
     def ready(self, timeout: float = 900.0) -> dict:
-        """Its record, once it answers /health. ServerError when it exits first or is not ready in time (then it
-        is stopped); stopped too on Ctrl-C: nothing the user did not see start is left running."""
+        """Its record, once it says it serves and answers /health. ServerError when it exits first or is not ready
+        in time (then it is stopped); stopped too on Ctrl-C: nothing the user did not see start is left running."""
+        import select
+
         from ..errors import ServerError
 
-        process, deadline = self.process, time.monotonic() + timeout
+        process, deadline, told = self.process, time.monotonic() + timeout, False
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
                     raise ServerError("serve", f"the server exited ({tail[0]}); log: {self.log_path}")
+                if not told:  # waiting on the pipe, not polling: a first one-liner asks the moment it can
+                    if not select.select([self.pipe], [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]:
+                        continue
+                    told = True  # a byte (it serves) or the end of the pipe (it is exiting: seen above next)
+                    os.read(self.pipe, 1)
                 state = read_state(process.pid)
                 if state and health(state["url"], self.api_key, token=state.get("token"), pid=process.pid):
                     return state
-                time.sleep(0.05)  # a first one-liner waits on this: ~25 ms of it on average, a /health each time
+                time.sleep(0.05)
         except KeyboardInterrupt:
             self.stop()
             raise
+        finally:
+            self._close_pipe()
         self.stop()
         raise ServerError("serve", f"not ready after {timeout:.0f}s (stopped); log: {self.log_path}")
 
     def stop(self) -> None:
         self.process.terminate()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:
+            os.close(self.pipe)
+            self.pipe = None
+
+
+def signal_ready(fd: int) -> None:
+    """In a started session, once it serves: tell its starter (Launched.ready) on the pipe it was given."""
+    try:
+        os.write(fd, b"1")
+    except OSError:  # the starter is gone (interrupted): nothing to tell
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,49 @@
+"""What a server is started with: `ServerConfig`, made by `serve`'s options or by a command starting a session
+for itself, and handed as it is to a session it starts (registry.Launched). Light: no server imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..sources import FetchLimits, FetchPolicy
+from ..transport import is_loopback
+from ..types import ModelSpec
+from .registry import DEFAULT_PORT
+
+DEFAULT_MAX_BODY = 100 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    spec: ModelSpec
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    keep_alive_s: float | None = 600.0
+    max_body: int = DEFAULT_MAX_BODY
+    allowed_local: Path | None = None
+    limits: FetchLimits = FetchLimits(policy=FetchPolicy())  # with its fetch policy (this one: no URL is fetched)
+    served_name: str | None = None
+    max_prompt_tokens: int | None = None  # None: the model's context
+    max_images: int = 32
+    max_videos: int = 4
+    max_queue: int = DEFAULT_MAX_QUEUE
+    allowed_hosts: tuple[str, ...] = ()  # Host headers answered; () derives them from the bind address
+    exit_when_idle: bool = False  # a session a command started: the process ends after keep_alive_s idle
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name or self.spec.model
+
+    def hosts(self) -> set[str] | None:
+        """The Host names requests may carry (None: any): loopback names on loopback, the address bound to,
+        any on a wildcard bind (whose clients need the API key)."""
+        if self.allowed_hosts:
+            return None if "*" in self.allowed_hosts else {h.lower() for h in self.allowed_hosts}
+        if is_loopback(self.host):
+            return {"localhost", "127.0.0.1", "::1"}
+        if self.host in ("0.0.0.0", "::", ""):
+            return None
+        return {self.host.lower()}
