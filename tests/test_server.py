@@ -191,6 +191,11 @@ def test_non_loopback_bind_needs_a_key(tiny_model, tmp_path):
     process, _ = start_server(tiny_model, tmp_path, "--host", "0.0.0.0", wait=False)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2 and b"needs an API key" in stderr
+    background = run_process("serve", "--background", "-m", tiny_model, "--host", "0.0.0.0", "--port", "0",
+                             env={"QWEN2VL_STATE_DIR": str(tmp_path)})  # refused before a session is started
+    assert background.returncode == 2 and background.stderr == (
+        b"qwen2vl: error: --host 0.0.0.0: binding beyond loopback needs an API key (--api-key or QWEN2VL_API_KEY)\n")
+    assert not list(tmp_path.glob("serve-*.log"))
 
 
 def test_api_key_local_media_keep_alive_and_stop(tiny_model, tmp_path, images):

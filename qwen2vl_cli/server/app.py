@@ -32,7 +32,7 @@ from . import registry
 from .registry import PROOF_HEADER, proof
 from .protocol import (MediaPolicy, RequestError, chunk_body, completion_body, error_body, new_id, parse_chat_request,
                        usage_body)
-from ..transport import SIZED_HEADER, TOO_LONG, is_loopback
+from ..transport import SIZED_HEADER, TOO_LONG
 from .config import ServerConfig
 from .worker import Job, joined, start_job
 
@@ -298,9 +298,6 @@ def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
     """Load the model, bind, record the session for discovery, serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    if not is_loopback(config.host) and not config.api_key:
-        raise UsageError(f"--host {config.host}", "binding beyond loopback needs an API key "
-                                                  "(--api-key or QWEN2VL_API_KEY)")
     sock = listening_socket(config.host, config.port)
     port = sock.getsockname()[1]
     registry.state_folder()  # where the session will be recorded: one that cannot be used is an error before the load

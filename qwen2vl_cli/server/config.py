@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from ..sources import FetchLimits, FetchPolicy
 from ..transport import is_loopback
 from ..types import ModelSpec
@@ -32,6 +33,11 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     allowed_hosts: tuple[str, ...] = ()  # Host headers answered; () derives them from the bind address
     exit_when_idle: bool = False  # a session a command started: the process ends after keep_alive_s idle
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and not self.api_key:  # refused before anything starts, in the background too
+            raise UsageError(f"--host {self.host}", "binding beyond loopback needs an API key "
+                                                    "(--api-key or QWEN2VL_API_KEY)")
 
     @property
     def model_name(self) -> str:
