@@ -20,7 +20,7 @@ from pathlib import Path
 HEALTH_TIMEOUT_S = 1.0
 DEFAULT_PORT = 8901
 PROOF_HEADER = "X-Qwen2VL-Challenge"
-# a started session runs in the user's working directory (relative paths in its arguments) but not from it: `python
+# a started session runs in the user's working directory (relative paths in its config) but not from it: `python
 # -m` puts it first on the path, so a folder named qwen2vl_cli there (a dataset, a cloned repository) would run
 LAUNCH = ("# qwen2vl session\nimport sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n"  # the comment: what `ps` shows
           "from qwen2vl_cli.server.app import run_launched\nrun_launched()")
