@@ -256,7 +256,8 @@ def test_background_start_and_stop(tiny_model, tmp_path, images):
     health = httpx.get(url + "/health", timeout=5, headers=auth).json()
     assert health["model"] == str(tiny_model)
     with open(f"/proc/{health['pid']}/cmdline", "rb") as cmdline:  # what every local user sees in ps
-        assert b"s3cret-k3y" not in cmdline.read()
+        shown = cmdline.read()
+    assert b"s3cret-k3y" not in shown and shown.endswith(str(tiny_model).encode() + b"\0")  # the model, for ps
     with open(f"/proc/{health['pid']}/environ", "rb") as environ:  # the config came on its stdin, key and all
         assert b"s3cret-k3y" not in environ.read()
     used = run_process("describe", images["a"], "-n", "4", "--json", env={**env, "QWEN2VL_API_KEY": "s3cret-k3y"})

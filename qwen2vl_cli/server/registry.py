@@ -189,9 +189,10 @@ class Launched:
         self.pipe, told = os.pipe()  # it writes a byte there once it serves; its exit closes it
         try:
             with _interrupt_deferred() as interrupted, open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen([sys.executable, "-c", LAUNCH], stdin=subprocess.PIPE, stdout=log,
-                                                stderr=log, start_new_session=True, pass_fds=(told,),
-                                                env={**os.environ, READY_FD: str(told)})
+                # the model after the code is only for `ps` to show (the config on stdin is what the session reads)
+                self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, config.spec.model],
+                                                stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True,
+                                                pass_fds=(told,), env={**os.environ, READY_FD: str(told)})
                 with contextlib.suppress(OSError):  # it exited already: ready() says why
                     self.process.stdin.write(pickle.dumps(config))
                     self.process.stdin.close()
