@@ -144,6 +144,22 @@ class RemoteSession:
                 self._adopt_model()
         return self
 
+    def describe_weights(self) -> str:
+        """One --verbose line: which server answers and, a qwen2vl session, its own line (weights, the path that
+        answers, the load's phases), from its /health."""
+        where = self.url[:-len("/v1")]
+        if self.load().kind != "qwen2vl":
+            return f"answering through {where} (an OpenAI-compatible server, model {self.model_name})"
+        try:
+            facts = http(self.url).get(where + "/health", timeout=10, headers=self._headers()).json()
+        except (TransportError, ValueError):
+            facts = None
+        if not isinstance(facts, dict) or "pid" not in facts:
+            return f"answering through session at {where}"
+        line = facts.get("weights") or ("its model is not loaded: this request loads it" if "loaded" in facts
+                                        else "its weights are told to holders of its API key")
+        return f"answering through session {facts['pid']} at {where}: {line}"
+
     def _adopt_model(self) -> None:
         """The server's model where it serves exactly one (and not the default name the request would carry)."""
         try:

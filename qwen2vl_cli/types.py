@@ -146,6 +146,10 @@ class Session(Protocol):
     def load(self) -> "Session":
         """Be ready to answer (load the model, or reach the server); raise ModelLoadError when it cannot."""
 
+    def describe_weights(self) -> str:
+        """One --verbose line: the weights that answer, the path they answer by, where the load's time went (for a
+        server: which one, and what it says of itself)."""
+
     def image_media(self, image) -> Media:
         """An image read and checked (sources.read_image: a SourceImage), in the form this session takes."""
 

@@ -280,6 +280,24 @@ def test_a_model_that_cannot_load_starts_no_session(tmp_path, images):
     assert b"background session" not in result.stderr and not list(state.glob("*.json"))
 
 
+def test_verbose_through_a_session_says_which_answers_and_its_load(tiny_model, images, tmp_path):
+    """--verbose names the session that answers and gives its own line (weights, path, the load's phases), as an
+    in-process one-liner gives its own."""
+    import re
+
+    env = {"QWEN2VL_AUTOSTART": "1", "QWEN2VL_STATE_DIR": str(tmp_path)}
+    try:
+        for _ in range(2):  # the one-liner that starts the session, then one that finds it
+            done = run_process("describe", images["a"], "-m", tiny_model, "-n", "4", "--verbose", env=env)
+            assert done.returncode == 0, done.stderr
+            found = re.search(rf"qwen2vl: answering through session ([0-9]+) at http://127\.0\.0\.1:[0-9]+: "
+                              rf"{re.escape(str(tiny_model))}: float32 weights on cpu; fast path off \(CPU\); "
+                              r"loaded in [0-9.]+s \(imports [0-9.]+s", done.stderr.decode())
+            assert found and [int(found.group(1))] == [s["pid"] for s in _sessions(tmp_path)], done.stderr
+    finally:
+        run_process("stop", env=env)
+
+
 def test_a_started_session_that_fails_to_load_is_one_line_at_once(tiny_model, tmp_path):
     """A session that fails as it starts (its weights cut short) ends its starter's wait at once,
     with the session's own one-line error from its log; nothing is left recorded."""

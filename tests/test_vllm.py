@@ -197,3 +197,13 @@ def test_a_refusal_is_exit_6_with_the_servers_message(vllm, media):
     assert "HTTP 400" in message and len(message.splitlines()) == 1
     RESULTS.append({"case": "refusal (max tokens over vLLM's --max-model-len)", "stderr": message,
                     "exit": refused.returncode})
+
+
+def test_verbose_names_the_server_that_answers(vllm, media):
+    """--verbose through vLLM says which server answers (its weights are its own to tell)."""
+    done = run_process("describe", media["a"], "-n", "4", "--verbose", "--model", vllm["model"], "--server", vllm["url"])
+    said = done.stderr.decode()
+    assert done.returncode == 0 and (f"qwen2vl: answering through {vllm['url'].rstrip('/').removesuffix('/v1')} (an "
+                                     f"OpenAI-compatible server, model {vllm['model']})") in said, said
+    RESULTS.append({"case": "describe --verbose through vLLM", "stderr": said})
+

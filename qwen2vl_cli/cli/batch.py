@@ -101,7 +101,7 @@ def batch(
             results = Results(sinks, progress.summary, progress.advance, on_failure)
 
             def started(todo: int, at_once: int) -> None:  # the model is loaded
-                if verbose and hasattr(session, "describe_weights"):  # a server's weights: `qwen2vl ps`
+                if verbose:
                     progress.note(session.describe_weights())
                 progress.start(todo, at_once)
 

@@ -243,7 +243,7 @@ def answer(session, request: ChatRequest, spec: ModelSpec, env: Environment, out
         remote = session.device == "remote"
         with env.status(f"Connecting to {session.url} ..." if remote else f"Loading {spec.model} ..."):
             session.load()
-    if verbose and hasattr(session, "describe_weights"):
+    if verbose:
         env.note(session.describe_weights())
     record = {
         "sources": [m.source for m in request.media],

@@ -154,6 +154,14 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
             message = "internal error (the server's log says more)"  # no paths or internals to clients
         return JSONResponse(error_body(message, "server_error", "internal_error"), status_code=500)
 
+    def weights_line() -> str | None:
+        """The session's own --verbose line (weights, the path that answers, the load's phases), for a client's
+        --verbose; None while unloaded (--keep-alive), or when an unload lands in the middle of it."""
+        try:
+            return session.describe_weights() if session.model is not None else None
+        except AttributeError:
+            return None
+
     @app.get("/health")
     async def health(request: Request):
         """Liveness and identity (pid, and an HMAC of the client's challenge) for anyone; the facts for
@@ -170,7 +178,8 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
                 "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started,
                 "timings_ms": timings_ms(), "load_s": round(session.load_s, 2),
-                "load_phases_s": {name: round(seconds, 2) for name, seconds in session.phases.items()}}
+                "load_phases_s": {name: round(seconds, 2) for name, seconds in session.phases.items()},
+                "weights": weights_line()}
 
     @app.get("/v1/models")
     async def models():
