@@ -225,6 +225,18 @@ def test_the_process_ends_without_the_interpreters_teardown(tiny_model, images):
     assert "TEARDOWN" in control.stderr  # the object is one a usual teardown frees
 
 
+def test_main_called_by_another_program_leaves_its_exit_alone(tmp_path):
+    """Where main() is called by a test runner or another program (not as the program itself), that program's own
+    exit and status stand: no prompt end with main()'s status at its exit."""
+    (tmp_path / "caller.py").write_text("import sys\nfrom qwen2vl_cli.cli import main\n\n\ndef call():\n"
+                                         "    sys.argv = ['qwen2vl', '--version']\n    try:\n        main()\n"
+                                         "    except SystemExit as exc:\n        return exc.code\n")
+    code = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport caller\n"
+            "print('main said', caller.call())\nsys.exit(5)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 5 and "main said 0" in done.stdout, done.stdout + done.stderr
+
+
 def test_control_characters_never_reach_the_terminal(cli, tmp_path):
     """A file name or a model's answer holding escape sequences (clear the screen, retitle the window, write the
     clipboard) is shown with them escaped: the error stays one line, the rendered answer holds no injected ESC."""

@@ -97,7 +97,9 @@ def main() -> None:
         sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:
         sys.stdout = _ClosedOutput()
-    with ending_promptly():
+    # the process ends promptly only where main() is the program (a console script's or `python -m`'s __main__),
+    # not where a test or another program calls it and goes on
+    with ending_promptly(program=sys._getframe(1).f_globals.get("__name__") == "__main__"):
         try:
             app(prog_name="qwen2vl")
         except KeyboardInterrupt:
