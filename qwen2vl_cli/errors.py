@@ -120,7 +120,7 @@ def ending_promptly(program: bool = True):
     status: list[int] = []
 
     def end() -> None:
-        if not status:
+        if not status or "coverage" in sys.modules:  # coverage writes a measured process's data at its exit
             return
         try:
             sys.stdout.flush()
