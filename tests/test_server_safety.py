@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, run_process, start_server, stop
+from .conftest import run_process, start_server, stop
 
 openai = pytest.importorskip("openai")
 LONG = "Tell me a long story."  # the tiny model answers this to any length without an end token
