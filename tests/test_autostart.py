@@ -298,6 +298,30 @@ def test_verbose_through_a_session_says_which_answers_and_its_load(tiny_model, i
         run_process("stop", env=env)
 
 
+def test_a_taken_port_is_the_same_usage_error_in_the_background_as_in_the_foreground(tiny_model, tmp_path):
+    """`serve --port N` with N taken: one line naming the address, exit 2, at once, whether the server is to run
+    in this process or in the background (a started session's socket is bound by its starter and handed over; it
+    was the session's own error, exit 6 naming a log); nothing is started or recorded."""
+    import socket
+
+    state = tmp_path / "state"
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        for background in (["--background"], []):
+            started = time.monotonic()
+            result = run_process("serve", *background, "-m", tiny_model, "--port", port,
+                                 env={"QWEN2VL_STATE_DIR": str(state)}, timeout=60)
+            assert result.returncode == 2 and result.stderr.count(b"\n") == 1, (background, result.stderr)
+            assert f"127.0.0.1:{port}".encode() in result.stderr and b"in use" in result.stderr, result.stderr
+            assert b"log" not in result.stderr and time.monotonic() - started < 20, result.stderr
+            assert not list(state.glob("*.json")) and not list(state.glob("*.log")), background
+    finally:
+        taken.close()
+
+
 def test_a_started_session_that_fails_to_load_is_one_line_at_once(tiny_model, tmp_path):
     """A session that fails as it starts (its weights cut short) ends its starter's wait at once,
     with the session's own one-line error from its log; nothing is left recorded."""

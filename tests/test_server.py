@@ -360,7 +360,8 @@ def test_responses_go_out_without_waiting_for_the_clients_ack():
     import asyncio
     import socket
 
-    from qwen2vl_cli.server.app import listening_socket
+    from qwen2vl_cli.server.config import ServerConfig
+    from qwen2vl_cli.types import ModelSpec
 
     async def accepted_nodelay() -> int:
         found = asyncio.get_running_loop().create_future()
@@ -371,7 +372,7 @@ def test_responses_go_out_without_waiting_for_the_clients_ack():
                 found.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
                 transport.close()
 
-        server = await asyncio.get_running_loop().create_server(Probe, sock=listening_socket("127.0.0.1", 0))
+        server = await asyncio.get_running_loop().create_server(Probe, sock=ServerConfig(ModelSpec("m"), port=0).listen())
         port = server.sockets[0].getsockname()[1]
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         try:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 
 from .. import __version__
-from ..errors import (ExitStatus, Qwen2VLError, ServerError, UsageError, debug_enabled, describe_exception,
+from ..errors import (ExitStatus, Qwen2VLError, ServerError, debug_enabled, describe_exception,
                       ending_promptly)
 from ..render import error
 from ..types import Completion, TextDelta
@@ -36,7 +36,6 @@ from ..transport import SIZED_HEADER, TOO_LONG
 from .config import ServerConfig
 from .worker import Job, joined, start_job
 
-LISTEN_BACKLOG = 2048  # uvicorn's own
 CHARS_PER_TOKEN_BOUND = 32  # a prompt of more characters than this many per allowed token is refused untokenized
 
 
@@ -285,29 +284,12 @@ async def _sse(job: Job, request_id: str, model: str, include_usage: bool, deliv
         job.cancel()
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound (before the model loads: a taken port is a usage error at once)."""
-    # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only on sockets that say they are TCP (proto 0 does
-    # not); with it on, every response after a connection's first waited ~40 ms for the client's delayed ACK
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it (uvloop's too)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"{host}:{port}", exc.strerror or str(exc)) from None
-    # listening from now: a client that connects while the model loads waits for it (its connection queued until
-    # uvicorn accepts) rather than being refused and polling; a session's starter is told when to connect
-    sock.listen(LISTEN_BACKLOG)
-    return sock
-
-
-def run_server(config: ServerConfig, on_ready=None, loading=None) -> None:
-    """Load the model, bind, record the session for discovery, serve until SIGINT/SIGTERM."""
+def run_server(config: ServerConfig, on_ready=None, loading=None, sock: socket.socket | None = None) -> None:
+    """Bind (or take `sock`, bound by a starter), load the model, record the session for discovery, serve until
+    SIGINT/SIGTERM."""
     import uvicorn
 
-    sock = listening_socket(config.host, config.port)
+    sock = sock or config.listen()
     port = sock.getsockname()[1]
     registry.state_folder()  # where the session will be recorded: one that cannot be used is an error before the load
     import contextlib
@@ -350,9 +332,10 @@ def run_launched() -> None:
 
     config = pickle.loads(sys.stdin.buffer.read())
     told = int(os.environ.pop(registry.READY_FD))
+    sock = socket.socket(fileno=int(os.environ.pop(registry.SOCKET_FD)))  # bound and listening: its starter's
     with ending_promptly():
-        try:  # told once its socket listens and it is recorded: the starter's /health waits in the queue for uvicorn
-            run_server(config, on_ready=lambda url, session: registry.signal_ready(told))
+        try:  # told once it is recorded: the starter's /health waits in the socket's queue for uvicorn
+            run_server(config, on_ready=lambda url, session: registry.signal_ready(told), sock=sock)
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the process's one error boundary
             if debug_enabled():
                 traceback.print_exc()

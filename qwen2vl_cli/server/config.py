@@ -3,6 +3,7 @@ for itself, and handed as it is to a session it starts (registry.Launched). Ligh
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .registry import DEFAULT_PORT
 
 DEFAULT_MAX_BODY = 100 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 64
+LISTEN_BACKLOG = 2048  # uvicorn's own
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,24 @@ class ServerConfig:
     @property
     def model_name(self) -> str:
         return self.served_name or self.spec.model
+
+    def listen(self) -> socket.socket:
+        """The server's socket, bound and listening (before the model loads: a taken port is a usage error at once,
+        and a client that connects while the model loads waits in its queue for it rather than being refused).
+        A started session's starter binds it and hands it over: the same error there as in the foreground."""
+        # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only on sockets that say they are TCP (proto 0 does
+        # not); with it on, every response after a connection's first waited ~40 ms for the client's delayed ACK
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it (uvloop's too)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"{self.host}:{self.port}", exc.strerror or str(exc)) from None
+        sock.listen(LISTEN_BACKLOG)
+        return sock
 
     def hosts(self) -> set[str] | None:
         """The Host names requests may carry (None: any): loopback names on loopback, the address bound to,

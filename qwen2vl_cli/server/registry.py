@@ -25,6 +25,7 @@ PROOF_HEADER = "X-Qwen2VL-Challenge"
 LAUNCH = ("# qwen2vl session\nimport sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n"  # the comment: what `ps` shows
           "from qwen2vl_cli.server.app import run_launched\nrun_launched()")
 READY_FD = "QWEN2VL_READY_FD"  # a started session's end of the pipe on which it says it serves
+SOCKET_FD = "QWEN2VL_SOCKET_FD"  # a started session's socket, bound and listening by its starter
 LOGS_KEPT_S = 7 * 24 * 3600  # a started session's log (named in its error if it fails) is kept a week
 
 
@@ -172,7 +173,8 @@ def serves(health: dict, spec) -> bool:
 
 
 class Launched:
-    """A session serving `config` (a ServerConfig), started detached: its config goes pickled on its stdin (no
+    """A session serving `config` (a ServerConfig), started detached: its socket is bound here and handed over (a
+    taken port is the usage error a foreground `serve` gives, at once), its config goes pickled on its stdin (no
     command line to parse again; the API key on no command line and in no environment), its output to a log
     beside the state files. `ready()` waits until it says it serves and returns its record; `stop()` ends it."""
 
@@ -183,6 +185,7 @@ class Launched:
 
         self.api_key = config.api_key
         folder = state_folder()
+        sock = config.listen()
         _prune_logs(folder)
         # the starting command's pid too: two sessions started in the same second (two models) get a log each
         self.log_path = folder / f"serve-{int(time.time())}-{os.getpid()}.log"
@@ -190,17 +193,20 @@ class Launched:
         try:
             with _interrupt_deferred() as interrupted, open(self.log_path, "ab") as log:
                 # the model after the code is only for `ps` to show (the config on stdin is what the session reads)
+                fds = {READY_FD: told, SOCKET_FD: sock.fileno()}
                 self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, config.spec.model],
                                                 stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True,
-                                                pass_fds=(told,), env={**os.environ, READY_FD: str(told)})
+                                                pass_fds=tuple(fds.values()),
+                                                env={**os.environ, **{name: str(fd) for name, fd in fds.items()}})
                 with contextlib.suppress(OSError):  # it exited already: ready() says why
                     self.process.stdin.write(pickle.dumps(config))
                     self.process.stdin.close()
         except BaseException:
             self._close_pipe()
             raise
-        finally:
+        finally:  # the session's now, and only its: its exit closes them
             os.close(told)
+            sock.close()
         if interrupted:
             self.stop()
             raise KeyboardInterrupt
