@@ -181,6 +181,28 @@ def test_man_pages_are_current():
     assert sorted(p.name for p in (ROOT / "man").glob("*.1")) == sorted(pages)
 
 
+def test_size_defaults_read_as_written_are_the_library_s_numbers():
+    """--max-download and --total-pixels show their defaults as a person writes them (100MB, 2GB, 24576*28*28), and
+    those parse to the numbers the code's own defaults are (a default's text is what a command receives)."""
+    import typer.main
+
+    from qwen2vl_cli.cli import app
+    from qwen2vl_cli.sources import DEFAULT_MAX_DOWNLOAD
+    from qwen2vl_cli.video import DEFAULT_TOTAL_PIXELS, DEFAULT_VIDEO_MAX_DOWNLOAD
+
+    group = typer.main.get_command(app)
+    expected = {("describe", "max_download"): DEFAULT_MAX_DOWNLOAD, ("ask", "max_download"): DEFAULT_MAX_DOWNLOAD,
+                ("batch", "max_download"): DEFAULT_MAX_DOWNLOAD, ("serve", "max_download"): DEFAULT_MAX_DOWNLOAD,
+                ("video", "max_download"): DEFAULT_VIDEO_MAX_DOWNLOAD, ("video", "total_pixels"): DEFAULT_TOTAL_PIXELS}
+    for (name, option), number in expected.items():
+        command = group.commands[name]
+        param = next(p for p in command.params if p.name == option)
+        with command.make_context(name, [], resilient_parsing=True) as ctx:
+            shown = param.get_default(ctx)
+            assert isinstance(shown, str) and not shown.isdigit(), (name, option, shown)
+            assert param.type_cast_value(ctx, shown) == number, (name, option, shown)
+
+
 @pytest.mark.skipif(shutil.which("man") is None, reason="man is not installed")
 def test_man_pages_render_without_warnings():
     for page in sorted((ROOT / "man").glob("*.1")):

@@ -47,6 +47,14 @@ def parse_bytes(value: str | int | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
+def _size_text(size: int) -> str:
+    """104857600 -> '100MB' (parse_bytes' units: 1024-based), for defaults as help and man pages show them."""
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def parse_duration(text: str) -> float | None:
     """'10m', '90s', '1h', '0' (unload at once); 'never' or -1: keep the model loaded."""
     text = text.strip().lower()
@@ -187,8 +195,9 @@ MaxDownloadOpt = Annotated[int, typer.Option(
     help="Largest input read: http(s) download, local image file or stdin, e.g. 100MB.")]
 
 DEFAULTS = dict(
-    max_frames=DEFAULT_MAX_FRAMES, total_pixels=DEFAULT_TOTAL_PIXELS, video_backend="auto",
-    video_max_download=DEFAULT_VIDEO_MAX_DOWNLOAD,
+    # sizes as the help and man pages show them ("100MB", "24576*28*28"; each option's parser makes the number)
+    max_frames=DEFAULT_MAX_FRAMES, total_pixels=f"{DEFAULT_TOTAL_PIXELS // 784}*28*28", video_backend="auto",
+    video_max_download=_size_text(DEFAULT_VIDEO_MAX_DOWNLOAD),
     device="auto", dtype="auto", attn="auto", max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-    timeout=DEFAULT_TIMEOUT_S, max_download=DEFAULT_MAX_DOWNLOAD,
+    timeout=DEFAULT_TIMEOUT_S, max_download=_size_text(DEFAULT_MAX_DOWNLOAD),
 )
