@@ -3,6 +3,7 @@ for itself, and handed as it is to a session it starts (registry.Launched). Ligh
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,9 @@ class ServerConfig:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
-            raise UsageError(f"{self.host}:{self.port}", exc.strerror or str(exc)) from None
+            in_use = exc.errno == errno.EADDRINUSE
+            hint = " (`qwen2vl ps` lists qwen2vl's sessions; --port 0 picks a free port)" if in_use else ""
+            raise UsageError(f"{self.host}:{self.port}", (exc.strerror or str(exc)) + hint) from None
         sock.listen(LISTEN_BACKLOG)
         return sock
 
