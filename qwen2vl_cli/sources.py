@@ -30,6 +30,7 @@ IMAGE_MIN_PIXELS = 4 * PATCH_FACTOR ** 2  # qwen-vl-utils' image bounds: 4 to 16
 IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR ** 2
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
+_BASE64_BYTES_RE = re.compile(rb"\s*[A-Za-z0-9+/_\-][A-Za-z0-9+/_\-\s]*={0,2}\s*")
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def looks_like_base64(source: str) -> bool:
 def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryIO | None = None) -> bytes:
     """Return the raw bytes behind `source`, or raise InputError; nothing reads more than limits.max_bytes."""
     if source == "-":
-        return read_stdin(limits, stdin)
+        return as_sent(read_stdin(limits, stdin))
     if source.startswith("data:"):
         return decode_data_uri(source)
     scheme = urllib.parse.urlsplit(source).scheme.lower()
@@ -114,6 +115,16 @@ def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:
         raise InputError("stdin", f"more than {limits.max_bytes} bytes (raise --max-download)")
     if not data:
         raise InputError("stdin", "empty (0 bytes)")
+    return data
+
+
+def as_sent(data: bytes) -> bytes:
+    """Standard input's image bytes, also where it holds them as text: a data URI, or base64 (what `base64 photo.jpg`
+    prints, lines wrapped). No image file is all base64 characters, so none is mistaken for one."""
+    if data[:64].lstrip().startswith(b"data:"):
+        return decode_data_uri(data.strip().decode("ascii", "replace"), "stdin")
+    if _BASE64_BYTES_RE.fullmatch(data):
+        return decode_base64(data.decode("ascii"), "stdin")
     return data
 
 
@@ -178,9 +189,9 @@ def read_local(path: Path, name: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD) -> 
     return data
 
 
-def decode_data_uri(uri: str) -> bytes:
+def decode_data_uri(uri: str, name: str | None = None) -> bytes:
     """data:[<mediatype>][;param=value]*[;base64],<payload> (RFC 2397)."""
-    name = display_name(uri)
+    name = name or display_name(uri)
     header, sep, payload = uri[5:].partition(",")
     if not sep:
         raise InputError(name, "data URI has no ',' before its payload")
@@ -462,9 +473,10 @@ def read_image(source: str, options: ImageOptions = ImageOptions(), limits: Fetc
     """Any image source -> a SourceImage (read, decoded, its size checked), or InputError. `sized`: a qwen2vl
     client sized it already (a server's request), so one on the grid is taken at the size it has."""
     name = display_name(source)
+    said = "stdin" if source == "-" else name  # in errors ("-" in what it answers, as given)
     own = limits.policy is None  # no fetch policy: the user's own command, not a server's request
-    decoded = decode_image(data := read_source(source, limits, stdin), name, own)
-    size = decoded.size if sized and on_grid(*decoded.size) else checked_size(decoded, options, name)
+    decoded = decode_image(data := read_source(source, limits, stdin), said, own)
+    size = decoded.size if sized and on_grid(*decoded.size) else checked_size(decoded, options, said)
     return SourceImage(name, data, decoded, size)
 
 

@@ -79,6 +79,23 @@ def test_stdin_equals_the_path(cli, images, reference):
     assert result.stdout == reference
 
 
+def test_stdin_as_text_equals_the_path(cli, images, reference):
+    """Standard input holding the image as text (what `base64 photo.png` prints, wrapped at 76 columns, or a data URI
+    with the newline `echo` adds) is the same image; text that is neither is the one-line error naming stdin."""
+    import base64
+    import textwrap
+
+    payload = base64.b64encode(images["a"].read_bytes()).decode()
+    for text in ("\n".join(textwrap.wrap(payload, 76)) + "\n", f"data:image/png;base64,{payload}\n"):
+        result = cli("describe", "-", "-n", "12", input=text.encode())
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == reference
+    for text, reason in ((b"hello world\n", "not an image"), (b"data:image/png;base64,%%%\n", "invalid base64")):
+        result = cli("describe", "-", "-n", "2", input=text)
+        assert result.exit_code == 3
+        one_error_line(result, "stdin", reason)
+
+
 def test_http_url_equals_the_path(cli, images, reference, http_server):
     http_server.routes["/a.png"] = (200, images["a"].read_bytes(), {"Content-Type": "image/png"})
     result = cli("describe", f"{http_server.url}/a.png", "-n", "12")
