@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .sources import (PATCH_FACTOR, FetchLimits, check_regular, decode_data_uri, decode_image, display_name, download,
-                      file_url_to_path, on_grid, read_local)
+from .sources import (PATCH_FACTOR, FetchLimits, as_sent, check_regular, decode_data_uri, decode_image, display_name,
+                      download, file_url_to_path, on_grid, read_local, read_stdin)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -180,9 +180,13 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
     if is_frame_list_uri(source):
         return frames_from_images(decode_frame_list(source), options, name, [], "frames")
     scheme = urllib.parse.urlsplit(source).scheme.lower()
-    if scheme in ("http", "https", "data"):  # decoders want a file: spool the bytes to one
-        data = decode_data_uri(source) if scheme == "data" else download(source, limits)
-        suffix = "" if scheme == "data" else Path(urllib.parse.urlsplit(source).path).suffix
+    if source == "-" or scheme in ("http", "https", "data"):  # decoders want a file: spool the bytes to one
+        if source == "-":  # its bytes, or base64 or a data URI of them, as an image on stdin
+            name, data, suffix = "stdin", as_sent(read_stdin(limits)), ""
+        elif scheme == "data":
+            data, suffix = decode_data_uri(source), ""
+        else:
+            data, suffix = download(source, limits), Path(urllib.parse.urlsplit(source).path).suffix
         with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
             handle.write(data)
             handle.flush()

@@ -229,3 +229,21 @@ def test_video_over_http(cli, clip, http_server):
     remote = cli("video", f"{http_server.url}/clip.mp4", "-n", "6")
     assert remote.exit_code == 0, remote.stderr
     assert remote.stdout == local.stdout
+
+
+def test_video_from_stdin_and_as_a_data_uri(cli, clip):
+    """`-` reads the video from stdin (its bytes, or their base64), and a data URI carries it: the same answer as
+    its path; stdin that is no video is the one-line error naming stdin (exit 3)."""
+    import base64
+
+    local = cli("video", clip, "-n", "6")
+    payload = base64.b64encode(clip.read_bytes()).decode()
+    for args, given in ((["-"], clip.read_bytes()), (["-"], payload.encode()),
+                        ([f"data:video/mp4;base64,{payload}"], None)):
+        result = cli("video", *args, "-n", "6", input=given)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == local.stdout
+    asked = cli("ask", "-q", "Describe this video.", "--video", "-", "-n", "6", input=clip.read_bytes())
+    assert asked.exit_code == 0 and asked.stdout == local.stdout, asked.stderr
+    refused = cli("video", "-", "-n", "2", input=clip.read_bytes()[:300])
+    assert refused.exit_code == 3 and refused.stderr.startswith("qwen2vl: error: stdin: "), refused.stderr
