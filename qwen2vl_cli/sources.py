@@ -31,6 +31,7 @@ IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR ** 2
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 _BASE64_BYTES_RE = re.compile(rb"\s*[A-Za-z0-9+/_\-][A-Za-z0-9+/_\-\s]*={0,2}\s*")
+_PLAIN_PNM_RE = re.compile(rb"P[1-3]\s")
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,10 @@ def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:
 
 def as_sent(data: bytes) -> bytes:
     """Standard input's image bytes, also where it holds them as text: a data URI, or base64 (what `base64 photo.jpg`
-    prints, lines wrapped). No image file is all base64 characters, so none is mistaken for one."""
+    prints, lines wrapped). Only a plain-text PNM image ("P3", then numbers) is all base64 characters: it stays."""
     if data[:64].lstrip().startswith(b"data:"):
         return decode_data_uri(data.strip().decode("ascii", "replace"), "stdin")
-    if _BASE64_BYTES_RE.fullmatch(data):
+    if _BASE64_BYTES_RE.fullmatch(data) and not _PLAIN_PNM_RE.match(data):
         return decode_base64(data.decode("ascii"), "stdin")
     return data
 

@@ -79,7 +79,7 @@ def test_stdin_equals_the_path(cli, images, reference):
     assert result.stdout == reference
 
 
-def test_stdin_as_text_equals_the_path(cli, images, reference):
+def test_stdin_as_text_equals_the_path(cli, images, reference, tmp_path):
     """Standard input holding the image as text (what `base64 photo.png` prints, wrapped at 76 columns, or a data URI
     with the newline `echo` adds) is the same image; text that is neither is the one-line error naming stdin."""
     import base64
@@ -90,6 +90,10 @@ def test_stdin_as_text_equals_the_path(cli, images, reference):
         result = cli("describe", "-", "-n", "12", input=text.encode())
         assert result.exit_code == 0, result.stderr
         assert result.stdout == reference
+    plain = tmp_path / "plain.ppm"  # a plain-text PNM is all base64 characters, and still the image it is
+    plain.write_text("P3\n2 2\n255\n255 0 0  0 255 0\n0 0 255  255 255 255\n")
+    by_path, by_stdin = cli("describe", plain, "-n", "6"), cli("describe", "-", "-n", "6", input=plain.read_bytes())
+    assert by_path.exit_code == by_stdin.exit_code == 0 and by_stdin.stdout == by_path.stdout, by_stdin.stderr
     for text, reason in ((b"hello world\n", "not an image"), (b"data:image/png;base64,%%%\n", "invalid base64")):
         result = cli("describe", "-", "-n", "2", input=text)
         assert result.exit_code == 3
