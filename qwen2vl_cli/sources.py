@@ -120,8 +120,9 @@ def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:
 
 
 def as_sent(data: bytes) -> bytes:
-    """Standard input's image bytes, also where it holds them as text: a data URI, or base64 (what `base64 photo.jpg`
-    prints, lines wrapped). Only a plain-text PNM image ("P3", then numbers) is all base64 characters: it stays."""
+    """Standard input's bytes (an image's or a video's), also where it holds them as text: a data URI, or base64 (what
+    `base64 photo.jpg` prints, lines wrapped). Only a plain-text PNM image ("P3", then numbers) is all base64
+    characters: it stays as it is."""
     if data[:64].lstrip().startswith(b"data:"):
         return decode_data_uri(data.strip().decode("ascii", "replace"), "stdin")
     if _BASE64_BYTES_RE.fullmatch(data) and not _PLAIN_PNM_RE.match(data):

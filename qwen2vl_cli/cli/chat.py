@@ -20,7 +20,8 @@ from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt,
 DEFAULT_DESCRIBE_PROMPT = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
 
-SOURCE_HELP = "Image: a path, file:// or http(s) URL, data URI, base64 string, or - for stdin (its bytes, base64 or a data URI)."
+SOURCE_HELP = ("Image: a path, file:// or http(s) URL, data URI, base64 string, or - for stdin (its bytes, base64 "
+               "or a data URI).")
 VIDEO_HELP = ("Video: a file (mp4, mkv, webm, mov, avi), a file:// or http(s) URL, a data URI, - for stdin, a "
               "directory of frame images, or a quoted glob of frame images.")
 
