@@ -228,7 +228,8 @@ def probe(path: str, name: str) -> Probe:
     except InputError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
-        reason = str(exc).split(":")[0].strip() if str(exc) else type(exc).__name__
+        # FFmpeg's own words ("Invalid data found when processing input"), not "[Errno -1094995529] ...: PATH"
+        reason = getattr(exc, "strerror", None) or str(exc).split(":")[0].strip() or type(exc).__name__
         raise InputError(name, f"not a readable video ({reason})") from None
     if fps <= 0 or frames <= 0 or not width or not height:
         raise InputError(name, "not a readable video (no frame rate or no frames)")

@@ -214,6 +214,7 @@ def test_bad_videos_exit_3(cli, clip, tmp_path, case, args, reason):
     result = cli("video", target, *args)
     assert result.exit_code == 3, result.stderr
     one_error_line(result, reason)
+    assert "Errno" not in result.stderr and str(tmp_path) not in result.stderr.split(": ", 3)[-1], result.stderr
 
 
 def test_fps_and_nframes_together_is_a_usage_error(cli, clip):
