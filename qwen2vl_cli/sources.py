@@ -98,9 +98,16 @@ def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryI
         return download(source, limits)
     if scheme == "file":
         return read_local(file_url_to_path(source), source, limits.max_bytes)
+    refuse_other_urls(source, scheme)
     if not os.path.lexists(os.path.expanduser(source)) and looks_like_base64(source):
         return decode_base64(source, "base64 input")
     return read_local(Path(os.path.expanduser(source)), display_name(source), limits.max_bytes)
+
+
+def refuse_other_urls(source: str, scheme: str) -> None:
+    """An ftp://, s3://... source that is no local path: an InputError saying so (rather than "no such file")."""
+    if scheme and "://" in source and not os.path.lexists(os.path.expanduser(source)):
+        raise InputError(display_name(source), f"{scheme} URLs are not read (http, https, file and data are)")
 
 
 def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:
@@ -343,8 +350,9 @@ def is_public_address(address: str) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The error's first line in its own words: "Name or service not known", not "[Errno -2] Name or ..."."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    return re.sub(r"^\[Errno -?\d+\]\s*", "", text.splitlines()[0]) if text else ""
 
 
 def decode_image(data: bytes, name: str, own: bool = False):

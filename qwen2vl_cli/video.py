@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import InputError, UsageError
 from .sources import (PATCH_FACTOR, FetchLimits, as_sent, check_regular, decode_data_uri, decode_image, display_name,
-                      download, file_url_to_path, on_grid, read_local, read_stdin)
+                      download, file_url_to_path, on_grid, read_local, read_stdin, refuse_other_urls)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -191,6 +191,7 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
             handle.write(data)
             handle.flush()
             return _frames_from_file(handle.name, name, options)
+    refuse_other_urls(source, scheme)
     path = file_url_to_path(source) if scheme == "file" else Path(os.path.expanduser(source))
     check_regular(path, name)  # a FIFO or a device would hang or never end in the decoder
     return _frames_from_file(str(path), name, options)

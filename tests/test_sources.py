@@ -222,6 +222,20 @@ def test_permission_denied(cli, tmp_path, monkeypatch):
     one_error_line(result, "secret.png", "permission denied")
 
 
+@pytest.mark.parametrize("source, reason", [
+    ("http://127.0.0.1:9/a.png", "cannot connect (Connection refused)"),
+    ("ftp://example.com/a.png", "ftp URLs are not read (http, https, file and data are)"),
+    ("s3://bucket/a.png", "s3 URLs are not read"),
+])
+def test_unreachable_and_unread_urls_say_why_in_words(cli, source, reason):
+    """A refused connection in the system's words (no "[Errno 111]"); a URL of a scheme nothing reads is said to be
+    one, not "no such file"."""
+    result = cli("describe", source, "-n", "2")
+    assert result.exit_code == 3
+    one_error_line(result, source, reason)
+    assert "Errno" not in result.stderr
+
+
 def test_empty_stdin(cli):
     result = cli("describe", "-", input=b"")
     assert result.exit_code == 3
