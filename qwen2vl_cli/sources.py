@@ -32,6 +32,7 @@ IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR ** 2
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 _BASE64_BYTES_RE = re.compile(rb"\s*[A-Za-z0-9+/_\-][A-Za-z0-9+/_\-\s]*={0,2}\s*")
 _PLAIN_PNM_RE = re.compile(rb"P[1-3]\s")
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,8 @@ def decode_image(data: bytes, name: str, own: bool = False):
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if is_heif(data):  # a phone's HEIC photo: Pillow reads it through pillow-heif
+        _read_heif(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if own else "error", Image.DecompressionBombWarning)
         try:
@@ -385,6 +388,26 @@ def decode_image(data: bytes, name: str, own: bool = False):
         raise InputError(name, f"aspect ratio {width}x{height} is over {MAX_ASPECT_RATIO}:1, "
                                "which Qwen2-VL cannot take")
     return image
+
+
+def is_heif(data: bytes) -> bool:
+    """HEIC/HEIF bytes (an ISO media file of a HEIF brand), not AVIF (same container, also "mif1" at times, which
+    Pillow reads itself: its brands name avif)."""
+    if data[4:8] != b"ftyp" or data[8:12] not in HEIF_BRANDS:
+        return False
+    brands = data[8:max(16, min(int.from_bytes(data[:4], "big"), 256))]
+    return b"avif" not in brands and b"avis" not in brands
+
+
+def _read_heif(name: str) -> None:
+    """Pillow opens HEIC/HEIF from now on (pillow-heif's opener, registered once), or the InputError saying what
+    to install. Only where such bytes come: the import is 40 ms."""
+    try:
+        import pillow_heif
+    except ImportError:
+        raise InputError(name, "a HEIC/HEIF image: reading it needs pillow-heif "
+                               "(pip install 'qwen2vl-cli[heif]')") from None
+    pillow_heif.register_heif_opener()
 
 
 def fit_size(width: int, height: int, options: ImageOptions = ImageOptions()) -> tuple[int, int]:

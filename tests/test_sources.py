@@ -100,6 +100,41 @@ def test_stdin_as_text_equals_the_path(cli, images, reference, tmp_path):
         one_error_line(result, "stdin", reason)
 
 
+def test_phone_photos_heic_and_avif_equal_their_pixels_as_png(cli, images, tmp_path, monkeypatch):
+    """A HEIC photo (an iPhone's default) and an AVIF one answer as their decoded pixels given as a PNG do (the HEIC
+    decoded by pillow-heif's own API, the reference); `batch` over a folder takes them by default; without
+    pillow-heif a HEIC is the one-line error naming what to install."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import pillow_heif
+
+    source = Image.open(images["c"]).convert("RGB")
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    heif = pillow_heif.from_pillow(source)
+    heif.save(folder / "a.heic", quality=90)
+    source.save(folder / "b.avif", quality=90)
+    decoded = {"a.heic": pillow_heif.open_heif(folder / "a.heic").to_pillow().convert("RGB"),
+               "b.avif": Image.open(folder / "b.avif").convert("RGB")}
+    answers = {}
+    for name, pixels in decoded.items():
+        pixels.save(tmp_path / f"{name}.png")
+        by_png, by_file = (cli("describe", path, "-n", "12") for path in (tmp_path / f"{name}.png", folder / name))
+        assert by_file.exit_code == by_png.exit_code == 0, by_file.stderr
+        assert by_file.stdout == by_png.stdout
+        answers[name] = by_png.stdout.strip()
+    batch = cli("batch", folder, "-n", "12")
+    assert batch.exit_code == 0, batch.stderr
+    records = {Path(r["source"]).name: r for r in map(json.loads, batch.stdout.splitlines())}
+    assert {name: r["text"].strip() for name, r in records.items()} == answers
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # not installed
+    refused = cli("describe", folder / "a.heic", "-n", "2")
+    assert refused.exit_code == 3
+    one_error_line(refused, "a.heic", "HEIC/HEIF image", "pip install 'qwen2vl-cli[heif]'")
+
+
 def test_http_url_equals_the_path(cli, images, reference, http_server):
     http_server.routes["/a.png"] = (200, images["a"].read_bytes(), {"Content-Type": "image/png"})
     result = cli("describe", f"{http_server.url}/a.png", "-n", "12")

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..sources import file_url_to_path, open_regular
 
 MAX_LINE = 1024 * 1024  # one manifest line or listed path; data URIs in a manifest stay well under it
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")  # phones' too
 
 
 RESERVED_FIELDS = ("source", "prompt", "text", "error")  # a record's own fields: a manifest cannot set text/error
