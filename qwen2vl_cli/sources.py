@@ -117,6 +117,8 @@ def read_stdin(limits: FetchLimits, stdin: BinaryIO | None = None) -> bytes:
     try:
         if stream is None:
             raise OSError("closed")
+        if stream.isatty():  # nothing piped in: reading would wait for the keyboard, silently
+            raise InputError("stdin", "is a terminal: pipe the image or video in (cat photo.jpg | qwen2vl describe -)")
         data = stream.read(limits.max_bytes + 1)
     except (OSError, ValueError):
         raise InputError("stdin", "closed or unreadable") from None

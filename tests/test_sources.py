@@ -271,6 +271,27 @@ def test_unreachable_and_unread_urls_say_why_in_words(cli, source, reason):
     assert "Errno" not in result.stderr
 
 
+def test_stdin_on_a_terminal_is_an_error_not_a_wait(tiny_model):
+    """`describe -` with nothing piped in (stdin a terminal) says so at once (exit 3) rather than waiting for the
+    keyboard in silence."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    main, terminal = os.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", "-", "-m", str(tiny_model)],
+                                stdin=terminal, capture_output=True, timeout=60, cwd=ROOT,
+                                env={**os.environ, "QWEN2VL_AUTOSTART": "0"})
+    finally:
+        os.close(main)
+        os.close(terminal)
+    assert result.returncode == 3 and result.stderr.count(b"\n") == 1, result.stderr
+    assert result.stderr.startswith(b"qwen2vl: error: stdin: is a terminal: pipe the image"), result.stderr
+
+
 def test_empty_stdin(cli):
     result = cli("describe", "-", input=b"")
     assert result.exit_code == 3
