@@ -250,3 +250,21 @@ def test_ctrl_c_finishes_cleanly_with_130(tiny_model, tmp_path):
     assert b"batch interrupted:" in stderr and b"Traceback" not in stderr
     lines = out.read_text().splitlines()
     assert all(json.loads(line)["error"] is None for line in lines)
+
+
+def test_a_list_typed_at_the_terminal_is_said_to_be_awaited(tiny_model, images):
+    """`batch -` with stdin a terminal says it reads sources from it until Ctrl-D (rather than waiting in silence),
+    then captions what was typed."""
+    main, terminal = os.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "batch", "-", "-m", str(tiny_model), "-n", "4"],
+                                   stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                                   env={**os.environ, "QWEN2VL_AUTOSTART": "0"})
+        os.write(main, f"{images['a']}\n".encode() + b"\x04")
+        out, err = process.communicate(timeout=120)
+    finally:
+        os.close(main)
+        os.close(terminal)
+    assert process.returncode == 0, err
+    assert err.startswith(b"qwen2vl: reading sources from the terminal, one a line (Ctrl-D ends the list)\n"), err
+    assert [json.loads(line)["source"] for line in out.splitlines()] == [str(images["a"])]

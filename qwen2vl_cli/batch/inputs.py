@@ -162,6 +162,8 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
             stream = stdin or byte_faithful(sys.stdin)
             if stream is None:
                 raise InputError("stdin", "closed")
+            if stream.isatty():  # nothing piped in: say what it waits for
+                note("reading sources from the terminal, one a line (Ctrl-D ends the list)")
             lines = [line.rstrip("\r\n") for line in bounded_lines(stream, "stdin") if line.strip()]
             items += [BatchItem(line) for line in lines]
             continue
