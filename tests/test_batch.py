@@ -257,8 +257,8 @@ def test_a_list_typed_at_the_terminal_is_said_to_be_awaited(tiny_model, images):
     then captions what was typed."""
     main, terminal = os.openpty()
     try:
-        process = subprocess.Popen([sys.executable, "-m", "qwen2vl_cli", "batch", "-", "-m", str(tiny_model), "-n", "4"],
-                                   stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        command = [sys.executable, "-m", "qwen2vl_cli", "batch", "-", "-m", str(tiny_model), "-n", "4"]
+        process = subprocess.Popen(command, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                                    env={**os.environ, "QWEN2VL_AUTOSTART": "0"})
         os.write(main, f"{images['a']}\n".encode() + b"\x04")
         out, err = process.communicate(timeout=120)
