@@ -402,8 +402,8 @@ def is_heif(data: bytes) -> bool:
 
 
 def _read_heif(name: str) -> None:
-    """Pillow opens HEIC/HEIF from now on (pillow-heif's opener, registered once), or the InputError saying what
-    to install. Only where such bytes come: the import is 40 ms."""
+    """Pillow opens HEIC/HEIF from now on (pillow-heif's opener registered: a table entry, the same each time), or
+    the InputError saying what to install. Only where such bytes come: the import is 40 ms."""
     try:
         import pillow_heif
     except ImportError:

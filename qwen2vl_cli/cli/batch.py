@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..batch.inputs import DEFAULT_EXTENSIONS
 from ..errors import ExitStatus, UsageError
 from ..render import Environment, printable
 from ..sources import FetchLimits
@@ -26,7 +27,7 @@ def batch(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt for every image (a manifest can set one per item).")] = DEFAULT_BATCH_PROMPT,
     manifest: Annotated[str | None, typer.Option("--manifest", metavar="FILE.jsonl", help="One JSON object a line: source, optional prompt, extra fields copied to the output.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk directories recursively.")] = False,
-    ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help="Extensions that count in directories and globs (default: jpg,jpeg,png,webp,bmp,gif,tif,tiff,heic,heif,avif).")] = None,
+    ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help=f"Extensions that count in directories and globs (default: {','.join(DEFAULT_EXTENSIONS)}).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", rich_help_panel=OUT_PANEL, help="Write results to FILE (.jsonl or .csv) instead of stdout; rerunning resumes it.")] = None,
     sidecar: Annotated[bool, typer.Option("--sidecar", rich_help_panel=OUT_PANEL, help="Write each caption beside its image as <name>.txt (alone: a URL's record, with no file to sit beside, goes to stdout).")] = False,
     sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", rich_help_panel=OUT_PANEL, help="Extension of sidecar files.")] = "txt",
