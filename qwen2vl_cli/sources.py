@@ -30,7 +30,6 @@ IMAGE_MIN_PIXELS = 4 * PATCH_FACTOR ** 2  # qwen-vl-utils' image bounds: 4 to 16
 IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR ** 2
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
-_BASE64_BYTES_RE = re.compile(rb"\s*[A-Za-z0-9+/_\-][A-Za-z0-9+/_\-\s]*={0,2}\s*")
 _PLAIN_PNM_RE = re.compile(rb"P[1-3]\s")
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 
@@ -135,7 +134,7 @@ def as_sent(data: bytes) -> bytes:
     characters: it stays as it is."""
     if data[:64].lstrip().startswith(b"data:"):
         return decode_data_uri(data.strip().decode("ascii", "replace"), "stdin")
-    if _BASE64_BYTES_RE.fullmatch(data) and not _PLAIN_PNM_RE.match(data):
+    if data.isascii() and data.strip() and _BASE64_RE.match(data.decode("ascii")) and not _PLAIN_PNM_RE.match(data):
         return decode_base64(data.decode("ascii"), "stdin")
     return data
 

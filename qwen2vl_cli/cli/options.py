@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..types import ATTN_IMPLEMENTATIONS, DEFAULT_MAX_NEW_TOKENS, DEVICES, DTYPES
-from ..sources import DEFAULT_MAX_DOWNLOAD, DEFAULT_TIMEOUT_S
+from ..sources import DEFAULT_MAX_DOWNLOAD, DEFAULT_TIMEOUT_S, PATCH_FACTOR
 from ..video import DEFAULT_MAX_FRAMES, DEFAULT_TOTAL_PIXELS, DEFAULT_VIDEO_MAX_DOWNLOAD
 
 _PRODUCT_RE = re.compile(r"^\s*\d+(\s*[*x]\s*\d+)*\s*$")
@@ -47,7 +47,7 @@ def parse_bytes(value: str | int | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
-def _size_text(size: int) -> str:
+def size_text(size: int) -> str:
     """104857600 -> '100MB' (parse_bytes' units: 1024-based), for defaults as help and man pages show them."""
     for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
         if size >= scale and size % scale == 0:
@@ -196,8 +196,8 @@ MaxDownloadOpt = Annotated[int, typer.Option(
 
 DEFAULTS = dict(
     # sizes as the help and man pages show them ("100MB", "24576*28*28"; each option's parser makes the number)
-    max_frames=DEFAULT_MAX_FRAMES, total_pixels=f"{DEFAULT_TOTAL_PIXELS // 784}*28*28", video_backend="auto",
-    video_max_download=_size_text(DEFAULT_VIDEO_MAX_DOWNLOAD),
+    max_frames=DEFAULT_MAX_FRAMES, total_pixels=f"{DEFAULT_TOTAL_PIXELS // PATCH_FACTOR ** 2}*28*28", video_backend="auto",
+    video_max_download=size_text(DEFAULT_VIDEO_MAX_DOWNLOAD),
     device="auto", dtype="auto", attn="auto", max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-    timeout=DEFAULT_TIMEOUT_S, max_download=_size_text(DEFAULT_MAX_DOWNLOAD),
+    timeout=DEFAULT_TIMEOUT_S, max_download=size_text(DEFAULT_MAX_DOWNLOAD),
 )

@@ -11,11 +11,12 @@ import typer
 
 from ..errors import ServerError, UsageError
 from ..render import Environment
+from ..server.config import DEFAULT_MAX_BODY
 from ..server.registry import DEFAULT_PORT
 from ..sources import FetchLimits, FetchPolicy
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt, ModelOpt, QuantizeOpt,
-                      QuietOpt, TimeoutOpt, parse_bytes, parse_duration)
+                      QuietOpt, TimeoutOpt, parse_bytes, parse_duration, size_text)
 
 READY_TIMEOUT_S = 900
 
@@ -29,7 +30,7 @@ def serve(
     status: Annotated[bool, typer.Option("--status", help="Show the running sessions (as qwen2vl ps) and exit.")] = False,
     api_key: ApiKeyOpt = None,
     allowed_local_media_path: Annotated[Path | None, typer.Option("--allowed-local-media-path", metavar="DIR", help="Let requests name local files, only below DIR.")] = None,
-    max_body_size: Annotated[int, typer.Option("--max-body-size", parser=parse_bytes, metavar="SIZE", help="Largest request body (413 above it).")] = "100MB",
+    max_body_size: Annotated[int, typer.Option("--max-body-size", parser=parse_bytes, metavar="SIZE", help="Largest request body (413 above it).")] = size_text(DEFAULT_MAX_BODY),
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", metavar="NAME", help="Model name clients use (default: --model).")] = None,
     allow_fetch: Annotated[bool, typer.Option("--allow-fetch", help="Fetch http(s) image and video URLs that requests name, from public addresses only (loopback, private and link-local ones are refused, redirects included).")] = False,
     allowed_media_domains: Annotated[str | None, typer.Option("--allowed-media-domains", metavar="HOST,...", help="Fetch URLs on these hosts only (as named, wherever they resolve). Without this or --allow-fetch, no URL is fetched.")] = None,
