@@ -55,6 +55,14 @@ def test_json_output_fields(cli, images, tiny_model):
     assert 0 < record["timings"]["first_token_s"] <= record["timings"]["total_s"]
 
 
+def test_prompt_and_question_flags_are_one_option(cli, images):
+    """describe's -p and ask's and video's -q each take the other's name too: a hand used to one is not refused."""
+    asked = [json.loads(cli(command, images["a"], flag, "Which colour?", "-n", "6", "--json").stdout)
+             for command in ("describe", "ask") for flag in ("-p", "-q", "--prompt", "--question")]
+    assert all(record == asked[0] | {"timings": record["timings"]} for record in asked)
+    assert asked[0]["prompt"] == "Which colour?"
+
+
 def test_text_only_chat_and_system_message(cli):
     plain = cli("ask", "-q", "Who are you?", "-n", "8", "--json")
     system = cli("ask", "-q", "Who are you?", "-n", "8", "--json", "--system", "You are a pirate.")
