@@ -252,19 +252,33 @@ def test_ctrl_c_finishes_cleanly_with_130(tiny_model, tmp_path):
     assert all(json.loads(line)["error"] is None for line in lines)
 
 
-def test_a_list_typed_at_the_terminal_is_said_to_be_awaited(tiny_model, images):
-    """`batch -` with stdin a terminal says it reads sources from it until Ctrl-D (rather than waiting in silence),
-    then captions what was typed."""
+@pytest.mark.parametrize("arguments, typed, said", [
+    (["-"], "{a}", "reading sources from the terminal, one a line (Ctrl-D ends the list)"),
+    (["--manifest", "-"], '{{"source": "{a}"}}', "reading the manifest from the terminal, one JSON object a line "
+                                                 "(Ctrl-D ends it)")])
+def test_a_list_typed_at_the_terminal_is_said_to_be_awaited(tiny_model, images, arguments, typed, said):
+    """`batch -` and `--manifest -` with stdin a terminal say what they read from it until Ctrl-D (rather than
+    waiting in silence), then caption what was typed."""
     main, terminal = os.openpty()
     try:
-        command = [sys.executable, "-m", "qwen2vl_cli", "batch", "-", "-m", str(tiny_model), "-n", "4"]
+        command = [sys.executable, "-m", "qwen2vl_cli", "batch", *arguments, "-m", str(tiny_model), "-n", "4"]
         process = subprocess.Popen(command, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                                    env={**os.environ, "QWEN2VL_AUTOSTART": "0"})
-        os.write(main, f"{images['a']}\n".encode() + b"\x04")
+        os.write(main, typed.format(a=images["a"]).encode() + b"\n\x04")
         out, err = process.communicate(timeout=120)
     finally:
         os.close(main)
         os.close(terminal)
     assert process.returncode == 0, err
-    assert err.startswith(b"qwen2vl: reading sources from the terminal, one a line (Ctrl-D ends the list)\n"), err
+    assert err.startswith(f"qwen2vl: {said}\n".encode()), err
     assert [json.loads(line)["source"] for line in out.splitlines()] == [str(images["a"])]
+
+
+def test_stdin_for_both_the_list_and_the_manifest_is_a_usage_error(tiny_model, images):
+    """stdin is read once: `batch - --manifest -` is refused at once (it was an unexpected error, exit 1)."""
+    result = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "batch", "-", "--manifest", "-", "-m", str(tiny_model)],
+                            input=json.dumps({"source": str(images["a"])}).encode(), capture_output=True, cwd=ROOT,
+                            env={**os.environ, "QWEN2VL_AUTOSTART": "0"}, timeout=120)
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode().strip().splitlines() == [
+        "qwen2vl: error: -: stdin is read once: pipe in either the list of sources or the manifest, not both"]

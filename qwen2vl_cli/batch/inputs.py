@@ -124,11 +124,15 @@ def bounded_lines(handle: TextIO, name: str) -> Iterator[str]:
         yield line
 
 
-def read_manifest(path: str) -> list[BatchItem]:
+def read_manifest(path: str, note: Callable[[str], None] = lambda message: None) -> list[BatchItem]:
     """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output)."""
     items = []
     if path == "-":
         handle = byte_faithful(sys.stdin)
+        if handle is None:
+            raise InputError("stdin", "closed")
+        if handle.isatty():  # nothing piped in: say what it waits for
+            note("reading the manifest from the terminal, one JSON object a line (Ctrl-D ends it)")
     else:  # a regular file: a FIFO or /dev/zero named by mistake must not hang or fill memory
         handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8", errors="surrogateescape")
     with handle:
@@ -156,7 +160,7 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
                   extensions: tuple[str, ...] = DEFAULT_EXTENSIONS, stdin: TextIO | None = None,
                   note: Callable[[str], None] = lambda message: None) -> list[BatchItem]:
     """All items in input order, each source once."""
-    items: list[BatchItem] = read_manifest(manifest) if manifest else []
+    items: list[BatchItem] = read_manifest(manifest, note) if manifest else []
     for spec in inputs:
         if spec == "-":
             stream = stdin or byte_faithful(sys.stdin)

@@ -81,6 +81,8 @@ def batch(
     env = Environment.from_system(quiet=quiet)
     if not inputs and not manifest:
         raise UsageError("batch", "give INPUT paths, - for a list on stdin, or --manifest FILE")
+    if manifest == "-" and "-" in (inputs or []):
+        raise UsageError("-", "stdin is read once: pipe in either the list of sources or the manifest, not both")
     items = collect_items(inputs or [], manifest=manifest, recursive=recursive, extensions=parse_extensions(ext),
                           note=env.note)
     config = BatchConfig(
