@@ -118,6 +118,41 @@ def test_with_sidecars_alone_an_answer_with_no_file_beside_goes_to_stdout(cli, t
     assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
 
 
+def test_sidecars_never_replace_an_image(cli, tree, images):
+    """--sidecar-ext with an image's extension was taken: photo.png "already done" as its own sidecar, and with
+    --overwrite each PNG replaced by its caption. It is a usage error now, as is one that names no file or leaves
+    the folder; an image named with the sidecars' extension (shot.txt) keeps its bytes, its record goes to stdout."""
+    before = (tree / "a.png").read_bytes()
+    for extension, said in (("png", "--sidecar-ext png: is an image extension: the captions would replace the images"),
+                            (".JPG", "--sidecar-ext .JPG: is an image extension"),
+                            ("../up", "--sidecar-ext '../up': give an extension such as txt or caption"),
+                            ("", "--sidecar-ext '': give an extension such as txt or caption")):
+        result = cli("batch", tree, "-n", "4", "--sidecar", "--overwrite", "--sidecar-ext", extension)
+        assert result.exit_code == 2 and said in result.stderr, result.stderr
+    assert (tree / "a.png").read_bytes() == before and not (tree / "a.txt").exists()
+    named = tree / "shot.txt"
+    named.write_bytes(images["b"].read_bytes())
+    result = cli("batch", named, tree / "a.png", "-n", "8", "--sidecar", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert named.read_bytes() == images["b"].read_bytes()
+    assert records(result.stdout) == [{"source": str(named), "text": alone(cli, named), "error": None}]
+    assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
+
+
+def test_written_files_get_the_umask_not_private_modes(cli, tree, tmp_path):
+    """Sidecars were 0600 (their temporary file's mode), as was a results file once --retry-errors rewrote it:
+    unreadable to a group sharing a dataset. A new file gets the umask's mode, a rewritten one keeps its own."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert cli("batch", tree / "a.png", "-n", "4", "--sidecar").exit_code == 0
+    assert (tree / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    out = tmp_path / "captions.jsonl"
+    cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)
+    out.chmod(0o664)
+    cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out, "--retry-errors")
+    assert out.stat().st_mode & 0o777 == 0o664 and len(out.read_text().splitlines()) == 2
+
+
 def test_output_file_resumes_without_duplicates(cli, tree, tmp_path):
     out = tmp_path / "captions.jsonl"
     first = cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)

@@ -110,6 +110,11 @@ def test_model_loads_once_per_process(cli, images, monkeypatch):
     (["describe", "{a}", "--bogus"], 2, None),
     (["describe", "{a}", "--device", "gpu"], 2, "use auto, cpu, mps, cuda or cuda:N"),
     (["describe", "{a}", "--dtype", "fp8"], 2, "use one of auto"),
+    (["describe", "{a}", "-t", "nan"], 2, "--temperature nan: not a number"),  # click's range lets nan through
+    (["describe", "{a}", "--top-p", "nan"], 2, "--top-p nan: not a number"),
+    (["describe", "{a}", "--repetition-penalty", "0"], 2, "must be above 0 (1.0 is no penalty)"),
+    (["describe", "{a}", "-t", "3"], 2, None),  # a session's API (OpenAI's range) would refuse it: refused alike
+    (["describe", "{a}", "--seed", "-1"], 2, None),
 ])
 def test_usage_errors_exit_2(cli, images, args, status, reason):
     result = cli(*[a.format(a=images["a"]) for a in args])

@@ -88,7 +88,8 @@ def test_concurrent_requests_all_answered_correctly(client, cli, images, tiny_mo
 @pytest.mark.parametrize("case, status", [
     ("bad_base64", 400), ("missing_messages", 400), ("not_json", 400), ("bad_part", 400),
     ("too_large", 413), ("local_path", 403), ("file_url", 403), ("wrong_model", 404), ("bad_temperature", 400),
-    ("over_the_context", 400), ("image_in_system", 400), ("nested", 400),
+    ("over_the_context", 400), ("image_in_system", 400), ("nested", 400), ("nan_temperature", 400),
+    ("infinite_top_p", 400), ("no_repetition_penalty", 400),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, images, tiny_model, case, status):
     url = server["url"] + "/v1/chat/completions"
@@ -105,6 +106,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
             {"type": "image_url", "image_url": {"url": images["a"].as_uri()}}]}]},
         "wrong_model": {**good, "model": "gpt-4o"},
         "bad_temperature": {**good, "temperature": "hot"},
+        "nan_temperature": {**good, "temperature": float("nan")},
+        "infinite_top_p": {**good, "top_p": float("inf")},
+        "no_repetition_penalty": {**good, "repetition_penalty": 0},  # was taken as no penalty at all
         "over_the_context": {**good, "max_tokens": 32767},
         "image_in_system": {**good, "messages": [
             {"role": "system", "content": image_message(images["a"], "Hi")[0]["content"]},
@@ -113,8 +117,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
     if case in ("not_json", "nested"):
         content = b"{not json" if case == "not_json" else b"[" * 100000 + b"]" * 100000
         response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
-    else:
-        response = httpx.post(url, json=bodies[case], timeout=30)
+    else:  # json.dumps (httpx's json= refuses NaN and Infinity, which Python's json.loads reads)
+        response = httpx.post(url, content=json.dumps(bodies[case]), headers={"Content-Type": "application/json"},
+                              timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
@@ -122,6 +127,22 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
         assert error["code"] == "context_length_exceeded"  # OpenAI's code: clients tell it from a server failure
     assert client.chat.completions.create(model=str(tiny_model), messages=image_message(images["a"], "Hi"),
                                           max_tokens=2).choices[0].message.content
+
+
+def test_any_64_bit_seed_is_taken(server, tiny_model, images):
+    """A seed is any 64-bit integer, as vLLM takes it (it was a 500 outside 0..2**32-1: the generator's range, which
+    a seed now maps into): the same sampled answer for a seed and for it plus 2**32."""
+    url = server["url"] + "/v1/chat/completions"
+
+    def sampled(seed: int) -> str:
+        body = {"model": str(tiny_model), "max_tokens": 8, "temperature": 1.5, "seed": seed,
+                "messages": image_message(images["a"], "Hi")}
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert sampled(7) == sampled(7 + 2 ** 32) == sampled(7 - 2 ** 32)
+    assert sampled(-1) == sampled(2 ** 64 - 1)
 
 
 def test_disconnected_stream_frees_the_worker(server, client, images, tiny_model):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
 import json
 import os
@@ -22,6 +23,19 @@ from ..sources import file_url_to_path
 from .inputs import item_key
 
 BASE_FIELDS = ("source", "text", "error")
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask: Linux says it in /proc; elsewhere it is read by setting it and back (the sidecar sink asks
+    at its start, on the main thread, before any other thread writes files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _fsync(handle) -> None:
@@ -211,9 +225,15 @@ def _csv_text(header: list[str] | None, rows: list[dict]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, rename over it: readers see old or new, never half."""
+    """Write to a temporary file beside `path`, fsync, rename over it: readers see old or new, never half. The file
+    keeps its permissions, or gets a new file's (the umask's), not the temporary file's private 0600."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".qwen2vl-tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with open(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
             handle.write(text)
             _fsync(handle)
@@ -228,11 +248,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 class SidecarSink:
     """`photo.jpg` -> `photo.txt` beside it (prefix + caption + suffix); existing ones are kept. An answer with no
-    file to sit beside (a URL's, stdin's) goes to `elsewhere` (stdout, where no -o is given), not nowhere."""
+    file to sit beside (a URL's, stdin's, or an image named with the sidecars' own extension: its sidecar would be
+    itself) goes to `elsewhere` (stdout, where no -o is given), not nowhere."""
 
     def __init__(self, extension: str, prefix: str, suffix: str, overwrite: bool,
                  elsewhere: JsonlSink | None = None) -> None:
         self.extension = "." + extension.lstrip(".")
+        _umask()  # read now, on the main thread
         self.prefix, self.suffix, self.overwrite, self.elsewhere = prefix, suffix, overwrite, elsewhere
 
     def path_for(self, source: str) -> Path | None:
@@ -240,10 +262,13 @@ class SidecarSink:
             return None
         if source.startswith("file://"):  # file:///a/b%20c.jpg -> /a/b c.txt, file://localhost/... too
             try:
-                return file_url_to_path(source).with_suffix(self.extension)
+                image = file_url_to_path(source)
             except InputError:
                 return None
-        return Path(os.path.expanduser(source)).with_suffix(self.extension)
+        else:
+            image = Path(os.path.expanduser(source))
+        path = image.with_suffix(self.extension)
+        return None if path == image else path  # never the image itself
 
     def state(self, item) -> str | None:
         path = self.path_for(item.source)  # beside the file as named, where write() puts it
@@ -262,6 +287,17 @@ class SidecarSink:
     def close(self) -> None:
         if self.elsewhere is not None:  # every sidecar is closed as it is written
             self.elsewhere.close()
+
+
+def sidecar_extension(text: str, images: tuple[str, ...]) -> str:
+    """--sidecar-ext as a file name's suffix ('txt', '.caption'), checked: one that names no file or leaves the
+    folder, and one of the images' own (`images`: the captions would replace the photos), are usage errors."""
+    extension = text.lstrip(".")
+    if not extension or any(c in extension for c in "/\\\0") or extension.strip() != extension:
+        raise UsageError(f"--sidecar-ext {text!r}", "give an extension such as txt or caption")
+    if extension.lower() in images:
+        raise UsageError(f"--sidecar-ext {text}", "is an image extension: the captions would replace the images")
+    return extension
 
 
 def open_output(output: str | None, fields: list[str], *, overwrite: bool, retry_errors: bool,

@@ -76,15 +76,17 @@ def batch(
     """
     from ..batch.inputs import collect_items, parse_extensions
     from ..batch.runner import BatchConfig, Results, run_batch
-    from ..batch.sinks import SidecarSink, open_output
+    from ..batch.sinks import SidecarSink, open_output, sidecar_extension
 
     env = Environment.from_system(quiet=quiet)
     if not inputs and not manifest:
         raise UsageError("batch", "give INPUT paths, - for a list on stdin, or --manifest FILE")
     if manifest == "-" and "-" in (inputs or []):
         raise UsageError("-", "stdin is read once: pipe in either the list of sources or the manifest, not both")
-    items = collect_items(inputs or [], manifest=manifest, recursive=recursive, extensions=parse_extensions(ext),
-                          note=env.note)
+    extensions = parse_extensions(ext)
+    if sidecar:
+        sidecar_ext = sidecar_extension(sidecar_ext, tuple({*extensions, *DEFAULT_EXTENSIONS}))
+    items = collect_items(inputs or [], manifest=manifest, recursive=recursive, extensions=extensions, note=env.note)
     config = BatchConfig(
         prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
         images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,

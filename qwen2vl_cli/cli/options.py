@@ -141,16 +141,17 @@ BatchVerboseOpt = Annotated[bool, typer.Option(  # batch's: no per-item notes ab
 MaxNewTokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "-n", min=1, rich_help_panel=GEN_PANEL, help="Longest answer, in tokens.")]
 TemperatureOpt = Annotated[float | None, typer.Option(
-    "--temperature", "-t", min=0.0, rich_help_panel=GEN_PANEL,
+    "--temperature", "-t", min=0.0, max=2.0, rich_help_panel=GEN_PANEL,
     help="Sample with this temperature; 0 or unset decodes greedily (deterministic).")]
 TopPOpt = Annotated[float | None, typer.Option(
     "--top-p", min=0.0, max=1.0, rich_help_panel=GEN_PANEL, help="Nucleus sampling; turns sampling on.")]
 TopKOpt = Annotated[int | None, typer.Option(
     "--top-k", min=1, rich_help_panel=GEN_PANEL, help="Top-k sampling; turns sampling on.")]
 RepetitionPenaltyOpt = Annotated[float | None, typer.Option(
-    "--repetition-penalty", min=0.0, rich_help_panel=GEN_PANEL, help="Penalty above 1.0 discourages repeats.")]
+    "--repetition-penalty", min=0.0, max=10.0, rich_help_panel=GEN_PANEL,
+    help="Penalty above 1.0 discourages repeats (above 0).")]
 SeedOpt = Annotated[int | None, typer.Option(
-    "--seed", rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
+    "--seed", min=0, rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
 
 # ---- prompt --------------------------------------------------------------------------------------
 SystemOpt = Annotated[str | None, typer.Option(

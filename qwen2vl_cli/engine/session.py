@@ -326,7 +326,7 @@ class ModelSession:
         if options.seed is not None:
             from transformers import set_seed
 
-            set_seed(options.seed)
+            set_seed(options.seed % 2 ** 32)  # its range; an API's 64-bit (or negative) seed maps into it
         return {"generation_config": config}
 
     # ---- generation ----------------------------------------------------------------------------

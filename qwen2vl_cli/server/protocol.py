@@ -3,6 +3,7 @@ through the same resolvers), answers become OpenAI-shaped JSON; every bad reques
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -71,8 +72,16 @@ def _number(body: dict, key: str, kind, low=None, high=None, where: str = ""):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
         raise RequestError(f"{where}{key} must be a{'n integer' if kind is int else ' number'}", param=key)
     value = kind(value)
+    if not math.isfinite(value):  # JSON's NaN and Infinity, as Python's json reads them
+        raise RequestError(f"{where}{key} must be a finite number", param=key)
     if (low is not None and value < low) or (high is not None and value > high):
         raise RequestError(f"{where}{key} must be between {low} and {high}", param=key)
+    return value
+
+
+def _positive(value, key: str):
+    if value == 0:
+        raise RequestError(f"{key} must be above 0", param=key)
     return value
 
 
@@ -121,8 +130,8 @@ def generation_from(body: dict) -> GenerationOptions:
         temperature=_number(body, "temperature", float, 0.0, 2.0),
         top_p=_number(body, "top_p", float, 0.0, 1.0),
         top_k=_number(body, "top_k", int, -1, 1_000_000) if body.get("top_k") not in (None, -1, 0) else None,
-        repetition_penalty=_number(body, "repetition_penalty", float, 0.0, 10.0),
-        seed=_number(body, "seed", int),
+        repetition_penalty=_positive(_number(body, "repetition_penalty", float, 0.0, 10.0), "repetition_penalty"),
+        seed=_number(body, "seed", int, -2 ** 63, 2 ** 64 - 1),  # any 64-bit seed, as vLLM takes
         stop=stop_strings(body.get("stop")),
         frequency_penalty=_number(body, "frequency_penalty", float, -2.0, 2.0),
         presence_penalty=_number(body, "presence_penalty", float, -2.0, 2.0),
