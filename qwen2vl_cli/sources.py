@@ -89,6 +89,7 @@ def looks_like_base64(source: str) -> bool:
 
 def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryIO | None = None) -> bytes:
     """Return the raw bytes behind `source`, or raise InputError; nothing reads more than limits.max_bytes."""
+    refuse_empty(source)
     if source == "-":
         return as_sent(read_stdin(limits, stdin))
     if source.startswith("data:"):
@@ -102,6 +103,12 @@ def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryI
     if not os.path.lexists(os.path.expanduser(source)) and looks_like_base64(source):
         return decode_base64(source, "base64 input")
     return read_local(Path(os.path.expanduser(source)), display_name(source), limits.max_bytes)
+
+
+def refuse_empty(source: str) -> None:
+    """An empty source (an unset shell variable, "$PHOTO") is an InputError, not the current directory it names."""
+    if not source:
+        raise InputError("''", "an empty source (an unset variable?): give a path, a URL, a data URI or - for stdin")
 
 
 def refuse_other_urls(source: str, scheme: str) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .errors import InputError, UsageError
 from .sources import (PATCH_FACTOR, FetchLimits, as_sent, check_regular, decode_data_uri, decode_image, display_name,
-                      download, file_url_to_path, on_grid, read_local, read_stdin, refuse_other_urls)
+                      download, file_url_to_path, on_grid, read_local, read_stdin, refuse_empty,
+                      refuse_other_urls)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -53,6 +54,8 @@ class VideoOptions:
     def __post_init__(self) -> None:
         if self.fps is not None and self.nframes is not None:
             raise UsageError("--fps/--nframes", "give one or the other, not both")
+        if self.min_frames is not None and self.max_frames is not None and self.min_frames > self.max_frames:
+            raise UsageError(f"--min-frames {self.min_frames}", f"above --max-frames {self.max_frames}")
         if (self.resized_height is None) != (self.resized_width is None):
             raise UsageError("--resized-height/--resized-width", "give both or neither")
         if self.backend not in BACKENDS:
@@ -174,6 +177,7 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
     import logging
 
     logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)  # we report reductions ourselves, once
+    refuse_empty(source)
     if is_frame_sequence(source):
         return _frames_from_images(source, options)
     name = display_name(source)

@@ -110,8 +110,11 @@ def test_model_loads_once_per_process(cli, images, monkeypatch):
     (["describe", "{a}", "--bogus"], 2, None),
     (["describe", "{a}", "--device", "gpu"], 2, "use auto, cpu, mps, cuda or cuda:N"),
     (["describe", "{a}", "--dtype", "fp8"], 2, "use one of auto"),
-    (["describe", "{a}", "-t", "nan"], 2, "--temperature nan: not a number"),  # click's range lets nan through
-    (["describe", "{a}", "--top-p", "nan"], 2, "--top-p nan: not a number"),
+    (["describe", "{a}", "-t", "nan"], 2, None),  # click's ranges let nan through (options.finite)
+    (["describe", "{a}", "--top-p", "nan"], 2, None),
+    (["video", "clip.mp4", "--fps", "nan"], 2, None),  # was "cannot convert float NaN to integer", exit 3
+    (["video", "clip.mp4", "--start", "nan"], 2, None),  # was an unexpected ValueError, exit 1
+    (["video", "clip.mp4", "--min-frames", "10", "--max-frames", "4"], 2, "--min-frames 10: above --max-frames 4"),
     (["describe", "{a}", "--repetition-penalty", "0"], 2, "must be above 0 (1.0 is no penalty)"),
     (["describe", "{a}", "-t", "3"], 2, None),  # a session's API (OpenAI's range) would refuse it: refused alike
     (["describe", "{a}", "--seed", "-1"], 2, None),
@@ -135,6 +138,15 @@ def test_a_prompt_typed_as_a_source_is_pointed_to_its_option(cli, images, args, 
     assert result.exit_code == 3, result.stderr
     one_error_line(result, said)
     assert result.stderr.strip().endswith(said)
+
+
+@pytest.mark.parametrize("command", [["describe"], ["video"], ["ask", "-q", "Hi", "--video"], ["batch"]])
+def test_an_empty_source_is_said_to_be_empty(cli, command):
+    """"$PHOTO" unset: an empty SOURCE was the current directory ("is a directory"; a video's frames or a batch run
+    over it, sidecars and all); now one line, exit 3."""
+    result = cli(*command, "", "-n", "2")
+    assert result.exit_code == 3, result.stderr
+    one_error_line(result, "'': an empty source (an unset variable?): give a path, a URL, a data URI or - for stdin")
 
 
 def test_model_errors_exit_4(cli, images, tmp_path):

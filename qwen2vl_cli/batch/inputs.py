@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 from ..errors import InputError
-from ..sources import file_url_to_path, open_regular
+from ..sources import file_url_to_path, open_regular, refuse_empty
 
 MAX_LINE = 1024 * 1024  # one manifest line or listed path; data URIs in a manifest stay well under it
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")  # phones' too
@@ -162,6 +162,7 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
     """All items in input order, each source once."""
     items: list[BatchItem] = read_manifest(manifest, note) if manifest else []
     for spec in inputs:
+        refuse_empty(spec)  # not the current directory, captioned whole
         if spec == "-":
             stream = stdin or byte_faithful(sys.stdin)
             if stream is None:

@@ -4,7 +4,6 @@ in-process), resolve inputs through it, stream, render."""
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 from pathlib import Path
@@ -169,9 +168,6 @@ def generation_options(max_new_tokens: int, temperature: float | None, top_p: fl
                        top_k: int | None, repetition_penalty: float | None, seed: int | None) -> GenerationOptions:
     if max_new_tokens >= MAX_CONTEXT:
         raise UsageError(f"--max-new-tokens {max_new_tokens}", f"over Qwen2-VL's context of {MAX_CONTEXT} tokens")
-    for flag, value in (("--temperature", temperature), ("--top-p", top_p), ("--repetition-penalty", repetition_penalty)):
-        if value is not None and not math.isfinite(value):  # click's ranges let nan through
-            raise UsageError(f"{flag} {value}", "not a number")
     if repetition_penalty == 0:
         raise UsageError("--repetition-penalty 0", "must be above 0 (1.0 is no penalty)")
     return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)

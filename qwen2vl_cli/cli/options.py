@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -13,6 +14,15 @@ from ..video import DEFAULT_MAX_FRAMES, DEFAULT_TOTAL_PIXELS, DEFAULT_VIDEO_MAX_
 
 _PRODUCT_RE = re.compile(r"^\s*\d+(\s*[*x]\s*\d+)*\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+
+def finite(value: float | None) -> float | None:
+    """Every number option's check beside its range: click's float ranges let nan through (and inf where open)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number.")
+    return value
+
 
 MODEL_PANEL = "Model"
 VISION_PANEL = "Resolution"
@@ -111,7 +121,7 @@ ResizedWidthOpt = Annotated[int | None, typer.Option(
 # ---- video ---------------------------------------------------------------------------------------
 VIDEO_PANEL = "Video"
 FpsOpt = Annotated[float | None, typer.Option(
-    "--fps", min=0.01, rich_help_panel=VIDEO_PANEL, show_default=False,
+    "--fps", min=0.01, callback=finite, rich_help_panel=VIDEO_PANEL, show_default=False,
     help="Frames sampled per second of video (default: 2); not with --nframes.")]
 NFramesOpt = Annotated[int | None, typer.Option(
     "--nframes", min=2, rich_help_panel=VIDEO_PANEL, help="Exactly this many frames (rounded to even); not with --fps.")]
@@ -121,9 +131,9 @@ MinFramesOpt = Annotated[int | None, typer.Option(
 MaxFramesOpt = Annotated[int, typer.Option(
     "--max-frames", min=2, rich_help_panel=VIDEO_PANEL, help="At most this many frames with --fps.")]
 StartOpt = Annotated[float | None, typer.Option(
-    "--start", min=0.0, metavar="SECONDS", rich_help_panel=VIDEO_PANEL, help="Start of the clip to watch.")]
+    "--start", min=0.0, callback=finite, metavar="SECONDS", rich_help_panel=VIDEO_PANEL, help="Start of the clip to watch.")]
 EndOpt = Annotated[float | None, typer.Option(
-    "--end", min=0.0, metavar="SECONDS", rich_help_panel=VIDEO_PANEL, help="End of the clip to watch.")]
+    "--end", min=0.0, callback=finite, metavar="SECONDS", rich_help_panel=VIDEO_PANEL, help="End of the clip to watch.")]
 TotalPixelsOpt = Annotated[int, typer.Option(
     "--total-pixels", parser=parse_pixels, metavar="N", rich_help_panel=VIDEO_PANEL,
     help="Pixel budget of all frames together; frames shrink to fit (bounds a video near N/784 tokens).")]
@@ -141,14 +151,14 @@ BatchVerboseOpt = Annotated[bool, typer.Option(  # batch's: no per-item notes ab
 MaxNewTokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "-n", min=1, rich_help_panel=GEN_PANEL, help="Longest answer, in tokens.")]
 TemperatureOpt = Annotated[float | None, typer.Option(
-    "--temperature", "-t", min=0.0, max=2.0, rich_help_panel=GEN_PANEL,
+    "--temperature", "-t", min=0.0, max=2.0, callback=finite, rich_help_panel=GEN_PANEL,
     help="Sample with this temperature; 0 or unset decodes greedily (deterministic).")]
 TopPOpt = Annotated[float | None, typer.Option(
-    "--top-p", min=0.0, max=1.0, rich_help_panel=GEN_PANEL, help="Nucleus sampling; turns sampling on.")]
+    "--top-p", min=0.0, max=1.0, callback=finite, rich_help_panel=GEN_PANEL, help="Nucleus sampling; turns sampling on.")]
 TopKOpt = Annotated[int | None, typer.Option(
     "--top-k", min=1, rich_help_panel=GEN_PANEL, help="Top-k sampling; turns sampling on.")]
 RepetitionPenaltyOpt = Annotated[float | None, typer.Option(
-    "--repetition-penalty", min=0.0, max=10.0, rich_help_panel=GEN_PANEL,
+    "--repetition-penalty", min=0.0, max=10.0, callback=finite, rich_help_panel=GEN_PANEL,
     help="Penalty above 1.0 discourages repeats (above 0).")]
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", min=0, rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
@@ -189,7 +199,7 @@ ApiKeyOpt = Annotated[str | None, typer.Option(
 
 # ---- fetching ------------------------------------------------------------------------------------
 TimeoutOpt = Annotated[float, typer.Option(
-    "--timeout", min=0.1, metavar="SECONDS", rich_help_panel=FETCH_PANEL,
+    "--timeout", min=0.1, callback=finite, metavar="SECONDS", rich_help_panel=FETCH_PANEL,
     help="Deadline for a whole http(s) download (connect, every read, the transfer).")]
 MaxDownloadOpt = Annotated[int, typer.Option(
     "--max-download", parser=parse_bytes, metavar="SIZE", rich_help_panel=FETCH_PANEL,
