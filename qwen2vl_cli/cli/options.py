@@ -16,7 +16,6 @@ _PRODUCT_RE = re.compile(r"^\s*\d+(\s*[*x]\s*\d+)*\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
 
-
 def finite(value: float | None) -> float | None:
     """Every number option's check beside its range: click's float ranges let nan through (and inf where open)."""
     if value is not None and not math.isfinite(value):
@@ -54,7 +53,10 @@ def parse_bytes(value: str | int | None) -> int | None:
         raise typer.BadParameter(f"{value!r} is not a size (e.g. 100MB, 2GiB, 500000)")
     unit = (match.group(2) or "b").lower()[:1]
     scale = {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[unit]
-    return int(float(match.group(1)) * scale)
+    size = int(float(match.group(1)) * scale)
+    if size < 1:  # a cap of nothing refuses every input (or request) there is
+        raise typer.BadParameter(f"{value!r}: a size of at least 1 byte")
+    return size
 
 
 def size_text(size: int) -> str:

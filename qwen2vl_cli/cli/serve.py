@@ -58,6 +58,8 @@ def serve(
         return ps(api_key=api_key)
     if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
         raise UsageError("--allowed-local-media-path", f"{allowed_local_media_path} is not a directory")
+    if served_model_name is not None and not served_model_name.strip():
+        raise UsageError("--served-model-name", "empty: clients name the model by it")
     config = ServerConfig(
         spec=common.model_spec(model, device, dtype, attn, quantize), host=host, port=port, api_key=api_key,
         keep_alive_s=parse_duration(keep_alive), max_body=max_body_size,
