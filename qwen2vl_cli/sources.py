@@ -105,6 +105,16 @@ def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryI
     return read_local(Path(os.path.expanduser(source)), display_name(source), limits.max_bytes)
 
 
+def encodable(text: str) -> bool:
+    """Whether `text` is Unicode a tokenizer takes: not bytes of another encoding (surrogate escapes, as Python reads
+    them from argv or a file) nor JSON's unpaired "\\ud800" escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def refuse_empty(source: str) -> None:
     """An empty source (an unset shell variable, "$PHOTO") is an InputError, not the current directory it names."""
     if not source:

@@ -153,6 +153,17 @@ def test_written_files_get_the_umask_not_private_modes(cli, tree, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o664 and len(out.read_text().splitlines()) == 2
 
 
+def test_a_manifest_prompt_that_is_not_unicode_is_one_line(cli, tree, tmp_path):
+    """A manifest's prompt of bytes in another encoding, or JSON's unpaired surrogate escape, was an unexpected error
+    per item (the tokenizer's TypeError); it is the manifest's input error, exit 3, naming the line."""
+    for line in (b'{"source": "a.png", "prompt": "caf\xe9"}', b'{"source": "a.png", "prompt": "a\\ud800"}'):
+        manifest = tmp_path / "todo.jsonl"
+        manifest.write_bytes(line + b"\n")
+        result = cli("batch", "--manifest", manifest, "-n", "4")
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.strip() == f"qwen2vl: error: {manifest} line 1: 'prompt' is not valid UTF-8 text"
+
+
 def test_output_file_resumes_without_duplicates(cli, tree, tmp_path):
     out = tmp_path / "captions.jsonl"
     first = cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)

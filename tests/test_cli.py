@@ -117,6 +117,8 @@ def test_model_loads_once_per_process(cli, images, monkeypatch):
     (["video", "clip.mp4", "--min-frames", "10", "--max-frames", "4"], 2, "--min-frames 10: above --max-frames 4"),
     (["describe", "{a}", "--max-download", "0"], 2, None),  # a cap of nothing: every input refused
     (["serve", "--max-body-size", "0"], 2, None),  # was served, every request a 413
+    (["describe", "{a}", "-p", "caf\udce9"], 2, None),  # Latin-1 bytes typed into a UTF-8 terminal: was exit 1
+    (["ask", "-q", "Hi", "-s", "\udcff"], 2, None),
     (["serve", "--served-model-name", " "], 2, "--served-model-name: empty: clients name the model by it"),
     (["describe", "{a}", "--repetition-penalty", "0"], 2, "must be above 0 (1.0 is no penalty)"),
     (["describe", "{a}", "-t", "3"], 2, None),  # a session's API (OpenAI's range) would refuse it: refused alike

@@ -89,7 +89,8 @@ def test_concurrent_requests_all_answered_correctly(client, cli, images, tiny_mo
     ("bad_base64", 400), ("missing_messages", 400), ("not_json", 400), ("bad_part", 400),
     ("too_large", 413), ("local_path", 403), ("file_url", 403), ("wrong_model", 404), ("bad_temperature", 400),
     ("over_the_context", 400), ("image_in_system", 400), ("nested", 400), ("nan_temperature", 400),
-    ("infinite_top_p", 400), ("no_repetition_penalty", 400),
+    ("infinite_top_p", 400), ("no_repetition_penalty", 400), ("unpaired_surrogate", 400), ("surrogate_in_a_part", 400),
+    ("text_part_without_text", 400),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, images, tiny_model, case, status):
     url = server["url"] + "/v1/chat/completions"
@@ -109,6 +110,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, image
         "nan_temperature": {**good, "temperature": float("nan")},
         "infinite_top_p": {**good, "top_p": float("inf")},
         "no_repetition_penalty": {**good, "repetition_penalty": 0},  # was taken as no penalty at all
+        "unpaired_surrogate": {**good, "messages": [{"role": "user", "content": "\ud800"}]},  # JSON's escape: was a 500
+        "surrogate_in_a_part": {**good, "messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
+        "text_part_without_text": {**good, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
         "over_the_context": {**good, "max_tokens": 32767},
         "image_in_system": {**good, "messages": [
             {"role": "system", "content": image_message(images["a"], "Hi")[0]["content"]},

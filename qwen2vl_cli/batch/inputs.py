@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 from ..errors import InputError
-from ..sources import file_url_to_path, open_regular, refuse_empty
+from ..sources import encodable, file_url_to_path, open_regular, refuse_empty
 
 MAX_LINE = 1024 * 1024  # one manifest line or listed path; data URIs in a manifest stay well under it
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")  # phones' too
@@ -148,6 +148,8 @@ def read_manifest(path: str, note: Callable[[str], None] = lambda message: None)
             prompt = record.pop("prompt", None)
             if prompt is not None and not isinstance(prompt, str):
                 raise InputError(f"{path} line {number}", "'prompt' must be a string")
+            if prompt is not None and not encodable(prompt):
+                raise InputError(f"{path} line {number}", "'prompt' is not valid UTF-8 text")
             clash = [name for name in RESERVED_FIELDS if name in record and name != "source"]
             if clash:  # copied through, they would overwrite the answer
                 raise InputError(f"{path} line {number}", f"field {clash[0]!r} is the result's own; rename it "

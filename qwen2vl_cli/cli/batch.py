@@ -15,7 +15,7 @@ from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, BatchVerboseOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
                       MaxNewTokensOpt, MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt,
                       RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, SystemOpt,
-                      TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt)
+                      TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, utf8_text)
 
 OUT_PANEL = "Results"
 DEFAULT_BATCH_PROMPT = "Describe this image."
@@ -24,7 +24,7 @@ DEFAULT_BATCH_PROMPT = "Describe this image."
 def batch(
     inputs: Annotated[list[str] | None, typer.Argument(
         metavar="INPUT", help="Image files, directories, quoted globs, URLs, or - for newline-separated paths on stdin.")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt for every image (a manifest can set one per item).")] = DEFAULT_BATCH_PROMPT,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, help="The prompt for every image (a manifest can set one per item).")] = DEFAULT_BATCH_PROMPT,
     manifest: Annotated[str | None, typer.Option("--manifest", metavar="FILE.jsonl", help="One JSON object a line: source, optional prompt, extra fields copied to the output.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk directories recursively.")] = False,
     ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help=f"Extensions that count in directories and globs (default: {','.join(DEFAULT_EXTENSIONS)}).")] = None,

@@ -15,7 +15,7 @@ from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt,
                       MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt, NFramesOpt,
                       KeepAliveOpt, NoServerOpt, NoStreamOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt,
                       ResizedWidthOpt, SeedOpt, ServerOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt,
-                      TopPOpt, TotalPixelsOpt, VerboseOpt, VideoBackendOpt, VisionIdsOpt)
+                      TopPOpt, TotalPixelsOpt, VerboseOpt, VideoBackendOpt, VisionIdsOpt, utf8_text)
 
 DEFAULT_DESCRIBE_PROMPT = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
@@ -28,7 +28,7 @@ VIDEO_HELP = ("Video: a file (mp4, mkv, webm, mov, avi), a file:// or http(s) UR
 
 def describe(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE", help=SOURCE_HELP + " Several go into one conversation.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", "--question", "-q", help="What to ask of the image(s).")] = DEFAULT_DESCRIBE_PROMPT,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", "--question", "-q", callback=utf8_text, help="What to ask of the image(s).")] = DEFAULT_DESCRIBE_PROMPT,
     system: SystemOpt = None,
     vision_ids: VisionIdsOpt = False,
     model: ModelOpt = None,
@@ -75,7 +75,7 @@ def describe(
 
 def ask(
     sources: Annotated[list[str] | None, typer.Argument(metavar="SOURCE", help=SOURCE_HELP + " None: a text-only chat.")] = None,
-    question: Annotated[str | None, typer.Option("--question", "-q", "--prompt", "-p", help="The question to answer (required).")] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", "--prompt", "-p", callback=utf8_text, help="The question to answer (required).")] = None,
     videos: Annotated[list[str] | None, typer.Option("--video", metavar="SOURCE", help=VIDEO_HELP + " Repeatable; videos follow the images.")] = None,
     system: SystemOpt = None,
     vision_ids: VisionIdsOpt = False,
@@ -149,7 +149,7 @@ def _missing_question(sources: list[str]) -> UsageError:
 
 def video(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help=VIDEO_HELP)],
-    question: Annotated[str, typer.Option("--question", "-q", "--prompt", "-p", help="What to ask of the video.")] = DEFAULT_VIDEO_QUESTION,
+    question: Annotated[str, typer.Option("--question", "-q", "--prompt", "-p", callback=utf8_text, help="What to ask of the video.")] = DEFAULT_VIDEO_QUESTION,
     system: SystemOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = DEFAULTS["device"],

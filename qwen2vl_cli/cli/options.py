@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..types import ATTN_IMPLEMENTATIONS, DEFAULT_MAX_NEW_TOKENS, DEVICES, DTYPES
-from ..sources import DEFAULT_MAX_DOWNLOAD, DEFAULT_TIMEOUT_S, PATCH_FACTOR
+from ..sources import DEFAULT_MAX_DOWNLOAD, DEFAULT_TIMEOUT_S, PATCH_FACTOR, encodable
 from ..video import DEFAULT_MAX_FRAMES, DEFAULT_TOTAL_PIXELS, DEFAULT_VIDEO_MAX_DOWNLOAD
 
 _PRODUCT_RE = re.compile(r"^\s*\d+(\s*[*x]\s*\d+)*\s*$")
@@ -20,6 +20,14 @@ def finite(value: float | None) -> float | None:
     """Every number option's check beside its range: click's float ranges let nan through (and inf where open)."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a number.")
+    return value
+
+
+def utf8_text(value: str | None) -> str | None:
+    """Every text option's check: bytes that are not UTF-8 (a terminal in another encoding) reach Python as
+    surrogate escapes, which no tokenizer takes."""
+    if value is not None and not encodable(value):
+        raise typer.BadParameter("not valid UTF-8 text (typed in another encoding?)")
     return value
 
 
@@ -167,7 +175,7 @@ SeedOpt = Annotated[int | None, typer.Option(
 
 # ---- prompt --------------------------------------------------------------------------------------
 SystemOpt = Annotated[str | None, typer.Option(
-    "--system", "-s", help="System message (default: the model's, \"You are a helpful assistant.\").")]
+    "--system", "-s", callback=utf8_text, help="System message (default: the model's, \"You are a helpful assistant.\").")]
 VisionIdsOpt = Annotated[bool, typer.Option(
     "--vision-ids", help="Label inputs 'Picture 1:', 'Picture 2:' (and 'Video 1:') in the prompt.")]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import Qwen2VLError
 from ..types import ChatRequest, Completion, GenerationOptions, Media
-from ..sources import IMAGE_MAX_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, display_name
+from ..sources import IMAGE_MAX_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, display_name, encodable
 from ..video import MAX_FRAMES
 
 MAX_TOKENS_LIMIT = 32768
@@ -116,7 +116,14 @@ def stop_strings(value) -> tuple[str, ...]:
             or not all(isinstance(item, str) and item for item in stops)):
         raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                            param="stop")
-    return tuple(stops)
+    return tuple(unicode_text(stop, "stop") for stop in stops)
+
+
+def unicode_text(text: str, where: str) -> str:
+    """`text`, or a 400 where it is not Unicode a tokenizer takes (sources.encodable; it was a 500)."""
+    if not encodable(text):
+        raise RequestError(f"{where}: not valid Unicode (an unpaired surrogate escape)", param=where)
+    return text
 
 
 def generation_from(body: dict) -> GenerationOptions:
@@ -245,7 +252,7 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
         role = "system" if message["role"] == "developer" else message["role"]
         content = message.get("content")
         if isinstance(content, str):
-            conversation.append({"role": role, "content": content})
+            conversation.append({"role": role, "content": unicode_text(content, f"{where}.content")})
             prompt = content if role == "user" else prompt
             continue
         if not isinstance(content, list):
@@ -254,8 +261,10 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
         for number, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append({"type": "text", "text": unicode_text(part["text"], f"{where}.content[{number}].text")})
                 prompt = part["text"] if role == "user" else prompt
+            elif kind == "text":
+                raise RequestError(f"{where}.content[{number}]: a text part needs a 'text' string", param=where)
             elif kind in ("image_url", "video_url") and role == "system":
                 raise RequestError(f"{where}.content[{number}]: a system message takes text only "
                                    "(put images and videos in a user message)", param=where)
