@@ -94,7 +94,7 @@ def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryI
         return as_sent(read_stdin(limits, stdin))
     if source.startswith("data:"):
         return decode_data_uri(source)
-    scheme = urllib.parse.urlsplit(source).scheme.lower()
+    scheme = scheme_of(source)
     if scheme in ("http", "https"):
         return download(source, limits)
     if scheme == "file":
@@ -103,6 +103,14 @@ def read_source(source: str, limits: FetchLimits = FetchLimits(), stdin: BinaryI
     if not os.path.lexists(os.path.expanduser(source)) and looks_like_base64(source):
         return decode_base64(source, "base64 input")
     return read_local(Path(os.path.expanduser(source)), display_name(source), limits.max_bytes)
+
+
+def scheme_of(source: str) -> str:
+    """A source's URL scheme, lowercase ('' for a path), or an InputError for a URL that does not parse."""
+    try:
+        return urllib.parse.urlsplit(source).scheme.lower()
+    except ValueError as exc:  # "http://[::1": an unclosed IPv6 address
+        raise InputError(display_name(source), f"not a valid URL ({exc})") from None
 
 
 def encodable(text: str) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import InputError, UsageError
 from .sources import (PATCH_FACTOR, FetchLimits, as_sent, check_regular, decode_data_uri, decode_image, display_name,
                       download, file_url_to_path, on_grid, read_local, read_stdin, refuse_empty,
-                      refuse_other_urls)
+                      refuse_other_urls, scheme_of)
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -183,7 +183,7 @@ def resolve_video(source: str, options: VideoOptions = VideoOptions(), limits: F
     name = display_name(source)
     if is_frame_list_uri(source):
         return frames_from_images(decode_frame_list(source), options, name, [], "frames")
-    scheme = urllib.parse.urlsplit(source).scheme.lower()
+    scheme = scheme_of(source)
     if source == "-" or scheme in ("http", "https", "data"):  # decoders want a file: spool the bytes to one
         if source == "-":  # its bytes, or base64 or a data URI of them, as an image on stdin
             name, data, suffix = "stdin", as_sent(read_stdin(limits)), ""

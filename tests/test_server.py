@@ -199,6 +199,17 @@ def test_errors_and_exit_codes_are_the_same_through_the_server(server, images, t
         assert out.returncode == 3 and out.stderr.decode().strip() == f"qwen2vl: error: {truncated}: truncated image"
     gone = run_process("describe", images["a"], "--server", "http://127.0.0.1:9/", env=env)
     assert gone.returncode == 6 and b"cannot reach the server" in gone.stderr
+    # --server as host:port (no scheme: http), and URLs that are none (usage errors, not exit 1 or 6)
+    bare = run_process("describe", images["a"], "-n", "12", "--server", server["url"].removeprefix("http://"), env=env)
+    assert bare.returncode == 0 and bare.stdout == run_process("describe", images["a"], "-n", "12", env=env).stdout
+    for url, said in (("http://[::1", "not a valid URL (Invalid IPv6 URL)"), ("ftp://host", "give an http(s) URL"),
+                      ("http://host:99999", "not a valid URL (Port out of range")):
+        wrong = run_process("describe", images["a"], "--server", url, env=env)
+        assert wrong.returncode == 2 and said in wrong.stderr.decode(), wrong.stderr
+    for command in (["describe"], ["video"]):  # a source URL that does not parse: its input error
+        wrong = run_process(*command, "http://[::1", env=env)
+        assert wrong.returncode == 3, wrong.stderr
+        assert wrong.stderr.decode().strip() == "qwen2vl: error: http://[::1: not a valid URL (Invalid IPv6 URL)"
 
 
 def test_batch_through_the_server_equals_in_process(server, images, tmp_path, tiny_model):

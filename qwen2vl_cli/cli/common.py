@@ -39,6 +39,23 @@ def model_spec(model: str | None, device: str, dtype: str, attn: str, quantize: 
 DEFAULT_KEEP_ALIVE = "5m"  # how long a session a one-liner starts stays when idle
 
 
+def server_url(url: str, flag: str) -> str:
+    """--server as an http(s) URL with a host (and a port that is one; `host:port` alone is taken as http), or the
+    usage error saying what one looks like."""
+    import urllib.parse
+
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError as exc:
+        raise UsageError(f"{flag} {url}", f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{flag} {url}", "give an http(s) URL, e.g. http://127.0.0.1:8000")
+    return url
+
+
 def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4,
             env: Environment | None = None, keep_alive: str | None = None, inputs: Inputs | None = None):
     """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
@@ -51,6 +68,7 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
 
         url = server or os.environ.get("QWEN2VL_SERVER")
         if url:
+            url = server_url(url, "--server" if server else "QWEN2VL_SERVER")
             return RemoteSession(url, spec.model, api_key, concurrency, adopt=not spec.named)
         from ..server.registry import find_server
 

@@ -192,7 +192,8 @@ QuietOpt = Annotated[bool, typer.Option(
 SERVER_PANEL = "Session"
 ServerOpt = Annotated[str | None, typer.Option(
     "--server", metavar="URL", envvar="QWEN2VL_SERVER", rich_help_panel=SERVER_PANEL, show_envvar=True,
-    help="Send the work to this OpenAI-compatible server (qwen2vl serve, vLLM, SGLang). With no --model or "
+    help="Send the work to this OpenAI-compatible server (qwen2vl serve, vLLM, SGLang; host:port alone is http). "
+         "With no --model or "
          "QWEN2VL_MODEL, the model it serves answers (where it serves one).")]
 NoServerOpt = Annotated[bool, typer.Option(
     "--no-server", rich_help_panel=SERVER_PANEL,
