@@ -101,7 +101,7 @@ def describe_exception(exc: BaseException) -> tuple[str, ExitStatus]:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"cannot write{where}: no space left on the device", ExitStatus.OUTPUT
     if isinstance(exc, BrokenPipeError):
-        return "output closed early (broken pipe)", ExitStatus.ERROR
+        return "output closed early (broken pipe)", ExitStatus.OUTPUT  # the table's "stdout closed"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"unexpected {name}: {first_line} (QWEN2VL_DEBUG=1 shows the traceback)", ExitStatus.ERROR
 
