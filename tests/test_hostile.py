@@ -179,6 +179,20 @@ def test_closed_and_full_standard_streams(tiny_model, photo):
     assert process.returncode == 7 and "no space left" in error_line(process)
 
 
+def test_output_closed_early_is_the_tables_exit_7(tiny_model, photo):
+    """stdout closed before the answer is written (`| head -c 0`): the exit table's 7 ("stdout closed"), one line
+    (it was 1, "any other error")."""
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write gets EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "qwen2vl_cli", "describe", str(photo), "-m", str(tiny_model),
+                               "-n", "4", "--no-server"], stdout=write, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 7, done.stderr
+    assert done.stderr.decode().strip().splitlines() == ["qwen2vl: error: output closed early (broken pipe)"]
+
+
 # ---- batch outputs ---------------------------------------------------------------------------------------------
 def test_output_in_a_missing_directory_fails_before_the_model_loads(cli, photo, tmp_path):
     result = cli("batch", photo, "-o", tmp_path / "nowhere" / "out.jsonl")
