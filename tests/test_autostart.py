@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from .conftest import ROOT, run_process
@@ -49,6 +50,18 @@ def test_a_one_liner_starts_a_session_that_later_ones_reuse_and_that_ends_itself
     assert again.returncode == 0, again.stderr
     assert b"started" not in again.stderr and _sessions(tmp_path) == [session]  # reused, said once
     assert json.loads(again.stdout)["text"] + "\n" == expected.stdout.decode()
+    # your user's only: anyone else on the machine who reaches its port is refused (its key is in its record, 0600)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    refused = httpx.post(session["url"] + "/v1/chat/completions", json=body, timeout=30)
+    assert refused.status_code == 401, refused.text
+    assert set(httpx.get(session["url"] + "/health", timeout=30).json()) == {"status", "pid"}
+    record = next(tmp_path.glob(f"{session['pid']}.json"))
+    assert record.stat().st_mode & 0o777 == 0o600 and len(session["api_key"]) >= 32
+    keyed = httpx.post(session["url"] + "/v1/chat/completions", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {session['api_key']}"})
+    assert keyed.status_code == 200, keyed.text
+    shown = run_process("ps", "--json", env=env)
+    assert json.loads(shown.stdout)[0]["health"]["model"] == str(tiny_model) and b"api_key" not in shown.stdout
     # a prompt over the context is the usage error it is in process (exit 2, the same words), not a server's failure
     over = run_process("describe", images["a"], "-m", tiny_model, "-n", "32000", "--min-pixels", "1000*28*28", env=env)
     assert over.returncode == 2, over.stderr

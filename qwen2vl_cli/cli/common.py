@@ -74,11 +74,10 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
 
         # a local session was found (or started) by its /health, which proved it ours: not asked again
         found = find_server(spec, api_key)
-        if found:
-            return RemoteSession(found["url"], spec.model, api_key, concurrency, kind="qwen2vl")
-        started = _start_session(spec, api_key, keep_alive, env, inputs) if keep_alive is not None else None
-        if started:
-            return RemoteSession(started["url"], spec.model, api_key, concurrency, kind="qwen2vl")
+        if not found and keep_alive is not None:
+            found = _start_session(spec, api_key, keep_alive, env, inputs)
+        if found:  # a session a command started answers its own key (its record's), a user's the user's
+            return RemoteSession(found["url"], spec.model, found.get("api_key") or api_key, concurrency, kind="qwen2vl")
     from ..engine.session import get_session
 
     return get_session(spec)
@@ -91,6 +90,8 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
     that cannot load: the in-process load says why) or it failed to (said on stderr). `inputs` still being read
     (a video's decode, a download) are waited for while the session loads; a bad one is its error and stops the
     session; one already known bad is its error before any session starts."""
+    import secrets
+
     from ..errors import Qwen2VLError
     from ..modelfiles import hub_offline, hub_reachable, local_model_dir, validate_model_dir
     from ..server.config import ServerConfig
@@ -113,8 +114,10 @@ def _start_session(spec: ModelSpec, api_key: str | None, keep_alive: str, env: E
         return None
     # a shared server's limits are not the owner's: its commands are bound only by the context, as in process
     # (an image is at least 4 tokens; a full context of image pixels is ~100 MB of base64)
-    config = ServerConfig(spec=spec, port=0, api_key=api_key, keep_alive_s=idle, exit_when_idle=True,
-                          max_images=MAX_CONTEXT // 4, max_videos=MAX_CONTEXT // 4, max_body=256 * 1024 ** 2)
+    # your user's only: with no key of yours, one made here (handed over on its stdin, kept in its state file)
+    config = ServerConfig(spec=spec, port=0, api_key=api_key or secrets.token_urlsafe(32), private=api_key is None,
+                          keep_alive_s=idle, exit_when_idle=True, max_images=MAX_CONTEXT // 4,
+                          max_videos=MAX_CONTEXT // 4, max_body=256 * 1024 ** 2)
     note = env.note if env is not None else lambda text: None
     with contextlib.ExitStack() as held:
         try:

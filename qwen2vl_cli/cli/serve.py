@@ -101,8 +101,8 @@ def ps(
     from ..server.registry import list_servers
 
     servers = list_servers(api_key)
-    if json_output:  # the token (the session's secret) stays in its record, the proof of it with the session
-        print(json.dumps([{**{key: value for key, value in info.items() if key != "token"},
+    if json_output:  # the secrets (token, a started session's key) stay in its record, the proof with the session
+        print(json.dumps([{**{key: value for key, value in info.items() if key not in ("token", "api_key")},
                            "health": {key: value for key, value in (info["health"] or {}).items() if key != "proof"}
                            if info["health"] is not None else None} for info in servers]))
         return

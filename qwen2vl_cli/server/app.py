@@ -304,7 +304,8 @@ def run_server(config: ServerConfig, on_ready=None, loading=None, sock: socket.s
                                            access_log=False, timeout_graceful_shutdown=5))
     try:
         registry.write_state({"pid": os.getpid(), "url": url, "host": config.host, "port": port, "token": token,
-                              "model": config.model_name, "device": session.device, "started": time.time()})
+                              "model": config.model_name, "device": session.device, "started": time.time(),
+                              **({"api_key": config.api_key} if config.private else {})})
     except OSError as exc:  # a full disk, say: unrecorded, `stop` could not find it nor a starting command see it
         raise ServerError(str(registry.state_dir()), f"cannot record this session ({exc.strerror})") from None
     # uvicorn re-raises the signal it stopped on once it has shut down: with the default SIGTERM action the

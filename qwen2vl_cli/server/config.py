@@ -36,6 +36,8 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     allowed_hosts: tuple[str, ...] = ()  # Host headers answered; () derives them from the bind address
     exit_when_idle: bool = False  # a session a command started: the process ends after keep_alive_s idle
+    private: bool = False  # its api_key was made by the command that started it, for its user's commands only: its
+    # state file (the user's alone) records it, and whoever else reaches the port gets a 401
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.api_key:  # refused before anything starts, in the background too

@@ -140,7 +140,8 @@ def list_servers(api_key: str | None = None) -> list[dict]:
             path.unlink(missing_ok=True)
             continue
         # a record without a token (an older session) can prove nothing: "-" never matches a proof
-        info["health"] = health(info["url"], api_key, token=info.get("token") or "-", pid=int(info["pid"]))
+        info["health"] = health(info["url"], info.get("api_key") or api_key, token=info.get("token") or "-",
+                                pid=int(info["pid"]))
         servers.append(info)
     return servers
 
