@@ -171,7 +171,7 @@ RepetitionPenaltyOpt = Annotated[float | None, typer.Option(
     "--repetition-penalty", min=0.0, max=10.0, callback=finite, rich_help_panel=GEN_PANEL,
     help="Penalty above 1.0 discourages repeats (above 0).")]
 SeedOpt = Annotated[int | None, typer.Option(
-    "--seed", min=0, rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
+    "--seed", min=0, max=2 ** 32 - 1, rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
 
 # ---- prompt --------------------------------------------------------------------------------------
 SystemOpt = Annotated[str | None, typer.Option(
