@@ -164,6 +164,28 @@ def test_a_manifest_prompt_that_is_not_unicode_is_one_line(cli, tree, tmp_path):
         assert result.stderr.strip() == f"qwen2vl: error: {manifest} line 1: 'prompt' is not valid UTF-8 text"
 
 
+def test_a_file_that_holds_no_results_is_never_written_to(cli, tree, tmp_path):
+    """-o naming a file of something else (a dataset's CSV with no newline at its end, a JSONL of other records, the
+    manifest itself) was appended to: the CSV got rows of empty cells and no captions, its last line cut as "torn";
+    the manifest's lines, having a source, made every item "already done". Now a usage error, the file untouched."""
+    table = tmp_path / "prices.csv"
+    table.write_bytes(b"name,price\nfoo,1\nbar,2")
+    other = tmp_path / "notes.jsonl"
+    other.write_bytes(b'{"a": 1}\n{"source": "x.png", "label": "cat"}\n')
+    manifest = tmp_path / "todo.jsonl"
+    manifest.write_text(json.dumps({"source": str(tree / "a.png"), "prompt": "Hi"}) + "\n")
+    for path, extra in ((table, ()), (other, ()), (manifest, ("--manifest", manifest))):
+        before = path.read_bytes()
+        result = cli("batch", *(() if extra else (tree / "a.png",)), *extra, "-n", "4", "-o", path)
+        assert result.exit_code == 2, result.stderr
+        assert "holds something other than qwen2vl's results (source, text, error)" in result.stderr
+        assert path.read_bytes() == before and not list(tmp_path.glob(".*qwen2vl-lock"))
+    torn = tmp_path / "torn.jsonl"  # a first record a killed run left half-written is ours: repaired, resumed
+    torn.write_bytes(b'{"source": "' + str(tree / "a.png").encode() + b'", "te')
+    assert cli("batch", tree / "a.png", "-n", "4", "-o", torn).exit_code == 0
+    assert [r["source"] for r in records(torn.read_text())] == [str(tree / "a.png")]
+
+
 def test_output_file_resumes_without_duplicates(cli, tree, tmp_path):
     out = tmp_path / "captions.jsonl"
     first = cli("batch", tree / "a.png", tree / "zero.png", "-n", "4", "-o", out)

@@ -130,15 +130,16 @@ class JsonlSink(RecordFile):
         if path is None:
             self.handle = stream or sys.stdout
             return
+        if path.exists() and not overwrite:
+            data = path.read_bytes()  # ours: a record, or a first one a killed run left torn
+            _refuse_foreign(path, any(_result(line) for line in data.splitlines())
+                            or (b"\n" not in data and data.startswith(b'{"source": ')))
         self.lock = OutputLock(path)
         if path.exists() and not overwrite:
             kept = []
             for number, line in enumerate(truncate_torn_tail(path, note).decode("utf-8", "replace").splitlines(), 1):
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record["source"], str):
-                        raise TypeError
-                except (json.JSONDecodeError, KeyError, TypeError):
+                record = _result(line)
+                if record is None:
                     note(f"{path} line {number}: not a result record; left as it is")
                     kept.append(line)
                     continue
@@ -159,6 +160,26 @@ class JsonlSink(RecordFile):
             super().close()
 
 
+def _result(line: str | bytes) -> dict | None:
+    """A JSONL results file's record (source, text, error), or None for a line that is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ours = isinstance(record, dict) and isinstance(record.get("source"), str) and {"text", "error"} <= set(record)
+    return record if ours else None
+
+
+def _refuse_foreign(path: Path, ours: bool) -> None:
+    """A file -o names that holds something and no qwen2vl results (a dataset's CSV, a manifest) is left alone: a
+    usage error before a byte of it is repaired, appended to or read as done."""
+    with open(path, "rb") as handle:
+        if ours or not handle.read(1 << 16).strip():
+            return
+    raise UsageError(str(path), "holds something other than qwen2vl's results (source, text, error): choose "
+                                "another -o, or --overwrite to replace it")
+
+
 class CsvSink(RecordFile):
     """CSV with a header (source, text, error, then the manifest's extra fields)."""
 
@@ -166,8 +187,12 @@ class CsvSink(RecordFile):
                  note: Callable[[str], None]) -> None:
         self.path = path
         self.records: dict[tuple, bool] = {}
-        self.lock = OutputLock(path)
         header = None
+        if path.exists() and not overwrite:
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+                first = next(csv.reader([handle.readline()]), [])
+            _refuse_foreign(path, set(BASE_FIELDS) <= set(first))
+        self.lock = OutputLock(path)
         if path.exists() and not overwrite:
             rows, header = _read_csv(path, note)
             if retry_errors:
