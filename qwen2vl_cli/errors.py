@@ -37,7 +37,7 @@ EXIT_STATUS_MEANINGS = {
 }
 
 
-_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a disk or quota full: no output can be written
 
 
 class Qwen2VLError(Exception):
@@ -97,7 +97,7 @@ def describe_exception(exc: BaseException) -> tuple[str, ExitStatus]:
     name = type(exc).__name__
     if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
         return "GPU out of memory: lower --max-pixels, --batch-size or --max-new-tokens", ExitStatus.ERROR
-    if isinstance(exc, OSError) and exc.errno in _FULL:
+    if isinstance(exc, OSError) and exc.errno in FULL:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"cannot write{where}: no space left on the device", ExitStatus.OUTPUT
     if isinstance(exc, BrokenPipeError):

@@ -164,6 +164,26 @@ def test_a_manifest_prompt_that_is_not_unicode_is_one_line(cli, tree, tmp_path):
         assert result.stderr.strip() == f"qwen2vl: error: {manifest} line 1: 'prompt' is not valid UTF-8 text"
 
 
+def test_a_sidecar_that_cannot_be_written_fails_its_item_not_the_run(cli, tree, tmp_path):
+    """A sidecar's place taken by a folder ended the run (an unexpected IsADirectoryError, exit 1; and counted the
+    item done on the next run). Now that item fails, named, the others are captioned (exit 5); a results file keeps
+    its caption with the error, and --retry-errors writes the sidecar once its place is free."""
+    (tree / "a.txt").mkdir()
+    alone_run = cli("batch", tree / "a.png", tree / "sub" / "b with space é.png", "-n", "8", "--sidecar")
+    assert alone_run.exit_code == 5, alone_run.stderr
+    assert f"failed: {tree / 'a.png'}: cannot write its sidecar {tree / 'a.txt'} (Is a directory)" in alone_run.stderr
+    assert (tree / "sub" / "b with space é.txt").is_file()
+    out = tmp_path / "captions.jsonl"
+    kept = cli("batch", tree / "a.png", "-n", "8", "--sidecar", "-o", out)
+    assert kept.exit_code == 5
+    assert records(out.read_text()) == [{"source": str(tree / "a.png"), "text": alone(cli, tree / "a.png"),
+                                         "error": f"cannot write its sidecar {tree / 'a.txt'} (Is a directory)"}]
+    (tree / "a.txt").rmdir()
+    assert cli("batch", tree / "a.png", "-n", "8", "--sidecar", "-o", out, "--retry-errors").exit_code == 0
+    assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
+    assert records(out.read_text())[0]["error"] is None
+
+
 def test_a_file_that_holds_no_results_is_never_written_to(cli, tree, tmp_path):
     """-o naming a file of something else (a dataset's CSV with no newline at its end, a JSONL of other records, the
     manifest itself) was appended to: the CSV got rows of empty cells and no captions, its last line cut as "torn";

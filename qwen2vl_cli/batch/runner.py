@@ -15,6 +15,7 @@ from ..errors import InputError, describe_exception
 from ..types import ChatRequest, GenerationOptions, TextDelta
 from ..sources import FetchLimits, ImageOptions, read_image
 from .inputs import BatchItem
+from .sinks import ItemNotWritten
 
 WINDOW_ITEMS = 64  # items are decoded and sorted by size in windows of this many
 READY_ITEMS = 16  # prepared items waiting for a place in the engine, at most
@@ -76,8 +77,12 @@ class Results:
     def write(self, item: BatchItem, text: str | None, error: str | None) -> None:
         record = {"source": item.source, **({"prompt": item.prompt} if item.prompt else {}), "text": text,
                   "error": error, **item.extra}
-        for sink in self.sinks:
-            sink.write(record)
+        for sink in self.sinks:  # sidecars first: a results file records what became of them
+            try:
+                sink.write(record)
+            except ItemNotWritten as exc:  # no place there for this answer: the item fails (its text kept), the run
+                error = error or str(exc)  # goes on
+                record = {**record, "error": error}
         if error:
             self.summary.failed += 1
             if self.on_failure:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, TextIO
 
-from ..errors import InputError, OutputError, UsageError
+from ..errors import FULL, InputError, OutputError, UsageError
 from ..render import json_line
 from ..sources import file_url_to_path
 from .inputs import item_key
@@ -271,6 +271,11 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+class ItemNotWritten(Exception):
+    """A sink could not keep one item's answer (its sidecar's place is a folder, or not writable): that item fails,
+    the run goes on (a full disk is not this: it stops the run, exit 7)."""
+
+
 class SidecarSink:
     """`photo.jpg` -> `photo.txt` beside it (prefix + caption + suffix); existing ones are kept. An answer with no
     file to sit beside (a URL's, stdin's, or an image named with the sidecars' own extension: its sidecar would be
@@ -297,7 +302,7 @@ class SidecarSink:
 
     def state(self, item) -> str | None:
         path = self.path_for(item.source)  # beside the file as named, where write() puts it
-        return "ok" if not self.overwrite and path is not None and path.exists() else None
+        return "ok" if not self.overwrite and path is not None and path.is_file() else None
 
     def write(self, record: dict) -> None:
         path = self.path_for(record["source"])
@@ -307,7 +312,12 @@ class SidecarSink:
             if self.elsewhere is not None:
                 self.elsewhere.write(record)
             return
-        _atomic_write(path, f"{self.prefix}{record['text']}{self.suffix}")
+        try:
+            _atomic_write(path, f"{self.prefix}{record['text']}{self.suffix}")
+        except OSError as exc:
+            if exc.errno in FULL:
+                raise
+            raise ItemNotWritten(f"cannot write its sidecar {path} ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         if self.elsewhere is not None:  # every sidecar is closed as it is written
@@ -343,6 +353,6 @@ def open_output(output: str | None, fields: list[str], *, overwrite: bool, retry
             return CsvSink(path, fields, overwrite=overwrite, retry_errors=retry_errors, note=note)
         return JsonlSink(path, overwrite=overwrite, retry_errors=retry_errors, note=note)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if exc.errno in FULL:
             raise
         raise OutputError(output, exc.strerror or str(exc)) from None

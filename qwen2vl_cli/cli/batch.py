@@ -98,7 +98,7 @@ def batch(
         sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
     if sidecar:  # alone, the answers of URLs and stdin (no file to sit beside) go to stdout
         elsewhere = None if sinks else open_output(None, fields, overwrite=False, retry_errors=False, note=env.note)
-        sinks.append(SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite, elsewhere))
+        sinks.insert(0, SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite, elsewhere))
     on_failure = None if len(sinks) > 1 or not sidecar else lambda source, reason: env.note(f"failed: {source}: {reason}")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: finish writing, then exit 130
     try:
