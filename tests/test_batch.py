@@ -243,6 +243,20 @@ def test_csv_output_and_resume(cli, tree, tmp_path):
     assert newline_row["source"] == str(tree / "sub" / "deeper" / "c\nnewline.png")
 
 
+def test_a_resumed_csv_says_which_fields_it_has_no_column_for(cli, tree, tmp_path):
+    """A CSV keeps the columns it was started with; a later manifest's new field was dropped without a word."""
+    out = tmp_path / "captions.csv"
+    assert cli("batch", tree / "a.png", "-n", "4", "-o", out).exit_code == 0
+    manifest = tmp_path / "todo.jsonl"
+    manifest.write_text(json.dumps({"source": str(tree / "sub" / "b with space é.png"), "label": "b"}) + "\n")
+    result = cli("batch", "--manifest", manifest, "-n", "4", "-o", out)
+    assert result.exit_code == 0
+    assert f"{out} has no column for label: those fields are not written" in result.stderr
+    with open(out, newline="") as handle:
+        assert [row["source"] for row in csv.DictReader(handle)] == [str(tree / "a.png"),
+                                                                     str(tree / "sub" / "b with space é.png")]
+
+
 def test_a_file_name_that_is_not_utf8_is_kept_exactly(cli, images, tmp_path, tiny_model):
     """Such a name (Latin-1 bytes, as old archives have) is written to JSON as its escape and to CSV as its bytes,
     read back to the same file on resume, and taken from a stdin list under a strict UTF-8 locale."""

@@ -202,6 +202,10 @@ class CsvSink(RecordFile):
                 if row.get("source"):
                     self._remember(row)
         self.fields = header or [*BASE_FIELDS, *[f for f in fields if f not in BASE_FIELDS]]
+        left_out = [field for field in fields if field not in self.fields]
+        if left_out:  # a resumed file keeps its columns: say which of this run's fields it has no column for
+            note(f"{path} has no column for {', '.join(left_out)}: those fields are not written (a .jsonl would keep "
+                 "them, or --overwrite starts the file with them)")
         fresh = overwrite or not path.exists() or path.stat().st_size == 0
         # a file name that is not UTF-8 goes in as its own bytes (surrogateescape), and is read back the same way
         self.handle = open(path, "w" if fresh else "a", encoding="utf-8", errors="surrogateescape", newline="")
