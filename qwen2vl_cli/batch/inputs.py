@@ -111,6 +111,17 @@ def byte_faithful(stream: TextIO | None) -> TextIO | None:
     return stream
 
 
+def _stdin(given: TextIO | None, note: Callable[[str], None], what: str, how: str) -> TextIO:
+    """stdin (or `given`) to read a list or manifest from: closed is an input error; a terminal, nothing piped in, is
+    said to be what it waits for (not silence)."""
+    stream = given or byte_faithful(sys.stdin)
+    if stream is None:
+        raise InputError("stdin", "closed")
+    if stream.isatty():
+        note(f"reading {what} from the terminal, {how}")
+    return stream
+
+
 def bounded_lines(handle: TextIO, name: str) -> Iterator[str]:
     """The lines of a list or manifest, each at most MAX_LINE characters (/dev/zero has no line ends)."""
     number = 0
@@ -128,11 +139,7 @@ def read_manifest(path: str, note: Callable[[str], None] = lambda message: None)
     """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output)."""
     items = []
     if path == "-":
-        handle = byte_faithful(sys.stdin)
-        if handle is None:
-            raise InputError("stdin", "closed")
-        if handle.isatty():  # nothing piped in: say what it waits for
-            note("reading the manifest from the terminal, one JSON object a line (Ctrl-D ends it)")
+        handle = _stdin(None, note, "the manifest", "one JSON object a line (Ctrl-D ends it)")
     else:  # a regular file: a FIFO or /dev/zero named by mistake must not hang or fill memory
         handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8", errors="surrogateescape")
     with handle:
@@ -166,11 +173,7 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
     for spec in inputs:
         refuse_empty(spec)  # not the current directory, captioned whole
         if spec == "-":
-            stream = stdin or byte_faithful(sys.stdin)
-            if stream is None:
-                raise InputError("stdin", "closed")
-            if stream.isatty():  # nothing piped in: say what it waits for
-                note("reading sources from the terminal, one a line (Ctrl-D ends the list)")
+            stream = _stdin(stdin, note, "sources", "one a line (Ctrl-D ends the list)")
             lines = [line.rstrip("\r\n") for line in bounded_lines(stream, "stdin") if line.strip()]
             items += [BatchItem(line) for line in lines]
             continue

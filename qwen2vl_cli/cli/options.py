@@ -193,8 +193,7 @@ SERVER_PANEL = "Session"
 ServerOpt = Annotated[str | None, typer.Option(
     "--server", metavar="URL", envvar="QWEN2VL_SERVER", rich_help_panel=SERVER_PANEL, show_envvar=True,
     help="Send the work to this OpenAI-compatible server (qwen2vl serve, vLLM, SGLang; host:port alone is http). "
-         "With no --model or "
-         "QWEN2VL_MODEL, the model it serves answers (where it serves one).")]
+         "With no --model or QWEN2VL_MODEL, the model it serves answers (where it serves one).")]
 NoServerOpt = Annotated[bool, typer.Option(
     "--no-server", rich_help_panel=SERVER_PANEL,
     help="Load the model in this process: use no running qwen2vl session and start none.")]
