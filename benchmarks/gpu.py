@@ -164,6 +164,11 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, st
     return round(same / total, 4), f"{sum(x == y for x, y in zip(ours, theirs))}/{len(theirs)}"
 
 
+# the 2B's projections at one row: (out, in, bias)
+ONE_ROW_PROJECTIONS = {"qkv": (2048, 1536, True), "o": (1536, 1536, False), "gate_up": (17920, 1536, False),
+                       "down": (1536, 8960, False), "lm_head": (151936, 1536, False)}
+
+
 def check_kernels() -> dict:
     """Each Triton kernel against its torch version (HF's arithmetic) on fresh random inputs."""
     import torch
@@ -227,6 +232,11 @@ def check_kernels() -> dict:
                     kernels.vision_qkv_torch(x, cos, sin, 16, length))
         y = torch.randn(4920, 5120, device="cuda", dtype=dtype) * 3
         compare(f"quick_gelu {tag}", _triton.quick_gelu(y), kernels.quick_gelu_torch(y))
+        for name, (n, k, bias) in ONE_ROW_PROJECTIONS.items():  # against cuBLAS: the same sum in another order
+            w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+            x = torch.randn(1, k, device="cuda", dtype=dtype)
+            b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+            compare(f"linear_row {tag} {name}", _triton.linear_row(x, w, b), torch.nn.functional.linear(x, w, b))
     return results
 
 

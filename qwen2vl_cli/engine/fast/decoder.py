@@ -93,6 +93,9 @@ class FastDecoder:
     def install(self) -> None:
         """Fuse the projections and put the fast vision and text layers in (every forward uses them)."""
         self.layers = [self._fuse(layer) for layer in self.language.layers]
+        head = self.model.lm_head
+        plain = isinstance(head, torch.nn.Linear) and head.weight.is_floating_point()
+        self.head = functools.partial(kernels.linear, weight=head.weight, bias=head.bias) if plain else head
         install_vision(self.model)
         install_text(self.model, self.layers)
         self.prefill = Prefill(self.model, self.use_graphs)
@@ -141,10 +144,10 @@ class FastDecoder:
             inter = mlp.gate_proj.weight.shape[0]
             mlp.gate_proj.weight = torch.nn.Parameter(gate_up[:inter], requires_grad=False)
             mlp.up_proj.weight = torch.nn.Parameter(gate_up[inter:], requires_grad=False)
-        return {"qkv": functools.partial(F.linear, weight=qkv, bias=bias),
-                "o": functools.partial(F.linear, weight=attn.o_proj.weight),
-                "gate_up": functools.partial(F.linear, weight=gate_up),
-                "down": functools.partial(F.linear, weight=mlp.down_proj.weight), **norms}
+        return {"qkv": functools.partial(kernels.linear, weight=qkv, bias=bias),
+                "o": functools.partial(kernels.linear, weight=attn.o_proj.weight),
+                "gate_up": functools.partial(kernels.linear, weight=gate_up),
+                "down": functools.partial(kernels.linear, weight=mlp.down_proj.weight), **norms}
 
     # ---- one decode step (pure tensor work: capturable) -----------------------------------------
     def _step(self, tokens, positions, slot, keys, values, mask):
@@ -172,7 +175,7 @@ class FastDecoder:
                                              w["norm2"], self.eps, inplace=True)
             delta = w["down"](kernels.silu_mul(w["gate_up"](x)))
         _, x = kernels.add_rms_norm(hidden, delta, self.language.norm.weight, self.eps)
-        return self.model.lm_head(x)
+        return self.head(x)
 
     def _prefill(self, inputs, host=None):
         """The prompt's forward: (logits of its last token [B, vocab], (keys, values) per layer, M-RoPE delta

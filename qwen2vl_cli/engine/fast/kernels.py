@@ -153,6 +153,15 @@ def decode_attention(q, keys, values, mask, slot):
                 triton_ok=_triton_head_dim(q.shape[-1]))
 
 
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias). One row of 16-bit weights on CUDA (a decode step at batch 1) goes to a GEMV that
+    reads the weights faster than cuBLAS's choice for one row; float32 stays on cuBLAS (its answers are the
+    seed recipe's, checked token for token)."""
+    one_row = (x.numel() == x.shape[-1] and x.dtype == weight.dtype and weight.dtype in (torch.bfloat16, torch.float16)
+               and weight.is_contiguous() and (bias is None or bias.is_contiguous()))
+    return _run("linear_row", F.linear, x, weight, bias, triton_ok=one_row)
+
+
 def quant_matmul(x, fused):
     """x @ the dequantized weights of quantized.FusedQuantized's parts, side by side (their modules' forwards
     where Triton is missing)."""
