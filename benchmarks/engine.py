@@ -184,12 +184,13 @@ def gpu_ms(run, times: int) -> float:
 
 def gpu_costs(session, request) -> dict:
     """What the GPU alone takes (CUDA events, the host out of the way): one photo's prefill (vision tower and
-    language model, graphs warm) and its vision tower, one decode step at 16 and 64 rows of ~1360 positions; the
-    batch rate they bound (every photo prefilled, 128 steps shared by 64 rows, one after the other); and vision
-    towers beside decode steps on two streams (`beside`)."""
+    language model, graphs warm) and its vision tower, one decode step at 16 rows and at the running batch's most
+    (scheduler.MAX_ROWS) of ~1360 positions; the batch rate they bound (every photo prefilled, 128 steps shared by
+    the most rows, one after the other); and vision towers beside 64-row decode steps on two streams (`beside`)."""
     import torch
 
     from qwen2vl_cli.engine.fast.decoder import Rows
+    from qwen2vl_cli.engine.scheduler import MAX_ROWS
 
     fast = session.fast
     prepared = session.prepare_one(request(0, NEW_TOKENS))
@@ -198,10 +199,10 @@ def gpu_costs(session, request) -> dict:
         fast._prefill(inputs, prepared)  # its shape seen twice: graphs from here on
         prefill_ms = gpu_ms(lambda: fast._prefill(inputs, prepared), 10)
         costs = {"prefill_ms": round(prefill_ms, 2)}
-        rows = Rows(fast, 64, 2048, session.eos_ids, session.pad_id)
-        host = torch.empty(64, dtype=torch.long, pin_memory=True)
+        rows = Rows(fast, MAX_ROWS, 2048, session.eos_ids, session.pad_id)
+        host = torch.empty(MAX_ROWS, dtype=torch.long, pin_memory=True)
         length = int(prepared["input_ids"].shape[1]) + NEW_TOKENS // 2
-        for count in (16, 64):
+        for count in sorted({16, 64, MAX_ROWS}):
             rows.count = count
             rows.slot[:count] = length
             rows.positions[:count] = length
@@ -210,9 +211,10 @@ def gpu_costs(session, request) -> dict:
             costs[f"step_ms_{count}_rows"] = round(gpu_ms(lambda: rows.step(host), 50), 3)
         pixels, grid = inputs["pixel_values"], prepared["image_grid_thw"]
         costs["vision_ms"] = round(gpu_ms(lambda: fast.prefill._vision(pixels, grid), 10), 2)
+        rows.count = 64
         costs.update(beside(lambda: fast.prefill._vision(pixels, grid), lambda: rows.step(host)))
         del rows
-    per_image_ms = prefill_ms + NEW_TOKENS * costs["step_ms_64_rows"] / 64
+    per_image_ms = prefill_ms + NEW_TOKENS * costs[f"step_ms_{MAX_ROWS}_rows"] / MAX_ROWS
     costs["batch_bound_images_per_s"] = round(1000 / per_image_ms, 1)
     return costs
 

@@ -1,7 +1,9 @@
 """The one-row product of a decode step (`_triton.linear_row`) against F.linear (cuBLAS) on the 2B's projections,
-bf16: its tile swept (BLOCK_N, BLOCK_K, warps; what `_triton.LINEAR_ROW` holds came from this), and, with `--rows`,
-an untried variant for 2, 4 and 8 rows (xargs, a few server clients: cuBLAS's skinny tiles there) against cuBLAS.
-Each product is timed in a CUDA graph over enough weight copies that L2 cannot hold them (us a call).
+bf16: its tile swept (BLOCK_N, BLOCK_K, warps; what `_triton.LINEAR_ROW` holds came from this), or, with `--rows`,
+the product of 2-16 rows (`_triton.linear_rows`: the rows padded to one tensor-core tile; xargs, a few server
+clients) against cuBLAS, its tile swept (`_triton.LINEAR_ROWS`). Each product is timed in a CUDA graph over enough
+weight copies that L2 cannot hold them (us a call). The first sweep (2026-12-07) also tried the one-row kernel's way
+for several rows (float32 products summed along K): slower than cuBLAS past 2 rows, so not kept.
 
     python benchmarks/gemv.py [--rows] [--json-out FILE]
 """
@@ -17,30 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu import ONE_ROW_PROJECTIONS  # noqa: E402
+from benchmarks.gpu import PROJECTIONS_2B  # noqa: E402
 from qwen2vl_cli.engine.fast import _triton  # noqa: E402
-
-
-@triton.jit
-def _rows_kernel(x_ptr, w_ptr, out_ptr, N, K, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out [M, N] = x [M, K] @ w [N, K].T, each weight tile read once for the M rows (not in the package: a probe)."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    m = tl.arange(0, M)
-    kk = tl.arange(0, BLOCK_K)
-    rows = w_ptr + n[:, None].to(tl.int64) * K
-    acc = tl.zeros((M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        w = tl.load(rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(k < K)[None, :], other=0.0)
-        acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-    tl.store(out_ptr + m[:, None] * N + n[None, :], tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty),
-             mask=n_ok[None, :])
 
 
 def timed(run, copies: list[tuple], reps: int = 20) -> float:
@@ -76,7 +59,7 @@ def error(value, exact) -> float:
 
 def one_row() -> dict:
     report = {}
-    for name, (n, k, bias) in ONE_ROW_PROJECTIONS.items():
+    for name, (n, k, bias) in PROJECTIONS_2B.items():
         copies = [(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), w,
                    torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None,
                    torch.empty(1, n, device="cuda", dtype=torch.bfloat16)) for w in weights(n, k)]
@@ -101,26 +84,23 @@ def one_row() -> dict:
 
 def rows() -> dict:
     report = {}
-    for name, (n, k, _) in ONE_ROW_PROJECTIONS.items():
-        if name == "lm_head":
-            continue  # a few rows' lm_head: cuBLAS's wide tiles already stream it
+    for name, (n, k, _) in PROJECTIONS_2B.items():
         stack = weights(n, k)
-        for m in (2, 4, 8):
+        for m in (2, 4, 8, 16):
             copies = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), w,
                        torch.empty(m, n, device="cuda", dtype=torch.bfloat16)) for w in stack]
             x, w, out = copies[0]
             exact = F.linear(x.float(), w.float())
-            entry = {"cublas_us": round(timed(lambda x, w, o: F.linear(x, w), copies), 2), "tiles": []}
-            for block_n, block_k in itertools.product((1, 2, 4), (512, 1024)):
-                if m * block_n * block_k > 16384:
-                    continue
-
+            entry = {"cublas_us": round(timed(lambda x, w, o: F.linear(x, w), copies), 2),
+                     "cublas_error": error(F.linear(x, w), exact), "tiles": []}
+            for block_n, block_k, warps, stages in itertools.product((16, 32, 64), (128, 256), (4,), (3, 5)):
                 def run(x, w, o):
-                    _rows_kernel[(triton.cdiv(n, block_n),)](x, w, o, n, k, M=m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                             num_warps=4)
+                    _triton._linear_rows_kernel[(triton.cdiv(n, block_n),)](
+                        x, w, o, o, m, n, k, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                        num_stages=stages)
                 run(x, w, out)
-                entry["tiles"].append([block_n, block_k, 4, round(timed(run, copies), 2), error(out, exact)])
-            entry["best"] = min(entry["tiles"], key=lambda tile: tile[3])
+                entry["tiles"].append([block_n, block_k, warps, stages, round(timed(run, copies), 2), error(out, exact)])
+            entry["best"] = min(entry["tiles"], key=lambda tile: tile[4])
             print(name, m, "rows: cuBLAS", entry["cublas_us"], "us; best tile", entry["best"], flush=True)
             report[f"{name} rows={m}"] = entry
         del stack
@@ -130,14 +110,12 @@ def rows() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", action="store_true", help="also the 2-8 row variant against cuBLAS")
+    parser.add_argument("--rows", action="store_true", help="the 2-16 row product against cuBLAS (not the one-row sweep)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     torch.manual_seed(0)
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "one_row": one_row()}
-    if args.rows:
-        report["rows"] = rows()
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    report.update({"rows": rows()} if args.rows else {"one_row": one_row()})
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
 

@@ -165,7 +165,7 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, st
 
 
 # the 2B's projections at one row: (out, in, bias)
-ONE_ROW_PROJECTIONS = {"qkv": (2048, 1536, True), "o": (1536, 1536, False), "gate_up": (17920, 1536, False),
+PROJECTIONS_2B = {"qkv": (2048, 1536, True), "o": (1536, 1536, False), "gate_up": (17920, 1536, False),
                        "down": (1536, 8960, False), "lm_head": (151936, 1536, False)}
 
 
@@ -232,11 +232,13 @@ def check_kernels() -> dict:
                     kernels.vision_qkv_torch(x, cos, sin, 16, length))
         y = torch.randn(4920, 5120, device="cuda", dtype=dtype) * 3
         compare(f"quick_gelu {tag}", _triton.quick_gelu(y), kernels.quick_gelu_torch(y))
-        for name, (n, k, bias) in ONE_ROW_PROJECTIONS.items():  # against cuBLAS: the same sum in another order
+        for name, (n, k, bias) in PROJECTIONS_2B.items():  # against cuBLAS: the same sum in another order
             w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-            x = torch.randn(1, k, device="cuda", dtype=dtype)
             b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-            compare(f"linear_row {tag} {name}", _triton.linear_row(x, w, b), torch.nn.functional.linear(x, w, b))
+            for rows, product in ((1, _triton.linear_row), (3, _triton.linear_rows), (16, _triton.linear_rows)):
+                x = torch.randn(rows, k, device="cuda", dtype=dtype)
+                compare(f"{product.__name__} {tag} {name} rows={rows}", product(x, w, b),
+                        torch.nn.functional.linear(x, w, b))
     return results
 
 

@@ -1,10 +1,10 @@
 """Where a decode step's GPU time goes (issue 15: a later one-liner is ~128 steps of one row): the step replayed from
-its CUDA graph at 1, 16 and 64 rows (CUDA events), the bytes it must read at least (weights, and each row's K/V)
+its CUDA graph at 1, 2, 8, 16, 64 and 128 rows (CUDA events), the bytes it must read at least (weights, and each row's K/V)
 and the rate that gives against the GPU's memory bandwidth; then the step's kernels one by one under
 torch.profiler (the step run eagerly: the same kernels, each timed), summed by kernel name.
 
     python benchmarks/step.py [--checkpoint DIR] [--json-out FILE]
-    python benchmarks/step.py --checkpoint TINY --device cpu     # the script itself, on the CPU
+    QWEN2VL_FASTPATH=on python benchmarks/step.py --checkpoint TINY --device cpu     # the script itself, on the CPU
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 POSITIONS = 1360  # a 1230-token photo's prompt and half its 128-token answer
-ROWS = (1, 16, 64)
+ROWS = (1, 2, 8, 16, 64, 128)
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     weights -= language.embed_tokens.weight.numel() * language.embed_tokens.weight.element_size()  # one row read
     report: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                     "positions": POSITIONS, "weights_read_mb": round(weights / 2**20, 1), "rows": {}}
-    host = torch.empty(64, dtype=torch.long, pin_memory=cuda)
+    host = torch.empty(max(ROWS), dtype=torch.long, pin_memory=cuda)
     with torch.inference_mode():
         for count in ROWS:
             rows = Rows(fast, count, 2048, session.eos_ids, session.pad_id)

@@ -35,7 +35,7 @@ def batch(
     caption_suffix: Annotated[str, typer.Option("--suffix", rich_help_panel=OUT_PANEL, help="Text put after each sidecar caption.")] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUT_PANEL, help="Redo every item: start the output file afresh and replace sidecars.")] = False,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", rich_help_panel=OUT_PANEL, help="On resume, redo the items whose earlier result was an error.")] = False,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, show_default=False, help="Most images the engine decodes together (default: grows with demand within free GPU memory, up to 64; 8 on the CPU).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, show_default=False, help="Most images the engine decodes together (default: grows with demand within free GPU memory, up to 128; 8 on the CPU).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="CPU threads decoding and resizing the next images.")] = 4,
     system: SystemOpt = None,
     model: ModelOpt = None,

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 from ..types import ChatRequest, Completion, TextDelta
 from .tickets import Answer, Ticket
 
-MAX_ROWS = 64  # rows of the running batch at most (each a full-length K/V cache row)
+MAX_ROWS = 128  # rows of the running batch at most (each a full-length K/V cache row; within CACHE_SHARE)
 CPU_ROWS = 8
 MIN_CACHE = 2048  # a row's length in the cache at least (positions); grown for longer requests
 CACHE_SHARE = 0.5  # of the GPU memory free after loading, what the running batch's cache may take

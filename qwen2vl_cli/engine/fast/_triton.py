@@ -351,6 +351,50 @@ def linear_row(x, weight, bias=None):
     return out
 
 
+# ---- a few rows' wide projections (2-16 rows: xargs, a few server clients): one 16-row tensor-core tile --------
+# cuBLAS's picks for 2-16 rows of the 2B's gate/up (17920 x 1536) and lm_head read them at 2.3-2.8 TB/s on an H100;
+# this reads each weight tile once for all rows, at 2.5-3.0 (probe sweep, 2026-12-07, `benchmarks/gemv.py --rows`;
+# us a call at 2 / 16 rows, cuBLAS -> this: gate/up 22.9 / 23.6 -> 21.2 / 21.8, lm_head 166 / 171 -> 155 / 161).
+# The narrower products (q/k/v, o, down: too few 64-wide tiles of N for the GPU) do not gain: they stay on cuBLAS
+# (`kernels.linear` decides).
+LINEAR_ROWS = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _linear_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """out [M, N] = x [M, K] @ w [N, K].T (+ bias in float32) for M <= 16: the rows padded to one tl.dot tile,
+    products accumulated in float32 along K and rounded once."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    m = tl.arange(0, 16)
+    m_ok = m < M
+    kk = tl.arange(0, BLOCK_K)
+    rows = w_ptr + n[:, None].to(tl.int64) * K
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        w = tl.load(rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def linear_rows(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x [..., K] of at most 16 rows and a contiguous weight [N, K]."""
+    n, k = weight.shape
+    x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
+    block_n = LINEAR_ROWS["BLOCK_N"]
+    _linear_rows_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else out, out, x.numel() // k, n, k, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=LINEAR_ROWS["BLOCK_K"], num_warps=LINEAR_ROWS["num_warps"],
+        num_stages=LINEAR_ROWS["num_stages"])
+    return out
+
+
 # ---- quantized projections (GPTQ 4/8-bit, AWQ 4-bit), read in place: see quantized.py -----------------
 @triton.jit
 def _dequantized(qw_ptr, qz_ptr, s_ptr, k0, n0, N, dt: tl.constexpr, BITS: tl.constexpr, AWQ: tl.constexpr,

@@ -155,13 +155,21 @@ def decode_attention(q, keys, values, mask, slot):
                 triton_ok=_triton_head_dim(q.shape[-1]))
 
 
+FEW_ROWS = 16  # at most this many rows go to `linear_rows` (its tile's height) ...
+WIDE = 8192  # ... for a product at least this wide (narrower ones: too few tiles of N; cuBLAS is as fast)
+
+
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias). One row of 16-bit weights on CUDA (a decode step at batch 1) goes to a GEMV that
-    reads the weights faster than cuBLAS's choice for one row; float32 stays on cuBLAS (its answers are the
-    seed recipe's, checked token for token)."""
-    one_row = (x.numel() == x.shape[-1] and x.dtype == weight.dtype and weight.dtype in (torch.bfloat16, torch.float16)
-               and weight.is_contiguous() and (bias is None or bias.is_contiguous()))
-    return _run("linear_row", F.linear, x, weight, bias, triton_ok=one_row)
+    """F.linear(x, weight, bias). On CUDA, 16-bit weights read faster than by cuBLAS's choices for few rows: one row
+    (a decode step at batch 1) through a GEMV, 2-16 rows of a wide product (gate/up, lm_head) through one tensor-core
+    tile of rows; float32 stays on cuBLAS (its answers are the seed recipe's, checked token for token)."""
+    rows = x.numel() // x.shape[-1]
+    fits = (x.dtype == weight.dtype and weight.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous()
+            and (bias is None or bias.is_contiguous()))
+    if rows == 1:
+        return _run("linear_row", F.linear, x, weight, bias, triton_ok=fits)
+    wide = rows <= FEW_ROWS and weight.shape[0] >= WIDE
+    return _run("linear_rows", F.linear, x, weight, bias, triton_ok=fits and wide)
 
 
 def quant_matmul(x, fused):
