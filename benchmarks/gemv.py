@@ -99,7 +99,8 @@ def rows() -> dict:
                         x, w, o, o, m, n, k, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                         num_stages=stages)
                 run(x, w, out)
-                entry["tiles"].append([block_n, block_k, warps, stages, round(timed(run, copies), 2), error(out, exact)])
+                entry["tiles"].append([block_n, block_k, warps, stages, round(timed(run, copies), 2),
+                                       error(out, exact)])
             entry["best"] = min(entry["tiles"], key=lambda tile: tile[4])
             print(name, m, "rows: cuBLAS", entry["cublas_us"], "us; best tile", entry["best"], flush=True)
             report[f"{name} rows={m}"] = entry
@@ -110,7 +111,8 @@ def rows() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", action="store_true", help="the 2-16 row product against cuBLAS (not the one-row sweep)")
+    parser.add_argument("--rows", action="store_true",
+                        help="the 2-16 row product against cuBLAS (not the one-row sweep)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     torch.manual_seed(0)

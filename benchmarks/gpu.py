@@ -164,9 +164,9 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[float, st
     return round(same / total, 4), f"{sum(x == y for x, y in zip(ours, theirs))}/{len(theirs)}"
 
 
-# the 2B's projections at one row: (out, in, bias)
+# the 2B's projections: (out, in, bias)
 PROJECTIONS_2B = {"qkv": (2048, 1536, True), "o": (1536, 1536, False), "gate_up": (17920, 1536, False),
-                       "down": (1536, 8960, False), "lm_head": (151936, 1536, False)}
+                  "down": (1536, 8960, False), "lm_head": (151936, 1536, False)}
 
 
 def check_kernels() -> dict:

@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes (issue 15: a later one-liner is ~128 steps of one row): the step replayed from
-its CUDA graph at 1, 2, 8, 16, 64 and 128 rows (CUDA events), the bytes it must read at least (weights, and each row's K/V)
-and the rate that gives against the GPU's memory bandwidth; then the step's kernels one by one under
+its CUDA graph at 1, 2, 8, 16, 64 and 128 rows (CUDA events), the bytes it must read at least (weights, and each
+row's K/V) and the rate that gives against the GPU's memory bandwidth; then the step's kernels one by one under
 torch.profiler (the step run eagerly: the same kernels, each timed), summed by kernel name.
 
     python benchmarks/step.py [--checkpoint DIR] [--json-out FILE]

@@ -1,8 +1,8 @@
-"""Fused elementwise kernels for the fast path, and the one-row product of a decode step at batch 1: Triton on
+"""Fused elementwise kernels for the fast path, and the products of a decode step of few rows (1-16): Triton on
 CUDA, the same arithmetic in torch elsewhere.
 
 Each function rounds where HF's modules round (bf16/fp16 results of each torch op, float32 where HF
-upcasts), so fusing changes launch counts, not answers (the one-row product sums in another order than cuBLAS,
+upcasts), so fusing changes launch counts, not answers (the few-row products sum in another order than cuBLAS,
 so in bf16/fp16 only; float32 stays on cuBLAS). The torch versions run on the CPU (and where Triton is missing);
 the Triton versions are checked against them by `benchmarks/gpu.py --check-kernels`.
 """
