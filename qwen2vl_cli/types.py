@@ -14,6 +14,7 @@ DEFAULT_MAX_NEW_TOKENS = 512
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+MAX_STOP_STRINGS = 16  # stop strings of one request at most (the CLI's --stop and the API's `stop`)
 
 
 def default_model() -> str:

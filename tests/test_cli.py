@@ -132,6 +132,21 @@ def test_usage_errors_exit_2(cli, images, args, status, reason):
         one_error_line(result, reason.format(a=images["a"]))
 
 
+def test_stop_texts_read_escapes_and_are_checked(cli, images):
+    """--stop '\\n' is a newline (a shell passes two characters); an empty text or more than the API's 16 are usage
+    errors, one line, exit 2, before any model loads."""
+    from qwen2vl_cli.cli.options import stop_texts
+
+    assert stop_texts(["\\n", "a\\tb", "\\\\n", "plain"]) == ["\n", "a\tb", "\\n", "plain"]
+    assert stop_texts(None) == []
+    empty = cli("describe", images["a"], "--stop", "", "--model", "/nonexistent")
+    assert empty.exit_code == 2
+    one_error_line(empty, "--stop: empty: give the text the answer is to end before")
+    many = cli("ask", "-q", "Hi", *[arg for i in range(17) for arg in ("--stop", f"s{i}")])
+    assert many.exit_code == 2
+    one_error_line(many, "--stop: given 17 times; at most 16")
+
+
 @pytest.mark.parametrize("args, said", [
     (["describe", "{a}", "What is in it?"], "What is in it?: no such file (text for the model goes after -p)"),
     (["ask", "{a}", "Why red?", "-q", "Hi"], "Why red?: no such file (text for the model goes after -q)"),

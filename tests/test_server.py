@@ -223,6 +223,33 @@ def test_batch_through_the_server_equals_in_process(server, images, tmp_path, ti
     assert read(out_remote) == read(out_local)
 
 
+def test_stop_texts_end_answers_alike_in_process_and_through_the_server(server, images, tmp_path, tiny_model):
+    """--stop: each answer is the one without it, cut before the text's first appearance (left out), whether the
+    model answers in this process or in a session; `describe`'s JSON says finish_reason "stop"."""
+    env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
+    full = json.loads(run_process("describe", images["a"], "-n", "12", "--json", "--no-server", env=env).stdout)
+    text = full["text"]
+    start = next(i for i in range(3, len(text) - 1) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
+    stop = text[start:start + 2]
+    for where in (["--no-server"], ["--server", server["url"]]):
+        cut = run_process("describe", images["a"], "-n", "12", "--json", "--stop", stop, "--stop", "\\n\\t\\n",
+                          *where, env=env)
+        assert cut.returncode == 0, cut.stderr
+        answer = json.loads(cut.stdout)
+        assert answer["text"] == text[:start] and answer["finish_reason"] == "stop", (where, answer, text)
+        assert answer["usage"]["completion_tokens"] < full["usage"]["completion_tokens"]
+    paths = [images[name] for name in ("a", "b", "c")]
+    uncut = tmp_path / "uncut.jsonl"
+    assert run_process("batch", *paths, "-n", "12", "-o", uncut, "--no-server", env=env).returncode == 0
+    expected = sorted(t[:t.find(stop)] if stop in t else t for t in (json.loads(line)["text"] for line in
+                                                                     uncut.read_text().splitlines()))
+    for name, where in (("local", ["--no-server"]), ("remote", ["--server", server["url"]])):
+        out = tmp_path / f"{name}.jsonl"
+        done = run_process("batch", *paths, "-n", "12", "-o", out, "--stop", stop, *where, env=env)
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(line)["text"] for line in out.read_text().splitlines()) == expected, name
+
+
 def test_non_loopback_bind_needs_a_key(tiny_model, tmp_path):
     process, _ = start_server(tiny_model, tmp_path, "--host", "0.0.0.0", wait=False)
     _, stderr = process.communicate(timeout=60)

@@ -14,7 +14,7 @@ from ..sources import FetchLimits
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, BatchVerboseOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
                       MaxNewTokensOpt, MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt,
-                      RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, SystemOpt,
+                      RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, StopOpt, SystemOpt,
                       TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, utf8_text)
 
 OUT_PANEL = "Results"
@@ -53,6 +53,7 @@ def batch(
     top_k: TopKOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
+    stop: StopOpt = None,
     quiet: QuietOpt = False,
     verbose: BatchVerboseOpt = False,
     timeout: TimeoutOpt = DEFAULTS["timeout"],
@@ -90,7 +91,8 @@ def batch(
     config = BatchConfig(
         prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
         images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,
-        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                                             stop))
     session = common.backend(common.model_spec(model, device, dtype, attn, quantize), server, no_server, api_key, concurrency)
     fields = ["prompt"] * any(item.prompt for item in items) + sorted({key for item in items for key in item.extra})
     sinks = []

@@ -13,9 +13,10 @@ from ..sources import FetchLimits, ImageOptions
 from . import common
 from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt, JsonOpt, MaxDownloadOpt,
                       MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt, NFramesOpt,
-                      KeepAliveOpt, NoServerOpt, NoStreamOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt,
-                      ResizedWidthOpt, SeedOpt, ServerOpt, StartOpt, SystemOpt, TemperatureOpt, TimeoutOpt, TopKOpt,
-                      TopPOpt, TotalPixelsOpt, VerboseOpt, VideoBackendOpt, VisionIdsOpt, utf8_text)
+                      KeepAliveOpt, NoServerOpt, NoStreamOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt,
+                      ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, StartOpt, StopOpt, SystemOpt,
+                      TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, TotalPixelsOpt, VerboseOpt, VideoBackendOpt,
+                      VisionIdsOpt, utf8_text)
 
 DEFAULT_DESCRIBE_PROMPT = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
@@ -46,6 +47,7 @@ def describe(
     top_k: TopKOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
+    stop: StopOpt = None,
     json_output: JsonOpt = False,
     no_stream: NoStreamOpt = False,
     verbose: VerboseOpt = False,
@@ -63,13 +65,12 @@ def describe(
     """
     env = Environment.from_system(quiet=quiet)
     images = common.image_options(min_pixels, max_pixels, resized_height, resized_width)
+    generation = common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
     spec = common.model_spec(model, device, dtype, attn, quantize)
     inputs = common.Inputs(sources, images, FetchLimits(timeout, max_download), text_flag="-p")
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
-    request = ChatRequest(
-        prompt=prompt, media=common.media(session, inputs, env),
-        system=system, vision_ids=vision_ids,
-        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    request = ChatRequest(prompt=prompt, media=common.media(session, inputs, env), system=system,
+                          vision_ids=vision_ids, generation=generation)
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
 
 
@@ -102,6 +103,7 @@ def ask(
     top_k: TopKOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
+    stop: StopOpt = None,
     json_output: JsonOpt = False,
     no_stream: NoStreamOpt = False,
     quiet: QuietOpt = False,
@@ -127,12 +129,12 @@ def ask(
                                   videos=bool(videos))
     video_options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                                  total_pixels, resized_height, resized_width, video_backend)
+    generation = common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
     spec = common.model_spec(model, device, dtype, attn, quantize)
     inputs = common.Inputs(sources or [], images, limits, videos or [], video_options, text_flag="-q")
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
-    request = ChatRequest(
-        prompt=question, media=common.media(session, inputs, env, verbose), system=system, vision_ids=vision_ids,
-        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    request = ChatRequest(prompt=question, media=common.media(session, inputs, env, verbose), system=system,
+                          vision_ids=vision_ids, generation=generation)
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)
 
 
@@ -174,6 +176,7 @@ def video(
     top_k: TopKOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     seed: SeedOpt = None,
+    stop: StopOpt = None,
     json_output: JsonOpt = False,
     no_stream: NoStreamOpt = False,
     quiet: QuietOpt = False,
@@ -195,10 +198,10 @@ def video(
     common.image_options(min_pixels, max_pixels, resized_height, resized_width, images=False, videos=True)
     options = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels,
                            total_pixels, resized_height, resized_width, video_backend)
+    generation = common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)
     spec = common.model_spec(model, device, dtype, attn, quantize)
     inputs = common.Inputs([], ImageOptions(), FetchLimits(timeout, max_download), [source], options)
     session = common.backend(spec, server, no_server, api_key, env=env, keep_alive=keep_alive, inputs=inputs)
-    request = ChatRequest(
-        prompt=question, system=system, media=common.media(session, inputs, env, verbose),
-        generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+    request = ChatRequest(prompt=question, system=system, media=common.media(session, inputs, env, verbose),
+                          generation=generation)
     common.answer(session, request, spec, env, OutputOptions(json=json_output, stream=not no_stream), verbose)

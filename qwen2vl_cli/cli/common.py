@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import InputError, UsageError
 from ..engine.quant import QUANTIZE_CHOICES
 from ..render import Environment, OutputOptions, render_answer
-from ..types import ATTN_IMPLEMENTATIONS, DTYPES, ChatRequest, GenerationOptions, Media, ModelSpec, default_model
+from ..types import (ATTN_IMPLEMENTATIONS, DTYPES, MAX_STOP_STRINGS, ChatRequest, GenerationOptions, Media, ModelSpec,
+                     default_model)
 from ..sources import IMAGE_MIN_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions
 from ..video import VIDEO_MIN_PIXELS, VideoOptions, describe_facts
 
@@ -186,12 +187,17 @@ def image_options(min_pixels: int | None, max_pixels: int | None, resized_height
 
 
 def generation_options(max_new_tokens: int, temperature: float | None, top_p: float | None,
-                       top_k: int | None, repetition_penalty: float | None, seed: int | None) -> GenerationOptions:
+                       top_k: int | None, repetition_penalty: float | None, seed: int | None,
+                       stop: list[str] | None = None) -> GenerationOptions:
     if max_new_tokens >= MAX_CONTEXT:
         raise UsageError(f"--max-new-tokens {max_new_tokens}", f"over Qwen2-VL's context of {MAX_CONTEXT} tokens")
     if repetition_penalty == 0:
         raise UsageError("--repetition-penalty 0", "must be above 0 (1.0 is no penalty)")
-    return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    if stop and not all(stop):
+        raise UsageError("--stop", "empty: give the text the answer is to end before")
+    if stop and len(stop) > MAX_STOP_STRINGS:
+        raise UsageError("--stop", f"given {len(stop)} times; at most {MAX_STOP_STRINGS}")
+    return GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop or ()))
 
 
 class Inputs:

@@ -31,6 +31,15 @@ def utf8_text(value: str | None) -> str | None:
     return value
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def stop_texts(values: list[str] | None) -> list[str] | None:
+    """--stop's reading: UTF-8; \\n, \\t and \\\\ stand for a newline, a tab and a backslash (a shell passes '\\n'
+    as two characters). Empty or too many: common.generation_options says so."""
+    return [re.sub(r"\\([nt\\])", lambda match: _ESCAPES[match.group(1)], utf8_text(value)) for value in values or ()]
+
+
 MODEL_PANEL = "Model"
 VISION_PANEL = "Resolution"
 GEN_PANEL = "Generation"
@@ -172,6 +181,10 @@ RepetitionPenaltyOpt = Annotated[float | None, typer.Option(
     help="Penalty above 1.0 discourages repeats (above 0).")]
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", min=0, max=2 ** 32 - 1, rich_help_panel=GEN_PANEL, help="Random seed, for reproducible sampling.")]
+StopOpt = Annotated[list[str] | None, typer.Option(
+    "--stop", metavar="TEXT", callback=stop_texts, rich_help_panel=GEN_PANEL, show_default=False,
+    help="End the answer where this text first appears, leaving it out; repeatable. \\n and \\t stand for a "
+         "newline and a tab: --stop '\\n' gives one line.")]
 
 # ---- prompt --------------------------------------------------------------------------------------
 SystemOpt = Annotated[str | None, typer.Option(

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Qwen2VLError
-from ..types import ChatRequest, Completion, GenerationOptions, Media
+from ..types import MAX_STOP_STRINGS, ChatRequest, Completion, GenerationOptions, Media
 from ..sources import IMAGE_MAX_PIXELS, PATCH_FACTOR, FetchLimits, ImageOptions, display_name, encodable
 from ..video import MAX_FRAMES
 
 MAX_TOKENS_LIMIT = 32768
-MAX_STOP_STRINGS = 16
 IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
