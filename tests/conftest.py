@@ -197,3 +197,10 @@ def http_server():
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield server
     server.shutdown()
+
+
+def stop_text_in(text: str) -> tuple[int, str]:
+    """A --stop text taken from an answer: two characters, not blank, from the fourth on, first seen where taken;
+    (where, the text). The answer with it is text[:where]."""
+    where = next(i for i in range(3, len(text) - 1) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
+    return where, text[where:where + 2]

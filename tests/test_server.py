@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import ROOT, run_process, start_server, stop
+from .conftest import ROOT, run_process, start_server, stop, stop_text_in
 
 openai = pytest.importorskip("openai")
 
@@ -229,10 +229,9 @@ def test_stop_texts_end_answers_alike_in_process_and_through_the_server(server, 
     env = {"QWEN2VL_STATE_DIR": str(server["state"]), "QWEN2VL_MODEL": str(tiny_model)}
     full = json.loads(run_process("describe", images["a"], "-n", "12", "--json", "--no-server", env=env).stdout)
     text = full["text"]
-    start = next(i for i in range(3, len(text) - 1) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
-    stop = text[start:start + 2]
+    start, stop_at = stop_text_in(text)
     for where in (["--no-server"], ["--server", server["url"]]):
-        cut = run_process("describe", images["a"], "-n", "12", "--json", "--stop", stop, "--stop", "\\n\\t\\n",
+        cut = run_process("describe", images["a"], "-n", "12", "--json", "--stop", stop_at, "--stop", "\\n\\t\\n",
                           *where, env=env)
         assert cut.returncode == 0, cut.stderr
         answer = json.loads(cut.stdout)
@@ -241,11 +240,11 @@ def test_stop_texts_end_answers_alike_in_process_and_through_the_server(server, 
     paths = [images[name] for name in ("a", "b", "c")]
     uncut = tmp_path / "uncut.jsonl"
     assert run_process("batch", *paths, "-n", "12", "-o", uncut, "--no-server", env=env).returncode == 0
-    expected = sorted(t[:t.find(stop)] if stop in t else t for t in (json.loads(line)["text"] for line in
-                                                                     uncut.read_text().splitlines()))
+    answers = [json.loads(line)["text"] for line in uncut.read_text().splitlines()]
+    expected = sorted(t[:t.find(stop_at)] if stop_at in t else t for t in answers)
     for name, where in (("local", ["--no-server"]), ("remote", ["--server", server["url"]])):
         out = tmp_path / f"{name}.jsonl"
-        done = run_process("batch", *paths, "-n", "12", "-o", out, "--stop", stop, *where, env=env)
+        done = run_process("batch", *paths, "-n", "12", "-o", out, "--stop", stop_at, *where, env=env)
         assert done.returncode == 0, done.stderr
         assert sorted(json.loads(line)["text"] for line in out.read_text().splitlines()) == expected, name
 

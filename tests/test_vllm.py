@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import noise_image, run_process, start_server, stop
+from .conftest import noise_image, run_process, start_server, stop, stop_text_in
 from .test_video import make_video
 
 RESULTS: list[dict] = []
@@ -163,8 +163,7 @@ def test_stop_through_vllm_equals_in_process(vllm, media, tmp_path):
     (10 tokens, as the batch test: at 12, image b's answer ends inside a character, which vLLM leaves out.)"""
     model = ["--model", str(vllm["model"])]
     text = answer("describe", str(media["a"]), "-n", "10", *model, "--no-server")["text"]
-    start = next(i for i in range(3, len(text) - 1) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
-    stop_at = text[start:start + 2]
+    start, stop_at = stop_text_in(text)
     cut = [answer("describe", str(media["a"]), "-n", "10", "--stop", stop_at, *model, *where)
            for where in (["--no-server"], ["--server", vllm["url"]])]
     RESULTS.append({"case": f"describe --stop {stop_at!r}", "in_process": cut[0]["text"], "vllm": cut[1]["text"],
