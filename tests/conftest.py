@@ -204,3 +204,13 @@ def stop_text_in(text: str) -> tuple[int, str]:
     (where, the text). The answer with it is text[:where]."""
     where = next(i for i in range(3, len(text) - 1) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
     return where, text[where:where + 2]
+
+
+def answer_text(decode, ids: list[int]) -> str:
+    """The text an answer of `ids` shows: their decode, less a character they end inside (an answer cut by its
+    length mid-character decodes to U+FFFD there): the text of the longest prefix of them that does not end in
+    U+FFFD, as vLLM and tokenizers' DecodeStream leave it. `decode`: ids -> text (the seed recipe's processor)."""
+    end = len(ids)
+    while end and decode(ids[:end]).endswith("\ufffd"):
+        end -= 1
+    return decode(ids[:end])

@@ -33,8 +33,7 @@ def paths(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model, paths):
+def recipe(tiny_model, paths, cases) -> list[str]:
     """The seed recipe's answer to each case, alone: apply_chat_template + process_vision_info + generate."""
     from qwen_vl_utils import process_vision_info
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -42,7 +41,7 @@ def reference(tiny_model, paths):
     processor = AutoProcessor.from_pretrained(tiny_model)
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
     answers = []
-    for names, prompt, new, _ in CASES:
+    for names, prompt, new, _ in cases:
         messages = [{"role": "user", "content": [*({"type": "image", "image": f"file://{paths[n]}"} for n in names),
                                                  {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -50,6 +49,12 @@ def reference(tiny_model, paths):
         inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
         ids = model.generate(**inputs, max_new_tokens=new, do_sample=False)[0, inputs.input_ids.shape[1]:]
         answers.append(processor.decode(ids, skip_special_tokens=True))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, paths):
+    answers = recipe(tiny_model, paths, CASES)
     assert len(set(answers)) == len(answers), "the cases should have different answers: the test can fail"
     return answers
 
@@ -456,3 +461,21 @@ def test_a_streamed_request_goes_ahead_of_non_streamed_ones_that_have_not_waited
         assert event.text == reference[index]
         done.append(index)
     assert done == ([2, 1, 3] if jump_s else [1, 3, 2])
+
+
+def test_an_answer_cut_inside_a_character_leaves_that_character_out(session, paths, tiny_model):
+    """An answer that reaches its max tokens in the middle of a character's bytes: the seed recipe's decode ends in
+    U+FFFD there; ours (streamed and not, in one running batch) is that text without it, as vLLM answers
+    (tests/test_vllm.py), and all its tokens are counted."""
+    cases = [(["b"], "What is here?", 14, True), (["a"], "Colours?", 11, False)]
+    expected = recipe(tiny_model, paths, cases)
+    assert all(text.endswith("\ufffd") for text in expected), "the cases should end inside a character"
+    collector = Collector()
+    for index, case in enumerate(cases):
+        session.engine.submit(request_for(session, paths, case), collector.emit(index), stream=case[3])
+    results = collector.wait(len(cases))
+    for index, (case, text) in enumerate(zip(cases, expected)):
+        answer = results[index]
+        assert answer.text == text.rstrip("\ufffd") and answer.text
+        assert answer.completion_tokens == case[2] and answer.finish_reason == "length"
+    assert "".join(collector.deltas[0]) == results[0].text

@@ -406,6 +406,16 @@ class ModelSession:
         for decoding cost up to a second of every load; tests/test_engine.py hammers both at once)."""
         return self.detokenizer.decode(ids, skip_special_tokens=True)
 
+    def whole_text(self, ids: list[int]) -> str:
+        """The text of `ids` less a character they end inside (an answer cut by its length in the middle of a
+        character's bytes decodes to U+FFFD there): the text of the longest prefix that does not end in one, as a
+        stream shows it (tickets.Answer) and as vLLM and tokenizers' DecodeStream leave it."""
+        end, text = len(ids), self.decode(ids)
+        while text.endswith("\ufffd") and end:
+            end -= 1
+            text = self.decode(ids[:end])
+        return text
+
     def completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
                    first_token_s: float | None, total_s: float) -> Completion:
         """The Completion of generated `ids`: cut after the first end token, and before a stop string."""
@@ -415,7 +425,7 @@ class ModelSession:
                 break
         else:
             reason = "length" if len(ids) >= options.max_new_tokens else "stop"
-        text = self.decode(ids)
+        text = self.whole_text(ids)
         cut = stop_at(text, options.stop) if options.stop else None
         if cut is not None:  # the answer ends before the stop string; count the tokens up to it
             low, high = 1, len(ids)

@@ -90,11 +90,11 @@ class Answer:
         return ""
 
     def finish(self) -> Completion:
-        """The Completion (a stream gets what it has not seen first, an unfinished character included, as the
-        Completion's text has it)."""
+        """The Completion (a stream gets what it has not seen first; as in the Completion's text, not a character
+        the answer ends inside)."""
         if self.ticket.stream and not stop_at(self.held, self.options.stop or ()):
-            decode = self.session.decode
-            rest = self.held + decode(self.ids[self.prefix:])[len(decode(self.ids[self.prefix:self.read])):]
+            shown = self.session.decode(self.ids[self.prefix:self.read])
+            rest = self.held + self.session.whole_text(self.ids[self.prefix:])[len(shown):]
             cut = stop_at(rest, self.options.stop) if self.options.stop else None
             if rest[:cut]:
                 self.ticket.emit(TextDelta(rest[:cut]))

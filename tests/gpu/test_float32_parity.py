@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from ..conftest import answer_text
 from .conftest import DEVICE, SIZE, free_sessions
 
 NEW_TOKENS = 32
@@ -36,12 +37,17 @@ def seed(checkpoint):
             out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
         ids = out.sequences[0, inputs.input_ids.shape[1]:].tolist()
-        text = processor.batch_decode([ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
-        return text, ids, [s[0].float() for s in out.scores], processor
+        return _text(processor, ids), ids, [s[0].float() for s in out.scores], processor
 
     yield answer
     del model
     free_sessions()
+
+
+def _text(processor, ids: list[int]) -> str:
+    """The seed recipe's text of `ids` as an answer shows it: not a character they end inside (answer_text)."""
+    return answer_text(lambda part: processor.batch_decode([part], skip_special_tokens=True,
+                                                           clean_up_tokenization_spaces=False)[0], ids)
 
 
 def _user(*parts) -> list[dict]:
@@ -158,7 +164,7 @@ def test_continuous_batch_answers_equal_the_seed_recipe(checkpoint, seed, media,
     expected, requests = [], []
     for name, new, _ in cases:  # the seed's answers first: the requests then arrive together
         text, ids, scores, processor = seed(_user(_image(media[name]), {"type": "text", "text": "Describe this image."}))
-        expected.append((processor.batch_decode([ids[:new]], skip_special_tokens=True)[0], ids[:new], scores, processor))
+        expected.append((_text(processor, ids[:new]), ids[:new], scores, processor))
         image = session.image_media(read_image(str(media[name])))
         requests.append(ChatRequest("Describe this image.", [image], generation=GenerationOptions(max_new_tokens=new)))
     for index, (request, (_, _, stream)) in enumerate(zip(requests, cases)):
