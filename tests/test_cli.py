@@ -331,3 +331,25 @@ def test_control_characters_never_reach_the_terminal(cli, tmp_path):
     render_answer(iter([TextDelta(answer), Completion(answer, 1, 1, "stop", 0.1, 0.2)]),
                   Environment(piped, io.StringIO(), stdout_isatty=False, stderr_isatty=False), OutputOptions(), {})
     assert piped.getvalue() == answer + "\n"
+
+
+def test_a_process_builds_only_the_command_it_runs_and_answers_as_the_whole_app():
+    """`qwen2vl CMD ...` builds CMD alone (typer reads every registered command's signature first: ~30-60 ms of each
+    one-liner); its help, usage errors and exit codes are the whole app's, word for word. Anything else (no command,
+    a misspelt one, the root's options first, shell completion) goes to the whole app."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from qwen2vl_cli.cli import COMMANDS, app, invoked, make_app
+
+    assert [c.name for c in typer.main.get_command(make_app("ask")).commands.values()] == ["ask"]
+    runner = CliRunner()
+    for name in COMMANDS:
+        for words in ([name, "--help"], [name, "--no-such-option"], [name, "-n", "0", "x.png"]):
+            whole, alone = (runner.invoke(made, words, prog_name="qwen2vl", env={"COLUMNS": "100"})
+                            for made in (app, make_app(name)))
+            assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), words
+    assert invoked(["describe", "x.png"]) == "describe" and invoked(["stop"]) == "stop"
+    assert invoked([]) is invoked(["--version"]) is invoked(["-h", "ask"]) is invoked(["describ", "x"]) is None
+    done = run_process("ask", "--help")
+    assert done.returncode == 0 and b"Ask a question about images and videos" in done.stdout

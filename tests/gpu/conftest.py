@@ -52,7 +52,7 @@ def pytest_runtest_logreport(report):
     if report.failed:
         entry["outcome"] = "failed"
         entry["error"] = str(report.longrepr).strip().splitlines()[-1][:500]
-    elif report.skipped and report.when == "setup":
+    elif report.skipped:  # at setup (a fixture) or in the test's body (pytest.skip): not a pass
         entry["outcome"] = "skipped"
 
 
