@@ -8,7 +8,8 @@ batches), side by side in one run, on a random-weight 2B (real shapes, bf16) and
   - 16 concurrent clients through `qwen2vl serve` (8 streamed, 8 not, 4 requests each): images/s, and the
     streamed requests' time to first token while the others run (median);
   - a `qwen2vl describe` one-liner with no session running, and the one after it: wall seconds;
-  - the engine side also: the server's load without the server (16 threads submitting in process); what the
+  - the engine side also: the server's load without the server (16 threads submitting in process); a streamed
+    one-liner's time to first token while a batch's queue runs (`one_liners_into_a_batch`); what the
     GPU alone takes for one prefill and one decode step (CUDA events), with the batch rate those bound; and 100
     one-liners 8 at a time (`xargs -P 8`) beside one `qwen2vl batch` over the same photos (wall seconds).
 
@@ -124,6 +125,7 @@ def side(tree: str, checkpoint: str, photos: list[str], out: str) -> None:
     report["realistic_lengths"] = {"mean": round(statistics.mean(wanted), 1), "min": min(wanted), "max": max(wanted)}
     if hasattr(session, "engine"):
         report.update(clients_in_process(session, request, min(64, len(photos))))
+        report.update(one_liners_into_a_batch(session, request, len(photos)))
         report["gpu_costs"] = gpu_costs(session, request)
     Path(out).write_text(json.dumps(report))
 
@@ -165,6 +167,35 @@ def clients_in_process(session, request, count: int) -> dict:
     return {"in_process_16_clients_images_per_s": round(count // CLIENTS * CLIENTS / seconds, 2),
             "in_process_16_clients_ttft_ms_median": round(statistics.median(ttft) * 1000, 1),
             "in_process_16_clients_engine_timings_ms": session.engine.timings_ms()}
+
+
+def one_liners_into_a_batch(session, request, count: int, every_s: float = 0.25) -> dict:
+    """Issue 15's "time to first token for a request arriving into a busy engine", as a one-liner typed while a batch
+    runs through the same session meets it: `count` non-streamed requests of 128 tokens submitted at once (a batch's
+    queue), and a streamed one (16 tokens) every `every_s` while they run, each after the one before has ended; the
+    streamed ones' times to first token (from submit), and the batch's images/s with them beside it."""
+    from qwen2vl_cli.types import TextDelta
+
+    results: list = []
+    batch = threading.Thread(target=lambda: results.extend(
+        session.generate_batch([request(i, NEW_TOKENS) for i in range(count)])))
+    start = time.perf_counter()
+    batch.start()
+    ttft: list[float] = []
+    index = 0
+    while batch.is_alive():
+        time.sleep(every_s)
+        submitted = time.perf_counter()
+        for event in session.stream(request(index % count, 16)):
+            if isinstance(event, TextDelta):
+                ttft.append(time.perf_counter() - submitted)
+                break  # closing the stream cancels the rest: the probe frees its row at once
+        index += 1
+    batch.join()
+    seconds = time.perf_counter() - start
+    return {"busy_probe_ttft_ms_median": round(statistics.median(ttft) * 1000, 1) if ttft else None,
+            "busy_probe_ttft_ms_max": round(max(ttft) * 1000, 1) if ttft else None, "busy_probes": len(ttft),
+            "busy_batch_images_per_s": round(len(results) / seconds, 2)}
 
 
 def gpu_ms(run, times: int) -> float:
