@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT, noise_image
+from .conftest import ROOT, noise_image, stop_text_in
 
 
 @pytest.fixture
@@ -58,6 +58,22 @@ def test_folder_run_records_every_item_and_equals_describe(cli, tree):
         assert by_source[str(path)]["text"] is None and reason in by_source[str(path)]["error"]
     assert "symlink loop" in result.stderr
     assert "3 done, 0 skipped (already done), 2 failed" in result.stderr
+
+
+def test_the_summary_counts_the_answers_cut_at_max_new_tokens(cli, tree):
+    """The records hold a caption's text, not how it ended: the summary on stderr says how many answers reached -n,
+    as many as `describe --json` calls "length"; none is said when every answer ended on its own (--stop here)."""
+    paths = [tree / "a.png", tree / "sub" / "b with space é.png"]
+    alone = [json.loads(cli("describe", p, "-n", "8", "--json").stdout) for p in paths]
+    cut = sum(a["finish_reason"] == "length" for a in alone)
+    assert cut, "the answers should reach -n: the test can fail"
+    result = cli("batch", *paths, "-n", "8")
+    assert result.exit_code == 0, result.stderr
+    assert f"images/s; {cut} cut off at --max-new-tokens (-n)" in result.stderr
+    where, stop = stop_text_in(alone[0]["text"])
+    ended = cli("batch", paths[0], "-n", "8", "--stop", stop)
+    assert ended.exit_code == 0 and records(ended.stdout)[0]["text"] == alone[0]["text"][:where]
+    assert "cut off" not in ended.stderr
 
 
 def test_without_recursion_only_the_top_folder(cli, tree):

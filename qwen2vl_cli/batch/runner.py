@@ -39,6 +39,7 @@ class BatchSummary:
     skipped: int = 0
     failed: int = 0  # this run's failures
     failed_before: int = 0  # items whose record from an earlier run is an error (not retried without --retry-errors)
+    cut: int = 0  # answers that reached --max-new-tokens (their records cannot say so: a text, not how it ended)
     load_s: float = 0.0
     seconds: float = 0.0  # captioning time, model load excluded
     interrupted: bool = False
@@ -56,9 +57,10 @@ class BatchSummary:
         before = (f" + {self.failed_before} failed in an earlier run (--retry-errors redoes them)"
                   if self.failed_before else "")
         left = self.total - self.done - self.skipped - self.failed - self.failed_before
+        cut = f"; {self.cut} cut off at --max-new-tokens (-n)" if self.cut else ""
         return (f"batch {state}: {self.done} done, {self.skipped} skipped (already done), {self.failed} failed"
                 f"{before}, {left} left; {self.seconds:.1f}s (+{self.load_s:.1f}s model load), "
-                f"{self.images_per_second:.2f} images/s")
+                f"{self.images_per_second:.2f} images/s{cut}")
 
 
 class Results:
@@ -74,7 +76,8 @@ class Results:
         states = {sink.state(item) for sink in self.sinks}
         return "ok" if "ok" in states else "error" if "error" in states else None
 
-    def write(self, item: BatchItem, text: str | None, error: str | None) -> None:
+    def write(self, item: BatchItem, text: str | None, error: str | None, cut: bool = False) -> None:
+        """`cut`: the answer reached --max-new-tokens."""
         record = {"source": item.source, **({"prompt": item.prompt} if item.prompt else {}), "text": text,
                   "error": error, **item.extra}
         for sink in self.sinks:  # sidecars first: a results file records what became of them
@@ -89,6 +92,7 @@ class Results:
                 self.on_failure(item.source, error)
         else:
             self.summary.done += 1
+            self.summary.cut += cut
         self.advance(1)
 
 
@@ -154,7 +158,7 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
             if isinstance(event, BaseException):
                 results.write(item, None, describe_exception(event)[0])
             else:
-                results.write(item, event.text, None)
+                results.write(item, event.text, None, cut=event.finish_reason == "length")
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
