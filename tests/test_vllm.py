@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -147,9 +148,12 @@ def test_batch_through_vllm_equals_in_process(vllm, media, tmp_path):
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
     common = [str(media["a"]), str(media["b"]), str(media["frames"] / "frame1.png"), "-n", "12",
               "--model", str(vllm["model"])]
-    assert run_process("batch", *common, "-o", local, "--no-server", timeout=300).returncode == 0
+    here = run_process("batch", *common, "-o", local, "--no-server", timeout=300)
+    assert here.returncode == 0, here.stderr.decode()
     done = run_process("batch", *common, "-o", remote, "--server", vllm["url"], "--concurrency", "3", timeout=300)
     assert done.returncode == 0, done.stderr.decode()
+    cut = [re.search(rb"(\d+) cut off at --max-new-tokens", p.stderr) for p in (here, done)]  # finish_reason "length"
+    assert cut[0] and cut[1] and cut[0][1] == cut[1][1], (here.stderr, done.stderr)
 
     def texts(path):
         return {r["source"]: r["text"] for r in map(json.loads, path.read_text().splitlines())}
