@@ -479,3 +479,16 @@ def test_an_answer_cut_inside_a_character_leaves_that_character_out(session, pat
         assert answer.text == text.rstrip("\ufffd") and answer.text
         assert answer.completion_tokens == case[2] and answer.finish_reason == "length"
     assert "".join(collector.deltas[0]) == results[0].text
+
+
+def test_only_an_unfinished_last_character_is_left_out_and_a_long_run_costs_no_more(session):
+    """A character's bytes span at most 3 tokens: up to those the text is the last whole one's; a model repeating a
+    stray byte 20,000 times keeps its text (less the last U+FFFD) and does not decode every prefix of it."""
+    tokenizer = session.processor.tokenizer
+    ids = tokenizer.encode("A llama 🦙 and")
+    stray = next(i for i in ids if session.decode([i]).endswith("\ufffd"))  # the emoji's first bytes, after a space
+    for count in (1, 2, 3):
+        assert session.whole_text(ids + [stray] * count) == "A llama 🦙 and"
+    start = time.perf_counter()
+    text = session.whole_text(ids + [stray] * 20000)
+    assert time.perf_counter() - start < 2 and text.startswith("A llama 🦙 and \ufffd") and not text.endswith("\ufffd")

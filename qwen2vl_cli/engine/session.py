@@ -409,12 +409,15 @@ class ModelSession:
     def whole_text(self, ids: list[int]) -> str:
         """The text of `ids` less a character they end inside (an answer cut by its length in the middle of a
         character's bytes decodes to U+FFFD there): the text of the longest prefix that does not end in one, as a
-        stream shows it (tickets.Answer) and as vLLM and tokenizers' DecodeStream leave it."""
-        end, text = len(ids), self.decode(ids)
-        while text.endswith("\ufffd") and end:
-            end -= 1
+        stream shows it (tickets.Answer) and as vLLM and tokenizers' DecodeStream leave it. An unfinished character
+        is at most 3 bytes, so at most 3 tokens; a longer run of U+FFFD (a model repeating a stray byte) is cut off
+        without decoding every prefix of it (each decode reads the whole answer)."""
+        text = self.decode(ids)
+        for end in range(len(ids) - 1, max(-1, len(ids) - 5), -1):
+            if not text.endswith("\ufffd"):
+                return text
             text = self.decode(ids[:end])
-        return text
+        return text.rstrip("\ufffd")
 
     def completion(self, ids: list[int], prompt_tokens: int, options: GenerationOptions,
                    first_token_s: float | None, total_s: float) -> Completion:
