@@ -14,14 +14,16 @@ import io
 import json
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import ServerError, UsageError
 from .transport import SIZED_HEADER, TOO_LONG, TransportError, http
 from .types import ChatRequest, Completion, Media, TextDelta
 from .sources import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, PATCH_FACTOR, on_grid
 from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
@@ -274,12 +276,16 @@ class RemoteSession:
 
     def generate_batch(self, requests: list[ChatRequest]) -> list[Completion]:
         """Up to `concurrency` requests in flight at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self.complete, requests))
 
     def submit(self, request: ChatRequest, emit, stream: bool = False, prepared=None) -> "_Call":
         """Send `request` when one of `concurrency` connections is free; `emit` gets its Completion or error."""
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # not on a one-liner's way (~12 ms of its imports)
+
             self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="qwen2vl-client")
         call = _Call()
 

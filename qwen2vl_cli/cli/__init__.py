@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
@@ -17,7 +18,6 @@ except ImportError:  # pragma: no cover
 from .. import __version__
 from ..errors import ExitStatus, OutputError, debug_enabled, describe_exception, ending_promptly
 from ..render import error
-from . import batch, chat, serve
 
 
 class Qwen2VLGroup(TyperGroup):
@@ -54,13 +54,15 @@ def root(
     """
 
 
-COMMANDS = {"describe": chat.describe, "ask": chat.ask, "video": chat.video, "batch": batch.batch,
-            "serve": serve.serve, "ps": serve.ps, "stop": serve.stop}
+# each command's module (cli/chat.py, cli/batch.py, cli/serve.py): the function there has the command's name
+COMMANDS = {"describe": "chat", "ask": "chat", "video": "chat", "batch": "batch", "serve": "serve", "ps": "serve",
+            "stop": "serve"}
 
 
 def make_app(only: str | None = None) -> typer.Typer:
     """The app with every command, or with `only` that one (what a process that runs it needs: typer reads every
-    registered command's signature before it parses a word, ~30-60 ms of each one-liner for the six it does not run)."""
+    registered command's signature before it parses a word, ~30-60 ms of each one-liner for the six it does not run,
+    and the modules of the others, ~15 ms more)."""
     made = typer.Typer(
         name="qwen2vl",
         cls=Qwen2VLGroup,
@@ -71,13 +73,18 @@ def make_app(only: str | None = None) -> typer.Typer:
         add_completion=True,
     )
     made.callback()(root)
-    for name, command in COMMANDS.items():
+    for name, module in COMMANDS.items():
         if only in (None, name):
-            made.command(name)(command)
+            made.command(name)(getattr(importlib.import_module(f"{__name__}.{module}"), name))
     return made
 
 
-app = make_app()
+def __getattr__(name: str):
+    """`app`, the whole app, built on first use (a process that runs one command builds only that: main)."""
+    if name == "app":
+        globals()["app"] = made = make_app()
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def invoked(words: list[str]) -> str | None:
@@ -115,7 +122,7 @@ def main() -> None:
     with ending_promptly(program=sys._getframe(1).f_globals.get("__name__") == "__main__"):
         try:
             command = invoked(sys.argv[1:])
-            (make_app(command) if command else app)(prog_name="qwen2vl")
+            make_app(command)(prog_name="qwen2vl")
         except KeyboardInterrupt:
             error("interrupted")
             sys.exit(ExitStatus.INTERRUPTED)
