@@ -492,3 +492,34 @@ def test_only_an_unfinished_last_character_is_left_out_and_a_long_run_costs_no_m
     start = time.perf_counter()
     text = session.whole_text(ids + [stray] * 20000)
     assert time.perf_counter() - start < 2 and text.startswith("A llama 🦙 and \ufffd") and not text.endswith("\ufffd")
+
+
+def test_a_stream_through_a_long_run_of_stray_bytes_decodes_a_bounded_window_and_ends_as_its_completion(session):
+    """A streamed answer whose text ends in U+FFFD for thousands of tokens (a model repeating a stray byte) decodes a
+    few tokens a step, not the whole run each step (quadratic on the engine's thread), and what it streams is its
+    Completion's text, with the run in the middle of the answer and at its end."""
+    from types import SimpleNamespace
+
+    from qwen2vl_cli.engine.tickets import Answer
+    from qwen2vl_cli.types import ChatRequest, GenerationOptions, TextDelta
+
+    tokenizer = session.processor.tokenizer
+    head, tail = tokenizer.encode("A llama 🦙 and"), tokenizer.encode(" 中文 done.")
+    stray = next(i for i in head if session.decode([i]).endswith("\ufffd"))
+    decode, decoded = session.decode, []
+    session.decode = lambda ids: decoded.append(len(ids)) or decode(ids)
+    try:
+        for ids in (head + [stray] * 3000 + tail, head + [stray] * 3000, head + [stray] * 3000 + tail[:2]):
+            out: list = []
+            ticket = SimpleNamespace(request=ChatRequest("x", generation=GenerationOptions(max_new_tokens=len(ids))),
+                                     stream=True, emit=out.append, submitted=time.perf_counter(), prompt_tokens=1)
+            answer, decoded[:] = Answer(session, ticket), []
+            for token in ids:
+                answer.add(token)
+            completion = answer.finish()
+            assert sum(decoded) < 40 * len(ids), "each step decoded the whole run"
+            streamed = "".join(piece.text for piece in out if isinstance(piece, TextDelta))
+            assert streamed == completion.text == session.whole_text(ids)
+            assert streamed.startswith("A llama 🦙 and \ufffd")
+    finally:
+        session.decode = decode

@@ -80,8 +80,12 @@ class Answer:
         return self.done
 
     def _new_text(self) -> str:
-        """The text the newest tokens add (none while they end inside a character)."""
+        """The text the newest tokens add (none while they end inside a character or in stray bytes). Whether the
+        text ends in U+FFFD shows in its last 4 bytes, so in its last 4 tokens: while a run of stray bytes (a model
+        repeating one) grows, those alone are decoded each step, not the whole run since the last text out."""
         decode = self.session.decode
+        if len(self.ids) - self.prefix > 8 and decode(self.ids[-4:]).endswith("\ufffd"):
+            return ""
         shown = decode(self.ids[self.prefix:self.read])
         text = decode(self.ids[self.prefix:])
         if len(text) > len(shown) and not text.endswith("\ufffd"):
