@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .kernels import FEW_ROWS
+
 
 @triton.jit
 def _rounded(x, dt: tl.constexpr):
@@ -361,17 +363,17 @@ LINEAR_ROWS = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
-def _linear_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """out [M, N] = x [M, K] @ w [N, K].T (+ bias in float32) for M <= 16: the rows padded to one tl.dot tile,
+def _linear_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out [M, N] = x [M, K] @ w [N, K].T (+ bias in float32) for M <= ROWS: the rows padded to one tl.dot tile,
     products accumulated in float32 along K and rounded once."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    m = tl.arange(0, 16)
+    m = tl.arange(0, ROWS)
     m_ok = m < M
     kk = tl.arange(0, BLOCK_K)
     rows = w_ptr + n[:, None].to(tl.int64) * K
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         w = tl.load(rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0, eviction_policy="evict_first")
@@ -384,14 +386,14 @@ def _linear_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.cons
 
 
 def linear_rows(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x [..., K] of at most 16 rows and a contiguous weight [N, K]."""
+    """F.linear(x, weight, bias) for x [..., K] of at most kernels.FEW_ROWS rows and a contiguous weight [N, K]."""
     n, k = weight.shape
     x = x.contiguous()
     out = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
     block_n = LINEAR_ROWS["BLOCK_N"]
     _linear_rows_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else out, out, x.numel() // k, n, k, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=LINEAR_ROWS["BLOCK_K"], num_warps=LINEAR_ROWS["num_warps"],
+        ROWS=FEW_ROWS, BLOCK_N=block_n, BLOCK_K=LINEAR_ROWS["BLOCK_K"], num_warps=LINEAR_ROWS["num_warps"],
         num_stages=LINEAR_ROWS["num_stages"])
     return out
 

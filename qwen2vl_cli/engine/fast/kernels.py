@@ -155,7 +155,7 @@ def decode_attention(q, keys, values, mask, slot):
                 triton_ok=_triton_head_dim(q.shape[-1]))
 
 
-FEW_ROWS = 16  # at most this many rows go to `linear_rows` (its tile's height) ...
+FEW_ROWS = 16  # at most this many rows go to `linear_rows` (its tile's height; tl.dot takes 16 or more) ...
 WIDE = 8192  # ... for a product at least this wide (narrower ones: too few tiles of N; cuBLAS is as fast)
 
 
