@@ -429,7 +429,9 @@ def one_liners(tree: str, checkpoint: str, photo: str, profile: str | None) -> d
 def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int = 8) -> dict:
     """Issue 15's pipeline measure: one `qwen2vl describe` per photo, `parallel` at a time (`xargs -P`), with no
     session running at the start (the first starts one, the others wait for it and answer through it), beside
-    one `qwen2vl batch` over the same photos, each timed from its command to its last answer."""
+    one `qwen2vl batch` over the same photos, each timed from its command to its last answer; and `batch` through the
+    session the one-liners left (what it finds running), with 4 requests in flight (`--concurrency 4`, its
+    default before) and with its default (more)."""
     env = _env(tree, QWEN2VL_STATE_DIR=tempfile.mkdtemp(prefix="qwen2vl-state-"))
     options = ["--model", checkpoint, "-n", str(NEW_TOKENS), "--max-pixels", str(MAX_PIXELS)]
     start = time.perf_counter()
@@ -445,9 +447,16 @@ def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int
         session_ms = json.loads(listed.stdout)[0]["health"]["timings_ms"]
     except (ValueError, KeyError, IndexError, TypeError):
         session_ms = None
-    subprocess.run([*_python(None), "stop"], env=env, capture_output=True, timeout=120)
     listing = Path(tempfile.mkdtemp(prefix="qwen2vl-list-")) / "photos.txt"
     listing.write_text("\n".join(photos) + "\n")
+    through: dict = {}
+    for name, extra in (("concurrency_4", ["--concurrency", "4"]), ("default", [])):
+        start = time.perf_counter()
+        done = subprocess.run([*_python(None), "batch", "-", *options, *extra], stdin=listing.open(), env=env,
+                              capture_output=True, text=True, timeout=1800)
+        through[name] = {"wall_s": round(time.perf_counter() - start, 2), "rc": done.returncode,
+                         "records": done.stdout.count("\n")}
+    subprocess.run([*_python(None), "stop"], env=env, capture_output=True, timeout=120)
     start = time.perf_counter()
     batch = subprocess.run([*_python(None), "batch", "-", *options, "--no-server"], stdin=listing.open(), env=env,
                            capture_output=True, text=True, timeout=1800)
@@ -456,7 +465,8 @@ def xargs_and_batch(tree: str, checkpoint: str, photos: list[str], parallel: int
             "xargs_rc": done.returncode, "xargs_answers": answers, "xargs_session_timings_ms": session_ms,
             "xargs_request_s_median": round(statistics.median(request_s), 3) if request_s else None,
             "batch_cli_wall_s": round(batch_s, 2),
-            "batch_cli_rc": batch.returncode, "xargs_over_batch": round(xargs_s / batch_s, 2)}
+            "batch_cli_rc": batch.returncode, "xargs_over_batch": round(xargs_s / batch_s, 2),
+            "batch_through_session": through}
 
 
 def main() -> None:

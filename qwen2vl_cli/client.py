@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRIES = 4
-DEFAULT_CONCURRENCY = 4
+DEFAULT_CONCURRENCY = 4  # requests in flight to a --server (anyone's: a polite few)
+# to a local session (the user's own, its engine batching them): enough rows to keep its GPU busy, half of a
+# session's queue (server.config.DEFAULT_MAX_QUEUE), so one-liners run meanwhile get a place and not a 429
+SESSION_CONCURRENCY = 32
 OWN_BYTES_SINCE = (0, 2)  # qwen2vl servers from 0.2 resize an image sent as its bytes (resized_height/width by the url)
 # the forms any Pillow the server may have (>= 10, any build) decodes, and to the same pixels: not AVIF (Pillow 11.3
 # on), a plugin's HEIF, TIFF (its codecs are libtiff's build), nor 16-bit or float pixels (their conversion to RGB

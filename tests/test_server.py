@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -221,6 +222,48 @@ def test_batch_through_the_server_equals_in_process(server, images, tmp_path, ti
     assert remote.returncode == local.returncode == 0, remote.stderr
     read = lambda p: sorted(json.loads(line)["text"] for line in p.read_text().splitlines())  # noqa: E731
     assert read(out_remote) == read(out_local)
+
+
+def test_batch_keeps_enough_requests_in_flight_to_a_local_session_and_a_few_to_a_server(server, cli, tiny_model,
+                                                                                       tmp_path, monkeypatch):
+    """A batch through a local session (the user's own: its engine batches what it is sent) keeps up to
+    SESSION_CONCURRENCY requests in flight, not the few a --server URL (anyone's) gets by default; --concurrency sets
+    either. The answers are the in-process ones."""
+    from PIL import Image
+
+    from qwen2vl_cli.client import DEFAULT_CONCURRENCY, SESSION_CONCURRENCY, RemoteSession
+
+    paths = []
+    for index in range(48):
+        paths.append(tmp_path / f"p{index:02d}.png")
+        Image.new("RGB", (56, 56), (index * 5, 90, 200 - index * 4)).save(paths[-1])
+    complete, lock, now = RemoteSession.complete, threading.Lock(), [0]
+    most: list[int] = []
+
+    def counted(self, request):
+        with lock:
+            now[0] += 1
+            most[-1] = max(most[-1], now[0])
+        try:
+            time.sleep(0.05)  # each request takes a moment, as a real answer does: the client's limit shows
+            return complete(self, request)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(RemoteSession, "complete", counted)
+    env = {"QWEN2VL_STATE_DIR": str(server["state"])}
+    texts = {}
+    for name, where in (("session", []), ("server", ["--server", server["url"]]),
+                        ("session-5", ["--concurrency", "5"]), ("local", ["--no-server"])):
+        most.append(0)
+        out = tmp_path / f"{name}.jsonl"
+        result = cli("batch", *paths, "-n", "4", "-o", out, *where, env=env)
+        assert result.exit_code == 0, result.stderr
+        texts[name] = sorted((r["source"], r["text"]) for r in map(json.loads, out.read_text().splitlines()))
+    assert DEFAULT_CONCURRENCY < most[0] <= SESSION_CONCURRENCY and most[1] == DEFAULT_CONCURRENCY
+    assert most[2] == 5 and most[3] == 0
+    assert texts["session"] == texts["server"] == texts["session-5"] == texts["local"] and len(texts["local"]) == 48
 
 
 def test_stop_texts_end_answers_alike_in_process_and_through_the_server(server, images, tmp_path, tiny_model):

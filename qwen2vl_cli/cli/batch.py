@@ -61,7 +61,7 @@ def batch(
     server: ServerOpt = None,
     no_server: NoServerOpt = False,
     api_key: ApiKeyOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, rich_help_panel="Session", help="Requests kept in flight to a server (retried with backoff on transient failures).")] = 4,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, show_default=False, rich_help_panel="Session", help="Requests kept in flight to a server (retried with backoff on transient failures). Default: 4 to a --server, 32 to a local session (its engine batches them; the rest of its queue is left to one-liners).")] = None,
 ) -> None:
     """Caption many images: JSON Lines on stdout, or a .jsonl/.csv file, or sidecar .txt files.
 

@@ -57,20 +57,21 @@ def server_url(url: str, flag: str) -> str:
     return url
 
 
-def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int = 4,
+def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str | None, concurrency: int | None = None,
             env: Environment | None = None, keep_alive: str | None = None, inputs: Inputs | None = None):
     """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
     is given: the one-liners) one started in the background for this and later commands, else in-process.
-    `inputs` are being read meanwhile (see _start_session)."""
+    `inputs` are being read meanwhile (see _start_session). `concurrency`: requests in flight to a server (default
+    client.DEFAULT_CONCURRENCY to a --server, SESSION_CONCURRENCY to a local session)."""
     if server and no_server:
         raise UsageError("--server/--no-server", "give one or the other")
     if not no_server:
-        from ..client import RemoteSession
+        from ..client import DEFAULT_CONCURRENCY, SESSION_CONCURRENCY, RemoteSession
 
         url = server or os.environ.get("QWEN2VL_SERVER")
         if url:
             url = server_url(url, "--server" if server else "QWEN2VL_SERVER")
-            return RemoteSession(url, spec.model, api_key, concurrency, adopt=not spec.named)
+            return RemoteSession(url, spec.model, api_key, concurrency or DEFAULT_CONCURRENCY, adopt=not spec.named)
         from ..server.registry import find_server
 
         # a local session was found (or started) by its /health, which proved it ours: not asked again
@@ -78,7 +79,8 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         if not found and keep_alive is not None:
             found = _start_session(spec, api_key, keep_alive, env, inputs)
         if found:  # a session a command started answers its own key (its record's), a user's the user's
-            return RemoteSession(found["url"], spec.model, found.get("api_key") or api_key, concurrency, kind="qwen2vl")
+            return RemoteSession(found["url"], spec.model, found.get("api_key") or api_key,
+                                 concurrency or SESSION_CONCURRENCY, kind="qwen2vl")
     from ..engine.session import get_session
 
     return get_session(spec)
