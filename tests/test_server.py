@@ -227,8 +227,8 @@ def test_batch_through_the_server_equals_in_process(server, images, tmp_path, ti
 def test_batch_keeps_enough_requests_in_flight_to_a_local_session_and_a_few_to_a_server(server, cli, tiny_model,
                                                                                        tmp_path, monkeypatch):
     """A batch through a local session (the user's own: its engine batches what it is sent) keeps up to
-    SESSION_CONCURRENCY requests in flight, not the few a --server URL (anyone's) gets by default; --concurrency sets
-    either. The answers are the in-process ones."""
+    SESSION_CONCURRENCY requests in flight (within half of the session's --max-queue), not the few a --server URL
+    (anyone's) gets by default; --concurrency sets either. The answers are the in-process ones."""
     from PIL import Image
 
     from qwen2vl_cli.client import DEFAULT_CONCURRENCY, SESSION_CONCURRENCY, RemoteSession
@@ -264,6 +264,16 @@ def test_batch_keeps_enough_requests_in_flight_to_a_local_session_and_a_few_to_a
     assert DEFAULT_CONCURRENCY < most[0] <= SESSION_CONCURRENCY and most[1] == DEFAULT_CONCURRENCY
     assert most[2] == 5 and most[3] == 0
     assert texts["session"] == texts["server"] == texts["session-5"] == texts["local"] and len(texts["local"]) == 48
+    small = tmp_path / "small-queue"
+    small.mkdir()
+    process, _ = start_server(tiny_model, small, "--keep-alive", "never", "--max-queue", "12")
+    try:
+        most.append(0)
+        out = tmp_path / "small.jsonl"
+        result = cli("batch", *paths[:24], "-n", "4", "-o", out, env={"QWEN2VL_STATE_DIR": str(small)})
+        assert result.exit_code == 0 and most[-1] == 6, (result.stderr, most)
+    finally:
+        stop(process)
 
 
 def test_stop_texts_end_answers_alike_in_process_and_through_the_server(server, images, tmp_path, tiny_model):

@@ -62,7 +62,7 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
     """--server URL (or $QWEN2VL_SERVER), else a running local session for this model, else (where `keep_alive`
     is given: the one-liners) one started in the background for this and later commands, else in-process.
     `inputs` are being read meanwhile (see _start_session). `concurrency`: requests in flight to a server (default
-    client.DEFAULT_CONCURRENCY to a --server, SESSION_CONCURRENCY to a local session)."""
+    client.DEFAULT_CONCURRENCY to a --server; to a local session SESSION_CONCURRENCY, within half of its queue)."""
     if server and no_server:
         raise UsageError("--server/--no-server", "give one or the other")
     if not no_server:
@@ -79,8 +79,9 @@ def backend(spec: ModelSpec, server: str | None, no_server: bool, api_key: str |
         if not found and keep_alive is not None:
             found = _start_session(spec, api_key, keep_alive, env, inputs)
         if found:  # a session a command started answers its own key (its record's), a user's the user's
+            room = (found.get("health") or {}).get("max_queue") or 2 * SESSION_CONCURRENCY
             return RemoteSession(found["url"], spec.model, found.get("api_key") or api_key,
-                                 concurrency or SESSION_CONCURRENCY, kind="qwen2vl")
+                                 concurrency or max(1, min(SESSION_CONCURRENCY, room // 2)), kind="qwen2vl")
     from ..engine.session import get_session
 
     return get_session(spec)

@@ -175,7 +175,8 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
         return {**answer, "model": config.model_name, "device": session.device or config.spec.device,
                 "version": __version__, "settings": config.spec.settings(), "resolved": session.resolved,
                 "loaded": session.model is not None, "busy": engine.busy, "running": engine.running,
-                "queued": engine.queued, "idle_s": round(engine.idle_s, 1), "started": started,
+                "queued": engine.queued, "max_queue": config.max_queue, "idle_s": round(engine.idle_s, 1),
+                "started": started,
                 "timings_ms": timings_ms(), "load_s": round(session.load_s, 2),
                 "load_phases_s": {name: round(seconds, 2) for name, seconds in session.phases.items()},
                 "weights": weights_line()}
