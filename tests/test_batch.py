@@ -61,8 +61,8 @@ def test_folder_run_records_every_item_and_equals_describe(cli, tree):
 
 
 def test_the_summary_counts_the_answers_cut_at_max_new_tokens(cli, tree):
-    """The records hold a caption's text, not how it ended: the summary on stderr says how many answers reached -n,
-    as many as `describe --json` calls "length"; none is said when every answer ended on its own (--stop here)."""
+    """Each record says how its answer ended (finish_reason, as `describe --json` does: "length" at -n, "stop" at a
+    stop string) and the summary on stderr how many reached -n; none is said when every answer ended on its own."""
     paths = [tree / "a.png", tree / "sub" / "b with space é.png"]
     alone = [json.loads(cli("describe", p, "-n", "8", "--json").stdout) for p in paths]
     cut = sum(a["finish_reason"] == "length" for a in alone)
@@ -70,9 +70,11 @@ def test_the_summary_counts_the_answers_cut_at_max_new_tokens(cli, tree):
     result = cli("batch", *paths, "-n", "8")
     assert result.exit_code == 0, result.stderr
     assert f"images/s; {cut} cut off at --max-new-tokens (-n)" in result.stderr
+    assert [r["finish_reason"] for r in records(result.stdout)] == [a["finish_reason"] for a in alone]
     where, stop = stop_text_in(alone[0]["text"])
     ended = cli("batch", paths[0], "-n", "8", "--stop", stop)
     assert ended.exit_code == 0 and records(ended.stdout)[0]["text"] == alone[0]["text"][:where]
+    assert records(ended.stdout)[0]["finish_reason"] == "stop"
     assert "cut off" not in ended.stderr
 
 
@@ -130,7 +132,7 @@ def test_with_sidecars_alone_an_answer_with_no_file_beside_goes_to_stdout(cli, t
     url = f"{http_server.url}/remote.png"
     result = cli("batch", url, tree / "a.png", "-n", "8", "--sidecar")
     assert result.exit_code == 0, result.stderr
-    assert records(result.stdout) == [{"source": url, "text": alone(cli, url), "error": None}]
+    assert records(result.stdout) == [{"source": url, "text": alone(cli, url), "error": None, "finish_reason": "length"}]
     assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
 
 
@@ -151,7 +153,8 @@ def test_sidecars_never_replace_an_image(cli, tree, images):
     result = cli("batch", named, tree / "a.png", "-n", "8", "--sidecar", "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert named.read_bytes() == images["b"].read_bytes()
-    assert records(result.stdout) == [{"source": str(named), "text": alone(cli, named), "error": None}]
+    assert records(result.stdout) == [{"source": str(named), "text": alone(cli, named), "error": None,
+                                       "finish_reason": "length"}]
     assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
 
 
@@ -193,7 +196,8 @@ def test_a_sidecar_that_cannot_be_written_fails_its_item_not_the_run(cli, tree, 
     kept = cli("batch", tree / "a.png", "-n", "8", "--sidecar", "-o", out)
     assert kept.exit_code == 5
     assert records(out.read_text()) == [{"source": str(tree / "a.png"), "text": alone(cli, tree / "a.png"),
-                                         "error": f"cannot write its sidecar {tree / 'a.txt'} (Is a directory)"}]
+                                         "error": f"cannot write its sidecar {tree / 'a.txt'} (Is a directory)",
+                                         "finish_reason": "length"}]
     (tree / "a.txt").rmdir()
     assert cli("batch", tree / "a.png", "-n", "8", "--sidecar", "-o", out, "--retry-errors").exit_code == 0
     assert (tree / "a.txt").read_text() == alone(cli, tree / "a.png")
@@ -254,9 +258,26 @@ def test_csv_output_and_resume(cli, tree, tmp_path):
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["source"] for r in rows].count(str(tree / "a.png")) == 1 and len(rows) == 5
-    assert list(rows[0]) == ["source", "text", "error"]
+    assert list(rows[0]) == ["source", "text", "error", "finish_reason"]
     newline_row = next(r for r in rows if "newline" in r["source"])
     assert newline_row["source"] == str(tree / "sub" / "deeper" / "c\nnewline.png")
+
+
+def test_results_written_before_finish_reason_are_resumed_as_they_are(cli, tree, tmp_path):
+    """A .csv or .jsonl written before records had finish_reason is ours: its items are skipped, a CSV keeps its
+    columns (the new rows without that one), a JSON Lines file gets the field in the new records only."""
+    done = str(tree / "a.png")
+    old_csv, old_jsonl = tmp_path / "old.csv", tmp_path / "old.jsonl"
+    old_csv.write_text(f"source,text,error\n{done},an old caption,\n")
+    old_jsonl.write_text(json.dumps({"source": done, "text": "an old caption", "error": None}) + "\n")
+    for out in (old_csv, old_jsonl):
+        result = cli("batch", done, tree / "sub" / "b with space é.png", "-n", "4", "-o", out)
+        assert result.exit_code == 0 and "1 done, 1 skipped" in result.stderr, result.stderr
+    with open(old_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["source", "text", "error"] and rows[0]["text"] == "an old caption" and len(rows) == 2
+    lines = records(old_jsonl.read_text())
+    assert "finish_reason" not in lines[0] and lines[1]["finish_reason"] == "length" and len(lines) == 2
 
 
 def test_a_resumed_csv_says_which_fields_it_has_no_column_for(cli, tree, tmp_path):

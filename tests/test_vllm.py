@@ -156,11 +156,12 @@ def test_batch_through_vllm_equals_in_process(vllm, media, tmp_path):
     assert cut[0] and cut[1] and cut[0][1] == cut[1][1], (here.stderr, done.stderr)
 
     def texts(path):
-        return {r["source"]: r["text"] for r in map(json.loads, path.read_text().splitlines())}
+        return {r["source"]: (r["text"], r["finish_reason"]) for r in map(json.loads, path.read_text().splitlines())}
 
-    RESULTS.append({"case": "batch", "in_process": texts(local), "vllm": texts(remote),
+    RESULTS.append({"case": "batch (text, finish_reason)", "in_process": texts(local), "vllm": texts(remote),
                     "equal": texts(local) == texts(remote)})
     assert texts(remote) == texts(local)
+    assert sum(reason == "length" for _, reason in texts(local).values()) == int(cut[0][1])
 
 
 def test_stop_through_vllm_equals_in_process(vllm, media, tmp_path):
@@ -179,10 +180,11 @@ def test_stop_through_vllm_equals_in_process(vllm, media, tmp_path):
     assert run_process("batch", *sources, "-o", local, "--no-server", timeout=300).returncode == 0
     done = run_process("batch", *sources, "-o", remote, "--server", vllm["url"], "--concurrency", "2", timeout=300)
     assert done.returncode == 0, done.stderr.decode()
-    texts = [{r["source"]: r["text"] for r in map(json.loads, path.read_text().splitlines())} for path in (local, remote)]
-    RESULTS.append({"case": f"batch --stop {stop_at!r}", "in_process": texts[0], "vllm": texts[1],
-                    "equal": texts[0] == texts[1]})
-    assert texts[0] == texts[1] and texts[0][str(media["a"])] == text[:start]
+    texts = [{r["source"]: (r["text"], r["finish_reason"]) for r in map(json.loads, path.read_text().splitlines())}
+             for path in (local, remote)]
+    RESULTS.append({"case": f"batch --stop {stop_at!r} (text, finish_reason)", "in_process": texts[0],
+                    "vllm": texts[1], "equal": texts[0] == texts[1]})
+    assert texts[0] == texts[1] and texts[0][str(media["a"])] == (text[:start], "stop")
 
 
 def test_penalties_and_stop_mean_the_same_on_both_servers(vllm, media, tmp_path):

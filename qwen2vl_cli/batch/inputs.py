@@ -18,7 +18,7 @@ MAX_LINE = 1024 * 1024  # one manifest line or listed path; data URIs in a manif
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")  # phones' too
 
 
-RESERVED_FIELDS = ("source", "prompt", "text", "error")  # a record's own fields: a manifest cannot set text/error
+RESERVED_FIELDS = ("source", "prompt", "text", "error", "finish_reason")  # a record's own: a manifest sets source/prompt
 
 
 @dataclass

@@ -39,7 +39,7 @@ class BatchSummary:
     skipped: int = 0
     failed: int = 0  # this run's failures
     failed_before: int = 0  # items whose record from an earlier run is an error (not retried without --retry-errors)
-    cut: int = 0  # answers that reached --max-new-tokens (their records cannot say so: a text, not how it ended)
+    cut: int = 0  # answers that reached --max-new-tokens (finish_reason "length")
     load_s: float = 0.0
     seconds: float = 0.0  # captioning time, model load excluded
     interrupted: bool = False
@@ -76,10 +76,10 @@ class Results:
         states = {sink.state(item) for sink in self.sinks}
         return "ok" if "ok" in states else "error" if "error" in states else None
 
-    def write(self, item: BatchItem, text: str | None, error: str | None, cut: bool = False) -> None:
-        """`cut`: the answer reached --max-new-tokens."""
+    def write(self, item: BatchItem, text: str | None, error: str | None, finish_reason: str | None = None) -> None:
+        """`finish_reason`: how the answer ended ("stop"; "length": it reached --max-new-tokens), None for a failure."""
         record = {"source": item.source, **({"prompt": item.prompt} if item.prompt else {}), "text": text,
-                  "error": error, **item.extra}
+                  "error": error, "finish_reason": finish_reason, **item.extra}
         for sink in self.sinks:  # sidecars first: a results file records what became of them
             try:
                 sink.write(record)
@@ -92,7 +92,7 @@ class Results:
                 self.on_failure(item.source, error)
         else:
             self.summary.done += 1
-            self.summary.cut += cut
+            self.summary.cut += finish_reason == "length"
         self.advance(1)
 
 
@@ -158,7 +158,7 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
             if isinstance(event, BaseException):
                 results.write(item, None, describe_exception(event)[0])
             else:
-                results.write(item, event.text, None, cut=event.finish_reason == "length")
+                results.write(item, event.text, None, event.finish_reason)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:

@@ -22,7 +22,8 @@ from ..render import json_line
 from ..sources import file_url_to_path
 from .inputs import item_key
 
-BASE_FIELDS = ("source", "text", "error")
+BASE_FIELDS = ("source", "text", "error", "finish_reason")  # a new CSV file's first columns
+OWN_FIELDS = BASE_FIELDS[:3]  # what a results file of ours has (one written before finish_reason too)
 
 
 @functools.cache
@@ -191,7 +192,7 @@ class CsvSink(RecordFile):
         if path.exists() and not overwrite:
             with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
                 first = next(csv.reader([handle.readline()]), [])
-            _refuse_foreign(path, set(BASE_FIELDS) <= set(first))
+            _refuse_foreign(path, set(OWN_FIELDS) <= set(first))
         self.lock = OutputLock(path)
         if path.exists() and not overwrite:
             rows, header = _read_csv(path, note)
