@@ -106,6 +106,10 @@ def test_manifest_with_prompts_and_extra_fields(cli, tree, tmp_path):
     bad.write_text('{"source": "x.png"}\n{"id": 3}\n')
     refused = cli("batch", "--manifest", bad)
     assert refused.exit_code == 3 and "bad.jsonl line 2" in refused.stderr
+    for field in ("text", "error", "finish_reason"):  # the record's own: copied through, they would replace it
+        bad.write_text(json.dumps({"source": str(tree / "a.png"), field: "stop"}) + "\n")
+        refused = cli("batch", "--manifest", bad)
+        assert refused.exit_code == 3 and f"field {field!r} is the result's own" in refused.stderr, refused.stderr
 
 
 def test_sidecars_are_written_kept_and_overwritten(cli, tree):
