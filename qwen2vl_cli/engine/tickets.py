@@ -82,7 +82,8 @@ class Answer:
     def _new_text(self) -> str:
         """The text the newest tokens add (none while they end inside a character or in stray bytes). Whether the
         text ends in U+FFFD shows in its last 4 bytes, so in its last 4 tokens: while a run of stray bytes (a model
-        repeating one) grows, those alone are decoded each step, not the whole run since the last text out."""
+        repeating one) grows, those alone are decoded each step, not the whole run since the last text out. (Skipped
+        special tokens have no bytes: after one, text may come a step later than it could, never other text.)"""
         decode = self.session.decode
         if len(self.ids) - self.prefix > 8 and decode(self.ids[-4:]).endswith("\ufffd"):
             return ""
