@@ -426,15 +426,15 @@ def test_first_tokens_are_read_before_a_decode_graph_is_captured(session, paths,
     assert captured == {1: 1}, captured
 
 
-@pytest.mark.parametrize("jump_s", [60.0, 0.0])
-def test_a_streamed_request_goes_ahead_of_non_streamed_ones_that_have_not_waited_long(session, paths, reference,
-                                                                                     monkeypatch, jump_s):
+@pytest.mark.parametrize("passes", [1, 0])
+def test_a_streamed_request_goes_ahead_of_waiting_non_streamed_ones(session, paths, reference, monkeypatch, passes):
     """Someone watching an answer come (a streamed one-liner) is not kept behind a batch's queue: a streamed request
-    is prefilled ahead of the non-streamed ones waiting, unless they have waited JUMP_S already (none waits for long).
-    One row, so the order they are admitted in is the order they are answered in; every answer is the recipe's."""
+    is prefilled ahead of the non-streamed ones waiting, unless they have been passed PASSES times already (none waits
+    for long). One row, so the order they are admitted in is the order they are answered in; every answer is the
+    recipe's."""
     from qwen2vl_cli.engine import scheduler
 
-    monkeypatch.setattr(scheduler, "JUMP_S", jump_s)
+    monkeypatch.setattr(scheduler, "PASSES", passes)
     engine = session.engine
     engine.max_rows = 1
     hold = threading.Event()
@@ -460,7 +460,47 @@ def test_a_streamed_request_goes_ahead_of_non_streamed_ones_that_have_not_waited
         assert not isinstance(event, BaseException), event
         assert event.text == reference[index]
         done.append(index)
-    assert done == ([2, 1, 3] if jump_s else [1, 3, 2])
+    assert done == ([2, 1, 3] if passes else [1, 3, 2])
+
+
+def test_the_queue_lets_streams_pass_a_non_streamed_request_a_bounded_number_of_times(monkeypatch):
+    """The waiting queue's order, however old it is: a stream goes behind the streams already waiting and ahead of
+    the non-streamed requests after them, each of which lets PASSES streams by at most; a request the fast path does
+    not serve (answered by `generate`) is not passed, nor is anything ahead of it."""
+    from qwen2vl_cli.engine import scheduler
+    from qwen2vl_cli.engine.tickets import Ticket
+
+    monkeypatch.setattr(scheduler, "PASSES", 2)
+    engine = scheduler.Engine(session=None)
+
+    def queue(name: str, stream: bool = False, fast: bool = True) -> None:
+        ticket = Ticket(name, emit=None, stream=stream)
+        ticket.fast, ticket.prepared_at = fast, 0.0  # prepared long ago: age does not matter
+        engine._queue(ticket)
+
+    def order() -> str:
+        return " ".join(ticket.request for ticket in engine.waiting)
+
+    for name in ("a", "b", "c"):
+        queue(name)
+    queue("S1", stream=True)
+    assert order() == "S1 a b c"
+    queue("S2", stream=True)
+    assert order() == "S1 S2 a b c"  # behind the stream before it; a, b and c have been passed twice
+    queue("d")
+    queue("S3", stream=True)
+    assert order() == "S1 S2 a b c S3 d"
+    queue("S4", stream=True)
+    assert order() == "S1 S2 a b c S3 S4 d"
+    queue("S5", stream=True)
+    assert order() == "S1 S2 a b c S3 S4 d S5"
+    queue("g", fast=False)
+    queue("e")
+    queue("S6", stream=True)
+    assert order() == "S1 S2 a b c S3 S4 d S5 g S6 e"  # the `generate` request is not passed
+    queue("f")
+    assert order() == "S1 S2 a b c S3 S4 d S5 g S6 e f"
+    assert [t.passed for t in engine.waiting if not t.stream] == [2, 2, 2, 2, 0, 1, 0]
 
 
 def test_an_answer_cut_inside_a_character_leaves_that_character_out(session, paths, tiny_model):

@@ -4,10 +4,10 @@ Requests come in as Tickets (`Engine.submit`). Where the fast path serves them (
 CUDA) they are batched continuously: a prepared request is prefilled between decode steps and joins the running
 batch (fast.decoder.Rows) in a free row; it leaves as soon as it is done (end of text, its own max tokens or stop
 string, or its caller gone), and a waiting request takes the row at the next step. Streamed and non-streamed
-requests share the batch; a streamed one is prefilled ahead of non-streamed ones that have not waited long
-(`_queue`: an interactive answer does not wait behind a batch's queue). The others (sampling, penalties,
-quantized weights, the CPU by default) are answered by transformers' `generate` on the same thread: non-streamed
-ones with the same options together, as one padded batch.
+requests share the batch; a streamed one is prefilled ahead of waiting non-streamed ones, each of them passed a
+bounded number of times (`_queue`: an interactive answer does not wait behind a batch's queue). The others
+(sampling, penalties, quantized weights, the CPU by default) are answered by transformers' `generate` on the same
+thread: non-streamed ones with the same options together, as one padded batch.
 
 One failure policy: a prefill that runs out of GPU memory is split and retried, down to one request, whose caller
 gets the error; an error reaches the callers of the requests it concerns and the engine serves on.
@@ -38,7 +38,7 @@ STOCK_BATCH = 16  # non-streamed requests answered by one `generate` at most
 PREPARERS = 4  # helper threads preparing requests (images on the GPU, tokenizing) while the engine decodes
 PHASES_KEPT = 256  # recent requests whose phases timings_ms() summarizes
 IDLE_EXIT_S = 2.0  # the engine's thread ends after this long without work (a server's stays: --keep-alive)
-JUMP_S = 1.0  # a streamed request goes ahead of waiting non-streamed ones younger than this (`_queue`)
+PASSES = 32  # a waiting non-streamed request lets this many streamed ones go ahead of it at most (`_queue`)
 
 
 def median_ms(seconds: list[float]) -> float | None:
@@ -271,16 +271,17 @@ class Engine:
 
     def _queue(self, ticket: Ticket) -> None:
         """A prepared request takes its place among the waiting ones: in order, except that a streamed answer on the
-        fast path (someone is watching it come: a one-liner, a chat) goes ahead of the non-streamed ones there (a
-        batch's queue, `"stream": false` API calls) that have waited less than JUMP_S. No work is added or lost, only
-        reordered; an older non-streamed request is not passed, so none waits for long."""
+        fast path (someone is watching it come: a one-liner, a chat) goes ahead of the non-streamed ones at the end
+        of the queue (a batch's, `"stream": false` API calls), behind any other streamed one. No work is added or
+        lost, only reordered, and a non-streamed request is passed PASSES times at most, so none waits for long
+        (each pass costs it one prefill and a row's turn), however old the queue is when the stream arrives."""
+        index = len(self.waiting)
         if ticket.stream and ticket.fast:
-            now = time.perf_counter()
-            for index, other in enumerate(self.waiting):
-                if other.fast and not other.stream and now - other.prepared_at < JUMP_S:
-                    self.waiting.insert(index, ticket)
-                    return
-        self.waiting.append(ticket)
+            while index and (other := self.waiting[index - 1]).fast and not other.stream and other.passed < PASSES:
+                index -= 1
+            for other in list(self.waiting)[index:]:
+                other.passed += 1
+        self.waiting.insert(index, ticket)
 
     def _prepare_later(self, ticket: Ticket) -> None:
         with self.lock:

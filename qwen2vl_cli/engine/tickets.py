@@ -23,6 +23,7 @@ class Ticket:
         self.row: int | None = None
         self.prepared_at: float | None = None  # when its tensors were ready, and when its prefill started
         self.prefill_started: float | None = None  # (the phases the engine reports)
+        self.passed = 0  # streamed requests that went ahead of it while it waited (scheduler.PASSES at most)
         self.closed = threading.Event()  # the engine is done with it (answered, failed or cancelled)
 
     def cancel(self) -> None:
