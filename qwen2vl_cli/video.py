@@ -25,6 +25,7 @@ from .sources import (PATCH_FACTOR, FetchLimits, as_sent, check_regular, decode_
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+VIDEO_EXTENSIONS = ("mp4", "mov", "m4v", "mkv", "webm", "avi")  # what `batch` reads as a video (phones' and the web's)
 DEFAULT_FPS = 2.0  # qwen-vl-utils' FPS
 DEFAULT_MAX_FRAMES = 256
 DEFAULT_TOTAL_PIXELS = 24576 * 28 * 28  # bounds a video near 24k tokens, whatever its length
@@ -96,6 +97,22 @@ def is_frame_sequence(source: str) -> bool:
         return False
     path = Path(os.path.expanduser(file_url_to_path(source) if source.startswith("file://") else source))
     return path.is_dir() or (not path.exists() and any(c in source for c in "*?["))
+
+
+def is_video_file(source: str) -> bool:
+    """A source named as a video: a path, file:// or http(s) URL ending in a VIDEO_EXTENSIONS suffix (any case),
+    or a data:video/ URI. `batch` reads these as videos and every other source as an image."""
+    if source[:11].lower() == "data:video/":
+        return True
+    if source.startswith("data:") or source in ("", "-"):
+        return False
+    path = urllib.parse.urlsplit(source).path if source.startswith(("http://", "https://")) else source
+    return Path(path).suffix.lower().lstrip(".") in VIDEO_EXTENSIONS
+
+
+def require_backend(choice: str) -> None:
+    """A UsageError now where --video-backend names a decoder that is not installed (not one per video)."""
+    _readers(choice)
 
 
 FRAME_LIST_PREFIX = "data:video/jpeg;base64,"  # vLLM's form of a frame list: base64 images joined by commas

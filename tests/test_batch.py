@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from .conftest import ROOT, noise_image, stop_text_in
+from .test_video import make_audio_only, make_video
 
 
 @pytest.fixture
@@ -128,6 +131,116 @@ def test_sidecars_are_written_kept_and_overwritten(cli, tree):
         spaced.with_suffix(".txt").unlink(missing_ok=True)
         assert cli("batch", url, "-n", "8", "--sidecar").exit_code == 0
         assert spaced.with_suffix(".txt").read_text() == alone(cli, spaced)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, images):
+    """A folder as a phone leaves it: two clips of different sizes and lengths (one named in capitals), a photo,
+    a clip that is not one, a clip with no picture, a note."""
+    root = tmp_path_factory.mktemp("clips")
+    make_video(root / "walk.mp4", frames=20, fps=10, width=96, height=64)
+    make_video(root / "PARK.MOV", frames=30, fps=10, width=64, height=96, seed=1)
+    (root / "photo.png").write_bytes(images["a"].read_bytes())
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video at all")
+    make_audio_only(root / "voice.m4v")
+    (root / "notes.md").write_text("not a picture")
+    return root
+
+
+def test_videos_are_captioned_as_the_video_command_captions_them(cli, clips):
+    """A folder's clips are videos (by their extension, any case), each answered with "Describe this video." as
+    `qwen2vl video` answers it alone, with the same sampling options, whatever shares the engine's batch; a clip
+    that cannot be read is one failed record and the run goes on."""
+    result = cli("batch", clips, "-n", "8", "-b", "4", "--nframes", "4")
+    assert result.exit_code == 5, result.stderr
+    by_source = {Path(r["source"]).name: r for r in records(result.stdout)}
+    assert set(by_source) == {"walk.mp4", "PARK.MOV", "photo.png", "broken.mp4", "voice.m4v"}
+    for name in ("walk.mp4", "PARK.MOV"):
+        video = cli("video", clips / name, "-n", "8", "--nframes", "4")
+        assert video.exit_code == 0, video.stderr
+        assert by_source[name]["text"] == video.stdout[:-1] and by_source[name]["error"] is None
+    assert by_source["photo.png"]["text"] == alone(cli, clips / "photo.png")
+    assert "not a readable video" in by_source["broken.mp4"]["error"]
+    assert "no video stream" in by_source["voice.m4v"]["error"]
+    assert "3 done, 0 skipped (already done), 2 failed" in result.stderr and " items/s" in result.stderr
+    sampled = cli("batch", clips / "walk.mp4", "-n", "8", "--fps", "5", "--max-frames", "6", "-p", "What moves?")
+    video = cli("video", clips / "walk.mp4", "-n", "8", "--fps", "5", "--max-frames", "6", "-q", "What moves?")
+    assert records(sampled.stdout)[0]["text"] == video.stdout[:-1] and " videos/s" in sampled.stderr
+    photos = cli("batch", clips, "-n", "8", "--ext", "png,jpg")  # --ext still picks what counts
+    assert [Path(r["source"]).name for r in records(photos.stdout)] == ["photo.png"]
+    assert " images/s" in photos.stderr
+
+
+def test_a_video_run_resumes_and_takes_per_clip_prompts(cli, clips, tmp_path):
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(json.dumps({"source": str(clips / "walk.mp4"), "prompt": "Who walks?", "id": 1}) + "\n"
+                        + json.dumps({"source": str(clips / "PARK.MOV"), "id": 2}) + "\n")
+    out = tmp_path / "out.jsonl"
+    first = cli("batch", "--manifest", manifest, "-n", "8", "--nframes", "4", "-o", out)
+    assert first.exit_code == 0, first.stderr
+    by_id = {r["id"]: r for r in records(out.read_text())}
+    assert by_id[1]["text"] == cli("video", clips / "walk.mp4", "-n", "8", "--nframes", "4", "-q", "Who walks?").stdout[:-1]
+    assert by_id[2]["text"] == cli("video", clips / "PARK.MOV", "-n", "8", "--nframes", "4").stdout[:-1]
+    written = out.read_text()
+    again = cli("batch", "--manifest", manifest, "-n", "8", "--nframes", "4", "-o", out)
+    assert again.exit_code == 0 and "0 done, 2 skipped (already done)" in again.stderr
+    assert out.read_text() == written
+
+
+def test_video_options_that_cannot_work_stop_the_run_before_it_starts(cli, clips):
+    both = cli("batch", clips / "walk.mp4", "--fps", "1", "--nframes", "4")
+    assert both.exit_code == 2 and "--fps/--nframes" in both.stderr and both.stdout == ""
+    missing = cli("batch", clips / "walk.mp4", "--video-backend", "torchcodec")
+    if importlib.util.find_spec("torchcodec") is None:
+        assert missing.exit_code == 2 and "torchcodec is not installed" in missing.stderr and missing.stdout == ""
+    late = cli("batch", clips / "walk.mp4", "-n", "4", "--start", "60")  # the clip's own fault: its record
+    assert late.exit_code == 5 and "past the end of the video" in records(late.stdout)[0]["error"]
+
+
+def test_files_that_would_share_a_sidecar_each_keep_their_caption(cli, clips, tmp_path, monkeypatch):
+    """A phone's live photo is IMG_1.jpg and IMG_1.mov: both captions are kept, each sidecar named after its whole
+    file name, the same on a resume; a file with no twin keeps photo.txt."""
+    folder = tmp_path / "live"
+    folder.mkdir()
+    (folder / "IMG_1.png").write_bytes((clips / "photo.png").read_bytes())
+    (folder / "IMG_1.mov").write_bytes((clips / "walk.mp4").read_bytes())
+    (folder / "IMG_2.png").write_bytes((clips / "photo.png").read_bytes())
+    result = cli("batch", folder, "-n", "8", "--nframes", "4", "--sidecar")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in folder.glob("*.txt")) == ["IMG_1.mov.txt", "IMG_1.png.txt", "IMG_2.txt"]
+    assert "2 files would share a sidecar" in result.stderr
+    assert (folder / "IMG_1.png.txt").read_text() == alone(cli, folder / "IMG_1.png")
+    assert (folder / "IMG_1.mov.txt").read_text() == cli("video", folder / "IMG_1.mov", "-n", "8", "--nframes", "4").stdout[:-1]
+    monkeypatch.chdir(tmp_path)  # the same files however they are named
+    again = cli("batch", folder / "IMG_1.png", "./live/IMG_1.mov", "-n", "8", "--nframes", "4", "--sidecar")
+    assert again.exit_code == 0 and "0 done, 2 skipped (already done)" in again.stderr, again.stderr
+
+
+def test_which_sources_are_videos():
+    from qwen2vl_cli.video import is_video_file
+
+    videos = ["clip.mp4", "a/b/IMG_0001.MOV", "file:///x/y.webm", "https://host/v.mkv?sig=1#t=3", "x.m4v",
+              "data:video/mp4;base64,AAAA", "DATA:VIDEO/webm;base64,AAAA"]
+    others = ["photo.jpg", "https://host/watch?v=clip.mp4", "https://host/mp4", "data:image/png;base64,AAAA", "-", "",
+              "clip.mp4.txt", "mp4"]
+    assert [s for s in videos if not is_video_file(s)] == []
+    assert [s for s in others if is_video_file(s)] == []
+
+
+def test_a_folder_of_clips_holds_few_decoded_at_once():
+    """Videos count by their tokens against what is kept in flight, and a window of decoding ends at a few of
+    them: a folder of clips holds about as many frames in memory as a folder of photos."""
+    from qwen2vl_cli.batch.inputs import BatchItem
+    from qwen2vl_cli.batch.runner import PHOTO_TOKENS, WINDOW_ITEMS, WINDOW_VIDEOS, _windows, weight
+    from qwen2vl_cli.types import ChatRequest, Media
+
+    items = [BatchItem(f"{i}.jpg") for i in range(100)] + [BatchItem(f"{i}.mp4") for i in range(20)]
+    windows = list(_windows(items))
+    assert [len(w) for w in windows] == [WINDOW_ITEMS, 36 + WINDOW_VIDEOS, WINDOW_VIDEOS, 20 - 2 * WINDOW_VIDEOS]
+    assert [item for window in windows for item in window] == items
+    photo = Media("image", "a.jpg", None, facts={"tokens": 16000})
+    clip = Media("video", "b.mp4", None, facts={"tokens": 10 * PHOTO_TOKENS + 1})
+    assert weight(ChatRequest("", [photo])) == 1 and weight(ChatRequest("", [clip])) == 11
 
 
 def test_with_sidecars_alone_an_answer_with_no_file_beside_goes_to_stdout(cli, tree, images, http_server):

@@ -1,4 +1,4 @@
-"""What a batch run works on: image files, directories, globs, stdin lists and JSONL manifests, turned
+"""What a batch run works on: image and video files, directories, globs, stdin lists and JSONL manifests, turned
 into BatchItems; what cannot be an item (symlink loops, unreadable directories, other files) is noted."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from ..errors import InputError
 from ..sources import encodable, file_url_to_path, open_regular, refuse_empty
+from ..video import VIDEO_EXTENSIONS, is_video_file
 
 MAX_LINE = 1024 * 1024  # one manifest line or listed path; data URIs in a manifest stay well under it
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")  # phones' too
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")  # phones' too
+DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS  # a phone's folder whole
 
 
 RESERVED_FIELDS = ("source", "prompt", "text", "error", "finish_reason")  # a record's own: a manifest sets source/prompt
@@ -23,11 +25,16 @@ RESERVED_FIELDS = ("source", "prompt", "text", "error", "finish_reason")  # a re
 
 @dataclass
 class BatchItem:
-    """One image to caption, with its prompt (None: the run's prompt) and extra output fields."""
+    """One image or video to caption, with its prompt (None: the run's prompt) and extra output fields."""
 
     source: str
     prompt: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """"video" for a source named as one (video.is_video_file: clip.mp4, data:video/...), else "image"."""
+        return "video" if is_video_file(self.source) else "image"
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -62,7 +69,7 @@ def is_remote(source: str) -> bool:
 
 def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
                    note: Callable[[str], None]) -> Iterable[Path]:
-    """Image files below `root` in a stable order; symlink loops and unreadable folders are noted, not fatal.
+    """Files below `root` with one of `extensions`, in a stable order; symlink loops and unreadable folders are noted, not fatal.
     Hidden entries are passed over, as a shell's glob passes them: macOS's `._photo.jpg` (AppleDouble metadata,
     not an image), `.thumbnails/`, `.git/` (a file named on the command line is taken, hidden or not)."""
     seen: set[tuple[int, int]] = set()
@@ -183,13 +190,13 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
         elif path.is_dir():
             found = list(walk_directory(path, extensions, recursive, note))
             if not found:
-                note(f"no images in {spec}" + ("" if recursive else " (use -r for subfolders)"))
+                note(f"no images or videos in {spec}" + ("" if recursive else " (use -r for subfolders)"))
             items += [BatchItem(str(p)) for p in found]
         elif any(c in spec for c in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
             files = [m for m in matches if os.path.isfile(m) and Path(m).suffix.lower().lstrip(".") in extensions]
             if not files:
-                note(f"no images match {spec}")
+                note(f"no images or videos match {spec}")
             items += [BatchItem(m) for m in files]
         else:
             items.append(BatchItem(spec))  # missing: it gets its own error record

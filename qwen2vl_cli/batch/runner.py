@@ -1,9 +1,10 @@
-"""The batch loop: skip what is done, decode and prepare the next items on CPU threads while the engine answers
-the ones before, submit each as a place frees up (the engine batches them continuously), write every result as
+"""The batch loop: skip what is done, decode and prepare the next items (images, videos) on CPU threads while the
+engine answers the ones before, submit each as a place frees up (the engine batches them continuously), write every result as
 it is answered, and say at the end what happened."""
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -11,25 +12,37 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..errors import InputError, describe_exception
+from ..errors import InputError, UsageError, describe_exception
 from ..types import ChatRequest, GenerationOptions, TextDelta
 from ..sources import FetchLimits, ImageOptions, read_image
+from ..video import VideoOptions, resolve_video
 from .inputs import BatchItem
 from .sinks import ItemNotWritten
 
+DEFAULT_PROMPTS = {"image": "Describe this image.", "video": "Describe this video."}  # where none is given
 WINDOW_ITEMS = 64  # items are decoded and sorted by size in windows of this many
 READY_ITEMS = 16  # prepared items waiting for a place in the engine, at most
+# Videos run to ~24k tokens each (--total-pixels), a photo to ~1.2k: a window holds at most WINDOW_VIDEOS of them
+# decoded, the queue READY_VIDEOS prepared, and in flight a video counts as its tokens in PHOTO_TOKENS
+# (in_flight_limit is in photos), so that a folder of clips holds no more frames in memory than one of photos.
+WINDOW_VIDEOS = 8
+READY_VIDEOS = 4
+PHOTO_TOKENS = 1280
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    prompt: str
+    prompt: str | None  # None: DEFAULT_PROMPTS for the item's kind
     system: str | None
     images: ImageOptions
     limits: FetchLimits
     generation: GenerationOptions
     batch_size: int | None = None
     workers: int = 4
+    videos: VideoOptions = VideoOptions()
+
+    def prompt_for(self, item: BatchItem) -> str:
+        return item.prompt or self.prompt or DEFAULT_PROMPTS[item.kind]
 
 
 @dataclass
@@ -43,6 +56,7 @@ class BatchSummary:
     load_s: float = 0.0
     seconds: float = 0.0  # captioning time, model load excluded
     interrupted: bool = False
+    unit: str = "images"  # what the rate counts: "videos" or "items" (both) in runs with videos
 
     @property
     def images_per_second(self) -> float:
@@ -60,7 +74,7 @@ class BatchSummary:
         cut = f"; {self.cut} cut off at --max-new-tokens (-n)" if self.cut else ""
         return (f"batch {state}: {self.done} done, {self.skipped} skipped (already done), {self.failed} failed"
                 f"{before}, {left} left; {self.seconds:.1f}s (+{self.load_s:.1f}s model load), "
-                f"{self.images_per_second:.2f} images/s{cut}")
+                f"{self.images_per_second:.2f} {self.unit}/s{cut}")
 
 
 class Results:
@@ -105,6 +119,12 @@ def in_flight_limit(session, config: BatchConfig) -> int:
     return rows + max(4, rows // 2)
 
 
+def weight(request: ChatRequest) -> int:
+    """What an item counts for against in_flight_limit: an image 1, a video its tokens in photos (at least 1)."""
+    tokens = sum(int(m.facts.get("tokens", 0)) for m in request.media if m.kind == "video")
+    return max(1, math.ceil(tokens / PHOTO_TOKENS))
+
+
 def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Results,
               on_start: Callable[[int, int], None] = lambda todo, batch: None) -> BatchSummary:
     """Caption every item not done yet, each submitted as a place in the engine frees up and written as soon as
@@ -125,16 +145,18 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
     started = time.perf_counter()
     on_start(len(todo), config.batch_size or (session.concurrency if session.device == "remote" else 0))
     stop = threading.Event()
-    ready: queue.Queue = queue.Queue(maxsize=READY_ITEMS)
+    videos = any(item.kind == "video" for item in todo)
+    ready: queue.Queue = queue.Queue(maxsize=READY_VIDEOS if videos else READY_ITEMS)
     answered: queue.Queue = queue.Queue()
     producer = threading.Thread(target=_produce, args=(todo, session, config, ready, stop),
                                 name="qwen2vl-prepare", daemon=True)
     producer.start()
-    pending: dict[int, object] = {}  # id(item) -> the session's ticket
+    pending: dict[int, tuple[object, int]] = {}  # id(item) -> (the session's ticket, its weight)
+    held = 0  # the weights in flight
     ended = False
     try:
         while not ended or pending:
-            while not ended and len(pending) < in_flight_limit(session, config):
+            while not ended and held < in_flight_limit(session, config):
                 try:
                     kind, payload = ready.get(timeout=0.05) if not pending else ready.get_nowait()
                 except queue.Empty:
@@ -149,12 +171,13 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
                 else:
                     item, request, prepared = payload
                     emit = lambda event, item=item: None if isinstance(event, TextDelta) else answered.put((item, event))  # noqa: E731
-                    pending[id(item)] = session.submit(request, emit, prepared=prepared)
+                    pending[id(item)] = session.submit(request, emit, prepared=prepared), weight(request)
+                    held += pending[id(item)][1]
             try:
                 item, event = answered.get(timeout=0.05)
             except queue.Empty:
                 continue
-            pending.pop(id(item), None)
+            held -= pending.pop(id(item), (None, 0))[1]
             if isinstance(event, BaseException):
                 results.write(item, None, describe_exception(event)[0])
             else:
@@ -163,7 +186,7 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
         summary.interrupted = True
     finally:
         stop.set()
-        for ticket in pending.values():
+        for ticket, _ in pending.values():
             ticket.cancel()
         while producer.is_alive():  # unblock a producer waiting on a full queue
             try:
@@ -174,24 +197,37 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
     return summary
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _windows(items: list[BatchItem]) -> Iterator[list[BatchItem]]:
+    """`items` in order, WINDOW_ITEMS at a time, a window ending early at WINDOW_VIDEOS videos."""
+    window: list[BatchItem] = []
+    videos = 0
+    for item in items:
+        window.append(item)
+        videos += item.kind == "video"
+        if len(window) == WINDOW_ITEMS or videos == WINDOW_VIDEOS:
+            yield window
+            window, videos = [], 0
+    if window:
+        yield window
 
 
 def _decode(item: BatchItem, session, config: BatchConfig):
-    """(item, Media, None) or (item, None, reason)."""
+    """(item, Media, None) or (item, None, reason): an image read and sized, or a video sampled and sized."""
     try:
+        if item.kind == "video":
+            return item, session.video_media(resolve_video(item.source, config.videos, config.limits)), None
         return item, session.image_media(read_image(item.source, config.images, config.limits)), None
     except InputError as exc:
         return item, None, exc.reason
+    except UsageError:  # the options, not the item (--video-backend not installed): the run stops
+        raise
     except Exception as exc:  # noqa: BLE001 - a bad file must not stop the run
         return item, None, describe_exception(exc)[0]
 
 
 def _produce(todo: list[BatchItem], session, config: BatchConfig, ready: queue.Queue, stop: threading.Event) -> None:
     """Decode windows of items on a thread pool, sort them by size (same-size images share the vision tower's
-    attention call when prefilled together), prepare each, hand them over."""
+    attention call when prefilled together; videos after images), prepare each, hand them over."""
 
     def hand_over(message) -> bool:
         while not stop.is_set():
@@ -204,7 +240,7 @@ def _produce(todo: list[BatchItem], session, config: BatchConfig, ready: queue.Q
 
     try:
         with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="qwen2vl-decode") as pool:
-            for window in _chunks(todo, WINDOW_ITEMS):
+            for window in _windows(todo):
                 if stop.is_set():
                     return
                 decoded = list(pool.map(lambda item: _decode(item, session, config), window))
@@ -212,10 +248,11 @@ def _produce(todo: list[BatchItem], session, config: BatchConfig, ready: queue.Q
                 if failed and not hand_over(("failed", failed)):
                     return
                 good = sorted(((item, media) for item, media, reason in decoded if not reason),
-                              key=lambda pair: (pair[1].facts["width"] * pair[1].facts["height"],
+                              key=lambda pair: (pair[1].kind, pair[1].facts.get("frames", 1),
+                                                pair[1].facts["width"] * pair[1].facts["height"],
                                                 pair[1].facts["width"]))
                 for item, media in good:
-                    request = ChatRequest(prompt=item.prompt or config.prompt, system=config.system, media=[media],
+                    request = ChatRequest(prompt=config.prompt_for(item), system=config.system, media=[media],
                                           generation=config.generation)
                     try:
                         prepared = session.prepare_one(request)

@@ -284,26 +284,50 @@ class ItemNotWritten(Exception):
 class SidecarSink:
     """`photo.jpg` -> `photo.txt` beside it (prefix + caption + suffix); existing ones are kept. An answer with no
     file to sit beside (a URL's, stdin's, or an image named with the sidecars' own extension: its sidecar would be
-    itself) goes to `elsewhere` (stdout, where no -o is given), not nowhere."""
+    itself) goes to `elsewhere` (stdout, where no -o is given), not nowhere. Files of the run that would share one
+    (`IMG_1.HEIC` and `IMG_1.MOV`, a phone's live photo) each get theirs named after the whole file name
+    (`IMG_1.HEIC.txt`, `IMG_1.MOV.txt`), so that neither caption replaces the other."""
 
     def __init__(self, extension: str, prefix: str, suffix: str, overwrite: bool,
-                 elsewhere: JsonlSink | None = None) -> None:
+                 elsewhere: JsonlSink | None = None, sources: list[str] = (),
+                 note: Callable[[str], None] = lambda message: None) -> None:
         self.extension = "." + extension.lstrip(".")
         _umask()  # read now, on the main thread
         self.prefix, self.suffix, self.overwrite, self.elsewhere = prefix, suffix, overwrite, elsewhere
+        self.shared: set[str] = set()  # sidecar places two files of the run would take
+        claims: dict[str, set[str]] = {}
+        for source in sources:
+            path = self.path_for(source)
+            if path is not None:
+                claims.setdefault(_place(path), set()).add(os.path.realpath(self._file(source)))
+        self.shared = {place for place, files in claims.items() if len(files) > 1}
+        if self.shared:
+            example = sorted(self.shared)[0]
+            names = sorted(Path(file).name for file in claims[example])
+            note(f"{sum(len(claims[place]) for place in self.shared)} files would share a sidecar with another "
+                 f"({' and '.join(names)}): theirs are named after the whole file name "
+                 f"({names[0]}{self.extension})")
 
-    def path_for(self, source: str) -> Path | None:
+    @staticmethod
+    def _file(source: str) -> Path | None:
+        """The file a source names, or None for a URL, data URI or stdin."""
         if source.startswith(("http://", "https://", "data:", "-")):
             return None
-        if source.startswith("file://"):  # file:///a/b%20c.jpg -> /a/b c.txt, file://localhost/... too
+        if source.startswith("file://"):  # file:///a/b%20c.jpg -> /a/b c.jpg, file://localhost/... too
             try:
-                image = file_url_to_path(source)
+                return file_url_to_path(source)
             except InputError:
                 return None
-        else:
-            image = Path(os.path.expanduser(source))
+        return Path(os.path.expanduser(source))
+
+    def path_for(self, source: str) -> Path | None:
+        image = self._file(source)
+        if image is None:
+            return None
         path = image.with_suffix(self.extension)
-        return None if path == image else path  # never the image itself
+        if path == image:  # never the image itself
+            return None
+        return image.with_name(image.name + self.extension) if _place(path) in self.shared else path
 
     def state(self, item) -> str | None:
         path = self.path_for(item.source)  # beside the file as named, where write() puts it
@@ -327,6 +351,11 @@ class SidecarSink:
     def close(self) -> None:
         if self.elsewhere is not None:  # every sidecar is closed as it is written
             self.elsewhere.close()
+
+
+def _place(path: Path) -> str:
+    """A sidecar's place however its folder is written (imgs/, ./imgs/, a link to it)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
 
 
 def sidecar_extension(text: str, images: tuple[str, ...]) -> str:

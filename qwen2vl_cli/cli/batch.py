@@ -1,4 +1,4 @@
-"""`batch`: caption many images, resumably, in GPU batches, writing every result as it finishes."""
+"""`batch`: caption many images and videos, resumably, in GPU batches, writing every result as it finishes."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ from ..errors import ExitStatus, UsageError
 from ..render import Environment, printable
 from ..sources import FetchLimits
 from . import common
-from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, BatchVerboseOpt, DeviceOpt, DtypeOpt, MaxDownloadOpt,
-                      MaxNewTokensOpt, MaxPixelsOpt, MinPixelsOpt, ModelOpt, NoServerOpt, QuantizeOpt, QuietOpt,
-                      RepetitionPenaltyOpt, ResizedHeightOpt, ResizedWidthOpt, SeedOpt, ServerOpt, StopOpt, SystemOpt,
-                      TemperatureOpt, TimeoutOpt, TopKOpt, TopPOpt, utf8_text)
+from .options import (DEFAULTS, ApiKeyOpt, AttnOpt, BatchVerboseOpt, DeviceOpt, DtypeOpt, EndOpt, FpsOpt,
+                      MaxDownloadOpt, MaxFramesOpt, MaxNewTokensOpt, MaxPixelsOpt, MinFramesOpt, MinPixelsOpt, ModelOpt,
+                      NFramesOpt, NoServerOpt, QuantizeOpt, QuietOpt, RepetitionPenaltyOpt, ResizedHeightOpt,
+                      ResizedWidthOpt, SeedOpt, ServerOpt, StartOpt, StopOpt, SystemOpt, TemperatureOpt, TimeoutOpt,
+                      TopKOpt, TopPOpt, TotalPixelsOpt, VideoBackendOpt, utf8_text)
 
 OUT_PANEL = "Results"
-DEFAULT_BATCH_PROMPT = "Describe this image."
 
 
 def batch(
     inputs: Annotated[list[str] | None, typer.Argument(
-        metavar="INPUT", help="Image files, directories, quoted globs, URLs, or - for newline-separated paths on stdin.")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, help="The prompt for every image (a manifest can set one per item).")] = DEFAULT_BATCH_PROMPT,
+        metavar="INPUT", help="Image and video files, directories, quoted globs, URLs, or - for newline-separated paths on stdin.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", callback=utf8_text, show_default=False, help="The prompt for every item (default: \"Describe this image.\", or \"Describe this video.\" for a video; a manifest can set one per item).")] = None,
     manifest: Annotated[str | None, typer.Option("--manifest", metavar="FILE.jsonl", help="One JSON object a line: source, optional prompt, extra fields copied to the output.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk directories recursively.")] = False,
-    ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help=f"Extensions that count in directories and globs (default: {','.join(DEFAULT_EXTENSIONS)}).")] = None,
+    ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help=f"Extensions that count in directories and globs (default: {', '.join(DEFAULT_EXTENSIONS)}).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", rich_help_panel=OUT_PANEL, help="Write results to FILE (.jsonl or .csv) instead of stdout; rerunning resumes it.")] = None,
     sidecar: Annotated[bool, typer.Option("--sidecar", rich_help_panel=OUT_PANEL, help="Write each caption beside its image as <name>.txt (alone: a URL's record, with no file to sit beside, goes to stdout).")] = False,
     sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", rich_help_panel=OUT_PANEL, help="Extension of sidecar files.")] = "txt",
@@ -35,8 +35,8 @@ def batch(
     caption_suffix: Annotated[str, typer.Option("--suffix", rich_help_panel=OUT_PANEL, help="Text put after each sidecar caption.")] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", rich_help_panel=OUT_PANEL, help="Redo every item: start the output file afresh and replace sidecars.")] = False,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", rich_help_panel=OUT_PANEL, help="On resume, redo the items whose earlier result was an error.")] = False,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, show_default=False, help="Most images the engine decodes together (default: grows with demand within free GPU memory, up to 128; 8 on the CPU).")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="CPU threads decoding and resizing the next images.")] = 4,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, show_default=False, help="Most images or videos the engine decodes together (default: grows with demand within free GPU memory, up to 128; 8 on the CPU).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="CPU threads decoding and resizing the next images and videos.")] = 4,
     system: SystemOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = DEFAULTS["device"],
@@ -47,6 +47,14 @@ def batch(
     max_pixels: MaxPixelsOpt = None,
     resized_height: ResizedHeightOpt = None,
     resized_width: ResizedWidthOpt = None,
+    fps: FpsOpt = None,
+    nframes: NFramesOpt = None,
+    min_frames: MinFramesOpt = None,
+    max_frames: MaxFramesOpt = DEFAULTS["max_frames"],
+    start: StartOpt = None,
+    end: EndOpt = None,
+    total_pixels: TotalPixelsOpt = DEFAULTS["total_pixels"],
+    video_backend: VideoBackendOpt = DEFAULTS["video_backend"],
     max_new_tokens: MaxNewTokensOpt = DEFAULTS["max_new_tokens"],
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -63,9 +71,10 @@ def batch(
     api_key: ApiKeyOpt = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, show_default=False, rich_help_panel="Session", help="Requests kept in flight to a server (retried with backoff on transient failures). Default: 4 to a --server, 32 to a local session (its engine batches them; the rest of its queue is left to one-liners).")] = None,
 ) -> None:
-    """Caption many images: JSON Lines on stdout, or a .jsonl/.csv file, or sidecar .txt files.
+    """Caption many images and videos: JSON Lines on stdout, or a .jsonl/.csv file, or sidecar .txt files.
 
-    Rerunning the same command skips what is done.
+    Rerunning the same command skips what is done. A file named .mp4, .mov, .m4v, .mkv, .webm or .avi is
+    read as a video (--fps, --max-frames ... sample it), any other as an image.
 
     Exit status:
       0    every item succeeded
@@ -78,6 +87,7 @@ def batch(
     from ..batch.inputs import collect_items, parse_extensions
     from ..batch.runner import BatchConfig, Results, run_batch
     from ..batch.sinks import SidecarSink, open_output, sidecar_extension
+    from ..video import VideoOptions, require_backend
 
     env = Environment.from_system(quiet=quiet)
     if not inputs and not manifest:
@@ -88,9 +98,16 @@ def batch(
     if sidecar:
         sidecar_ext = sidecar_extension(sidecar_ext, tuple({*extensions, *DEFAULT_EXTENSIONS}))
     items = collect_items(inputs or [], manifest=manifest, recursive=recursive, extensions=extensions, note=env.note)
+    kinds = {item.kind for item in items}
+    videos = VideoOptions(fps, nframes, min_frames, max_frames, start, end, min_pixels, max_pixels, total_pixels,
+                          resized_height, resized_width, video_backend)
+    if "video" in kinds:
+        require_backend(video_backend)
     config = BatchConfig(
         prompt=prompt, system=system, limits=FetchLimits(timeout, max_download), batch_size=batch_size,
-        images=common.image_options(min_pixels, max_pixels, resized_height, resized_width), workers=workers,
+        images=common.image_options(min_pixels, max_pixels, resized_height, resized_width, images="image" in kinds,
+                                    videos="video" in kinds),
+        videos=videos, workers=workers,
         generation=common.generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                                              stop))
     session = common.backend(common.model_spec(model, device, dtype, attn, quantize), server, no_server, api_key, concurrency)
@@ -100,11 +117,13 @@ def batch(
         sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
     if sidecar:  # alone, the answers of URLs and stdin (no file to sit beside) go to stdout
         elsewhere = None if sinks else open_output(None, fields, overwrite=False, retry_errors=False, note=env.note)
-        sinks.insert(0, SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite, elsewhere))
+        sinks.insert(0, SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite, elsewhere,
+                                    [item.source for item in items], env.note))
     on_failure = None if len(sinks) > 1 or not sidecar else lambda source, reason: env.note(f"failed: {source}: {reason}")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: finish writing, then exit 130
     try:
-        with BatchProgress(env, len(items)) as progress:
+        unit = "images" if kinds <= {"image"} else "videos" if kinds == {"video"} else "items"
+        with BatchProgress(env, len(items), unit) as progress:
             results = Results(sinks, progress.summary, progress.advance, on_failure)
 
             def started(todo: int, at_once: int) -> None:  # the model is loaded
@@ -129,12 +148,12 @@ def _raise_interrupt(signum, frame):
 
 
 class BatchProgress:
-    """A Rich progress bar on stderr (items, images/s, ETA) on a terminal; nothing otherwise."""
+    """A Rich progress bar on stderr (items, images/s or videos/s, ETA) on a terminal; nothing otherwise."""
 
-    def __init__(self, env: Environment, total: int) -> None:
+    def __init__(self, env: Environment, total: int, unit: str = "images") -> None:
         from ..batch.runner import BatchSummary
 
-        self.env, self.total, self.summary = env, total, BatchSummary()
+        self.env, self.total, self.summary = env, total, BatchSummary(unit=unit)
         self.bar = None
         self.task = None
 
@@ -168,7 +187,7 @@ class BatchProgress:
         if self.bar is not None:
             elapsed = max(self.bar.get_time() - self._started, 1e-6)
             done = self.bar.tasks[0].completed + count - self._done_at_start
-            self.bar.update(self.task, advance=count, rate=f"{done / elapsed:.2f} images/s")
+            self.bar.update(self.task, advance=count, rate=f"{done / elapsed:.2f} {self.summary.unit}/s")
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
