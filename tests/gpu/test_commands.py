@@ -141,6 +141,26 @@ def test_batch_of_mixed_sizes_with_a_bad_file(gpu_cli, media, tmp_path, measured
 
 
 
+def test_batch_of_clips_and_photos(gpu_cli, media, tmp_path, measured):
+    """Videos share the engine's batch with photos (the rows' own rope positions, a video's prefill through the
+    model's forward): every item answered, a broken clip one failed record, each clip's caption measured against
+    `qwen2vl video` alone."""
+    from ..test_video import make_video
+
+    other = make_video(tmp_path / "other.MOV", frames=24, fps=8, width=240, height=320, seed=3)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(media["clip"].read_bytes()[:300])
+    sources = [media["clip"], other, media["long"], media["photo"], media["tall"], broken]
+    result = gpu_cli("batch", *sources, "-n", "24", "--max-frames", "16")
+    assert result.exit_code == 5, result.stderr
+    records = {r["source"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert len(records) == len(sources) and records[str(broken)]["error"] and not records[str(broken)]["text"]
+    assert all(records[str(s)]["error"] is None and records[str(s)]["text"] for s in sources[:-1])
+    for name, source in (("clip", media["clip"]), ("other", other)):
+        alone = _ok(gpu_cli("video", source, "-n", "24", "--max-frames", "16"), name)
+        measured(f"batch_equals_video_{name}", records[str(source)]["text"] + "\n" == alone)
+
+
 def test_batch_captures_graphs_while_the_next_batch_is_prepared(gpu_cli, tmp_path):
     """Batches of 1280x960 photos: the first batch captures a decode graph while the producer thread copies
     the next batch's images to the GPU. A capture must not fail (it did with transformers 5.24, whose image
