@@ -402,6 +402,10 @@ def decode_image(data: bytes, name: str, own: bool = False):
             raise InputError(name, f"image is too large to decode safely (over {limit} pixels; a decompression "
                                    "bomb?)") from None
         except UnidentifiedImageError:
+            if is_video(data):
+                raise InputError(name, "a video, not an image: give it as one (`qwen2vl video`, `ask --video`, a "
+                                       "video_url part; `batch` reads files named .mp4, .mov, .m4v, .mkv, .webm or "
+                                       ".avi as videos)") from None
             raise InputError(name, "not an image (or an unsupported format)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             reason = _first_line(exc)
@@ -423,6 +427,13 @@ def is_heif(data: bytes) -> bool:
         return False
     brands = data[8:max(16, min(int.from_bytes(data[:4], "big"), 256))]
     return b"avif" not in brands and b"avis" not in brands
+
+
+def is_video(data: bytes) -> bool:
+    """Bytes of a video container: MP4/MOV (an ISO media file of no image brand), Matroska/WebM, AVI."""
+    if data[4:8] == b"ftyp":
+        return data[8:12] not in HEIF_BRANDS and data[8:12] not in (b"avif", b"avis")
+    return data[:4] == b"\x1a\x45\xdf\xa3" or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
 
 
 def _read_heif(name: str) -> None:

@@ -538,3 +538,20 @@ def test_stdin_for_both_the_list_and_the_manifest_is_a_usage_error(tiny_model, i
     assert result.returncode == 2 and result.stdout == b""
     assert result.stderr.decode().strip().splitlines() == [
         "qwen2vl: error: -: stdin is read once: pipe in either the list of sources or the manifest, not both"]
+
+
+def test_a_video_given_as_an_image_is_said_to_be_one(cli, clips, tmp_path):
+    """`describe clip.mp4`, or a clip `batch` cannot tell by its name, says where a video goes; a HEIC-branded or
+    plain unknown file stays "not an image"."""
+    said = cli("describe", clips / "walk.mp4", "-n", "2")
+    assert said.exit_code == 3 and "a video, not an image: give it as one (`qwen2vl video`" in said.stderr and said.stdout == ""
+    unnamed = tmp_path / "upload.bin"
+    unnamed.write_bytes((clips / "walk.mp4").read_bytes())
+    result = cli("batch", unnamed, "-n", "2")
+    assert result.exit_code == 5 and "a video, not an image" in records(result.stdout)[0]["error"]
+    matroska = tmp_path / "clip.data"
+    matroska.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(60))
+    assert "a video, not an image" in cli("describe", matroska).stderr
+    other = tmp_path / "other.data"
+    other.write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(60))
+    assert "a video" not in cli("describe", other).stderr

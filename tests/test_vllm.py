@@ -144,9 +144,10 @@ def test_sizes_vllm_cannot_take_are_said_on_stderr(vllm, media):
 
 
 def test_batch_through_vllm_equals_in_process(vllm, media, tmp_path):
-    """At 12 tokens image b's answer ends inside a character: both leave that character out."""
+    """At 12 tokens image b's answer ends inside a character: both leave that character out. A clip among the
+    photos is a video (its frames sent as vLLM's frame list), asked "Describe this video."."""
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
-    common = [str(media["a"]), str(media["b"]), str(media["frames"] / "frame1.png"), "-n", "12",
+    common = [str(media["a"]), str(media["b"]), str(media["frames"] / "frame1.png"), str(media["clip"]), "-n", "12",
               "--model", str(vllm["model"])]
     here = run_process("batch", *common, "-o", local, "--no-server", timeout=300)
     assert here.returncode == 0, here.stderr.decode()
