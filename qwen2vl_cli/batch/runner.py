@@ -1,6 +1,6 @@
 """The batch loop: skip what is done, decode and prepare the next items (images, videos) on CPU threads while the
-engine answers the ones before, submit each as a place frees up (the engine batches them continuously), write every result as
-it is answered, and say at the end what happened."""
+engine answers the ones before, submit each as a place frees up (the engine batches them continuously), write
+every result as it is answered, and say at the end what happened."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class BatchConfig:
     videos: VideoOptions = VideoOptions()
 
     def prompt_for(self, item: BatchItem) -> str:
-        return item.prompt or self.prompt or DEFAULT_PROMPTS[item.kind]
+        return item.prompt or (self.prompt if self.prompt is not None else DEFAULT_PROMPTS[item.kind])
 
 
 @dataclass

@@ -29,7 +29,7 @@ def batch(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk directories recursively.")] = False,
     ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help=f"Extensions that count in directories and globs (default: {', '.join(DEFAULT_EXTENSIONS)}).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", rich_help_panel=OUT_PANEL, help="Write results to FILE (.jsonl or .csv) instead of stdout; rerunning resumes it.")] = None,
-    sidecar: Annotated[bool, typer.Option("--sidecar", rich_help_panel=OUT_PANEL, help="Write each caption beside its image as <name>.txt (alone: a URL's record, with no file to sit beside, goes to stdout).")] = False,
+    sidecar: Annotated[bool, typer.Option("--sidecar", rich_help_panel=OUT_PANEL, help="Write each caption beside its file as <name>.txt (alone: a URL's record, with no file to sit beside, goes to stdout).")] = False,
     sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", rich_help_panel=OUT_PANEL, help="Extension of sidecar files.")] = "txt",
     caption_prefix: Annotated[str, typer.Option("--prefix", rich_help_panel=OUT_PANEL, help="Text put before each sidecar caption.")] = "",
     caption_suffix: Annotated[str, typer.Option("--suffix", rich_help_panel=OUT_PANEL, help="Text put after each sidecar caption.")] = "",
