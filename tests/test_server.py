@@ -63,6 +63,37 @@ def test_plain_and_streamed_completions_equal_in_process(client, cli, images, ti
     assert [m.id for m in models.data] == [str(tiny_model)]
 
 
+def test_n_choices_plain_and_streamed(client, cli, images, tiny_model):
+    """n choices (vLLM's and OpenAI's `n`), through the official client: greedy, each is the in-process answer;
+    sampled with a seed, choice i is the answer to the same request with seed + i, plain and streamed alike (each
+    chunk names its choice); the usage counts the prompt once and every choice's tokens."""
+    expected = in_process(cli, "describe", images["a"], "-n", "8")
+    messages = image_message(images["a"], "Describe this image.")
+    greedy = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=8, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.message.content for c in greedy.choices] == [expected] * 3
+    single = client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=8)
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+
+    def sampled(seed, **extra):
+        return client.chat.completions.create(model=str(tiny_model), messages=messages, max_tokens=8,
+                                              temperature=1.0, seed=seed, **extra)
+
+    alone = [sampled(seed).choices[0].message.content for seed in (41, 42, 43)]
+    assert len(set(alone)) > 1, "the samples should differ: the test can fail"
+    plain = sampled(41, n=3)
+    assert [c.message.content for c in plain.choices] == alone
+    texts, finished, usage = {}, [], None
+    for chunk in sampled(41, n=3, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            finished += [choice.index] * bool(choice.finish_reason)
+    assert [texts[i] for i in range(3)] == alone and sorted(finished) == [0, 1, 2]
+    assert usage.completion_tokens == plain.usage.completion_tokens and usage.prompt_tokens == single.usage.prompt_tokens
+
+
 def test_health_says_where_a_requests_time_went(server, client, images, tiny_model):
     """/health's timings_ms: the server's own phases (body read, admitted, first text piece delivered) beside the
     engine's, each a median of recent requests in milliseconds."""

@@ -248,7 +248,8 @@ def test_a_non_streamed_request_stops_when_its_client_goes(guarded, tiny_model):
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"), ({"logit_bias": {"100": 5}}, "logit_bias"),
-    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"stop": [""]}, "stop"), ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": "2"}, "n"), ({"n": 3}, "n"),  # 3: over this server's queue of 2
+    ({"best_of": 3}, "best_of"), ({"stop": [""]}, "stop"), ({"frequency_penalty": 3}, "frequency_penalty"),
     ({"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
 ])
 def test_parameters_it_cannot_honour_are_refused(guarded, tiny_model, fields, param):

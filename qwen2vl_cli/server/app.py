@@ -217,34 +217,48 @@ def create_app(config: ServerConfig, session: ModelSession, token: str = ""):
             raise RequestError("the request body is nested too deeply") from None
         read = time.perf_counter()
         parsed = await run_in_threadpool(admit, body, request.headers.get(SIZED_HEADER) == "1")
-        job = start_job(engine, parsed.request, parsed.stream)
-        phases.append((read - received, job.ticket.submitted - read))
+        if parsed.n > config.max_queue:
+            raise RequestError(f"n={parsed.n} is over this server's queue of {config.max_queue} (--max-queue)",
+                               param="n")
+        if parsed.n > 1 and engine.queued + engine.running + parsed.n > config.max_queue:
+            raise RequestError(f"the server is busy (room for fewer than n={parsed.n} requests; --max-queue)",
+                               status=429, code="queue_full", kind="rate_limit_error",
+                               headers={"Retry-After": str(engine.retry_after_s())})
+        jobs = [start_job(engine, choice, parsed.stream) for choice in parsed.choices()]
+        phases.append((read - received, jobs[0].ticket.submitted - read))
         request_id = new_id()
         if parsed.stream:
-            return StreamingResponse(_sse(job, request_id, config.model_name, parsed.include_usage, delivered.append),
+            return StreamingResponse(_sse(jobs, request_id, config.model_name, parsed.include_usage, delivered.append),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        event = await _answer_or_gone(job, request)
-        if isinstance(event, BaseException):
-            raise _as_request_error(event)
-        return completion_body(request_id, config.model_name, event)
+        ends = await _answers_or_gone(jobs, request)
+        failed = [end for end in ends if isinstance(end, BaseException)]
+        if failed:
+            raise _as_request_error(failed[0])
+        return completion_body(request_id, config.model_name, ends)
 
     return app
 
 
-async def _answer_or_gone(job: Job, request, poll_s: float = 0.25):
-    """The job's one event; if the client disconnects first, the job is cancelled (its generation stops)."""
-    waiting = asyncio.ensure_future(job.events())
+async def _answers_or_gone(jobs: list[Job], request, poll_s: float = 0.25) -> list:
+    """Each job's one event (a request not streamed gets no text pieces, only its end), or on the first failure
+    that failure (the others cancelled); if the client disconnects first, every job is cancelled (its generation
+    stops)."""
+    waiting = [asyncio.ensure_future(job.events()) for job in jobs]
     try:
         while True:
-            done, _ = await asyncio.wait({waiting}, timeout=poll_s)
-            if done:
-                return waiting.result()[-1]  # a request not streamed gets no text pieces, only its end
+            done, _ = await asyncio.wait(waiting, timeout=poll_s)
+            failed = [future.result()[-1] for future in done if isinstance(future.result()[-1], BaseException)]
+            if failed or len(done) == len(waiting):
+                if failed:
+                    for job in jobs:
+                        job.cancel()
+                return failed or [future.result()[-1] for future in waiting]
             if await request.is_disconnected():
-                job.cancel()
                 raise asyncio.CancelledError()
     except BaseException:
-        job.cancel()
-        waiting.cancel()
+        for job, future in zip(jobs, waiting):
+            job.cancel()
+            future.cancel()
         raise
 
 
@@ -254,35 +268,51 @@ def _as_request_error(exc: BaseException) -> Exception:
     return exc
 
 
-async def _sse(job: Job, request_id: str, model: str, include_usage: bool, delivered=None):
-    """Server-sent events in OpenAI's chunk format, one per wake of the loop (the text that came meanwhile
-    together); a client that goes away cancels its generation."""
+async def _sse(jobs: list[Job], request_id: str, model: str, include_usage: bool, delivered=None):
+    """Server-sent events in OpenAI's chunk format (each choice's chunks with its index), one per wake of the loop
+    (the text that came meanwhile together); a client that goes away cancels every choice's generation."""
     created = int(time.time())
+    ends: dict[int, Completion] = {}
 
     def frame(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def frames(event) -> str:
+    def frames(event, index: int) -> str:
         if isinstance(event, TextDelta):
-            return frame(chunk_body(request_id, model, created, {"content": event.text}))
+            return frame(chunk_body(request_id, model, created, {"content": event.text}, index=index))
         if isinstance(event, Completion):
-            usage = frame(chunk_body(request_id, model, created, {}, usage=usage_body(event))) if include_usage else ""
-            return frame(chunk_body(request_id, model, created, {}, event.finish_reason)) + usage + "data: [DONE]\n\n"
+            ends[index] = event
+            return frame(chunk_body(request_id, model, created, {}, event.finish_reason, index=index))
         message, _ = describe_exception(event)
-        return frame(error_body(message, "server_error", "generation_failed")) + "data: [DONE]\n\n"
+        return frame(error_body(message, "server_error", "generation_failed"))
 
+    waiting = {asyncio.ensure_future(job.events()): index for index, job in enumerate(jobs)}
     try:
-        yield frame(chunk_body(request_id, model, created, {"role": "assistant", "content": ""}))
-        while True:
-            events = joined(await job.events())
-            if delivered is not None and job.first_text_at is not None:
-                delivered(time.perf_counter() - job.first_text_at)
+        yield "".join(frame(chunk_body(request_id, model, created, {"role": "assistant", "content": ""}, index=index))
+                      for index in range(len(jobs)))
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if delivered is not None and jobs[0].first_text_at is not None:
+                delivered(time.perf_counter() - jobs[0].first_text_at)
                 delivered = None
-            yield "".join(frames(event) for event in events)
-            if not isinstance(events[-1], TextDelta):
-                break
+            out = []
+            for future in sorted(done, key=waiting.get):
+                index = waiting.pop(future)
+                events = joined(future.result())
+                out += [frames(event, index) for event in events]
+                if isinstance(events[-1], BaseException):  # a failed choice ends the response
+                    yield "".join(out) + "data: [DONE]\n\n"
+                    return
+                if isinstance(events[-1], TextDelta):
+                    waiting[asyncio.ensure_future(jobs[index].events())] = index
+            yield "".join(out)
+        usage = chunk_body(request_id, model, created, {}, usage=usage_body([ends[i] for i in range(len(jobs))]))
+        yield (frame(usage) if include_usage else "") + "data: [DONE]\n\n"
     finally:
-        job.cancel()
+        for job in jobs:
+            job.cancel()
+        for future in waiting:
+            future.cancel()
 
 
 def run_server(config: ServerConfig, on_ready=None, loading=None, sock: socket.socket | None = None) -> None:

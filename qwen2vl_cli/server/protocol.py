@@ -7,7 +7,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import Qwen2VLError
@@ -20,6 +20,7 @@ IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "total_pixels", "video_start", "video_end",
               *IMAGE_KEYS)
 MAX_FPS = 60.0
+MAX_CHOICES = 16  # `n` at most (each choice is a request of its own in the engine, and counts against --max-queue)
 # Every field of a chat-completions body this server reads; any other is refused (400), not ignored.
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stream", "stream_options", "seed", "stop", "frequency_penalty", "presence_penalty", "repetition_penalty",
@@ -62,6 +63,16 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     characters: int = 0  # of the conversation's text, for a bound before tokenizing
+    n: int = 1  # choices: the request answered n times (seeded ones with seed, seed + 1, ...)
+
+    def choices(self) -> list[ChatRequest]:
+        """The request once per choice; with a seed, choice i samples with seed + i (wrapped within 64 bits)."""
+        seed = self.request.generation.seed
+        if self.n == 1 or seed is None:
+            return [self.request] * self.n
+        return [replace(self.request, generation=replace(self.request.generation,
+                                                           seed=(seed + i + 2 ** 63) % 2 ** 64 - 2 ** 63))
+                for i in range(self.n)]
 
 
 def _number(body: dict, key: str, kind, low=None, high=None, where: str = ""):
@@ -99,7 +110,6 @@ def refuse_unsupported(body: dict) -> None:
         ("tool_choice", body.get("tool_choice") not in (None, "none") or body.get("function_call") not in (None, "none"),
          "tools and function calling are not supported"),
         ("logit_bias", bool(body.get("logit_bias")), "logit_bias is not supported"),
-        ("n", body.get("n", 1) not in (1, None), "only n=1 is supported"),
     )
     for param, refused, message in refusals:
         if refused:
@@ -293,8 +303,9 @@ def parse_chat_request(body, served_model: str, policy: MediaPolicy) -> ParsedRe
     characters = sum(len(m["content"]) if isinstance(m["content"], str)
                      else sum(len(p.get("text", "")) for p in m["content"] if p.get("type") == "text")
                      for m in conversation)
+    n = _number(body, "n", int, 1, MAX_CHOICES) or 1
     return ParsedRequest(request, stream, bool(isinstance(options, dict) and options.get("include_usage")),
-                         characters)
+                         characters, n)
 
 
 def vision_ids_from(body: dict) -> bool:
@@ -322,24 +333,27 @@ def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_body(request_id: str, model: str, completion: Completion) -> dict:
+def completion_body(request_id: str, model: str, completions: list[Completion]) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                     "finish_reason": completion.finish_reason, "logprobs": None}],
-        "usage": usage_body(completion),
+        "choices": [{"index": index, "message": {"role": "assistant", "content": completion.text},
+                     "finish_reason": completion.finish_reason, "logprobs": None}
+                    for index, completion in enumerate(completions)],
+        "usage": usage_body(completions),
     }
 
 
-def usage_body(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def usage_body(completions: list[Completion]) -> dict:
+    """The prompt once (as vLLM counts it for n choices), the tokens of every choice."""
+    prompt, generated = completions[0].prompt_tokens, sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
 def chunk_body(request_id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               usage: dict | None = None) -> dict:
+               usage: dict | None = None, index: int = 0) -> dict:
     body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [] if usage else [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                                          "logprobs": None}]}
     if usage:
         body["usage"] = usage
     return body
