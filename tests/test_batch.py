@@ -555,3 +555,17 @@ def test_a_video_given_as_an_image_is_said_to_be_one(cli, clips, tmp_path):
     other = tmp_path / "other.data"
     other.write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(60))
     assert "a video" not in cli("describe", other).stderr
+
+
+def test_sidecars_for_a_file_listed_with_several_prompts_are_refused(cli, tree, tmp_path):
+    """A sidecar holds one caption: a manifest asking two things of one file would keep only the last answer, so
+    the run is refused before it starts, and -o is left as it was (unlocked, unwritten)."""
+    manifest = tmp_path / "two.jsonl"
+    manifest.write_text(json.dumps({"source": str(tree / "a.png"), "prompt": "What colour?"}) + "\n"
+                        + json.dumps({"source": f"{tree}/./a.png", "prompt": "What shape?"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    refused = cli("batch", "--manifest", manifest, "--sidecar", "-o", out, "-n", "4")
+    assert refused.exit_code == 2 and "listed with several prompts" in refused.stderr, refused.stderr
+    assert not (tree / "a.txt").exists() and not out.exists() and not list(tmp_path.glob(".*lock"))
+    kept = cli("batch", "--manifest", manifest, "-o", out, "-n", "4")  # -o keeps both answers
+    assert kept.exit_code == 0 and len(records(out.read_text())) == 2

@@ -286,20 +286,28 @@ class SidecarSink:
     file to sit beside (a URL's, stdin's, or an image named with the sidecars' own extension: its sidecar would be
     itself) goes to `elsewhere` (stdout, where no -o is given), not nowhere. Files of the run that would share one
     (`IMG_1.HEIC` and `IMG_1.MOV`, a phone's live photo) each get theirs named after the whole file name
-    (`IMG_1.HEIC.txt`, `IMG_1.MOV.txt`), so that neither caption replaces the other."""
+    (`IMG_1.HEIC.txt`, `IMG_1.MOV.txt`), so that neither caption replaces the other; a file listed with several
+    prompts (a manifest's) is a UsageError: its one sidecar would keep only the last caption."""
 
     def __init__(self, extension: str, prefix: str, suffix: str, overwrite: bool,
-                 elsewhere: JsonlSink | None = None, sources: list[str] = (),
+                 elsewhere: JsonlSink | None = None, items: list = (),
                  note: Callable[[str], None] = lambda message: None) -> None:
         self.extension = "." + extension.lstrip(".")
         _umask()  # read now, on the main thread
         self.prefix, self.suffix, self.overwrite, self.elsewhere = prefix, suffix, overwrite, elsewhere
         self.shared: set[str] = set()  # sidecar places two files of the run would take
         claims: dict[str, set[str]] = {}
-        for source in sources:
-            path = self.path_for(source)
-            if path is not None:
-                claims.setdefault(_place(path), set()).add(os.path.realpath(self._file(source)))
+        prompted: dict[str, str] = {}  # a file -> how it was first named
+        for item in items:
+            path = self.path_for(item.source)
+            if path is None:
+                continue
+            file = os.path.realpath(self._file(item.source))
+            if file in prompted:
+                raise UsageError("--sidecar", f"{prompted[file]} is listed with several prompts and a sidecar holds "
+                                              "one caption: write the answers to -o FILE.jsonl instead")
+            prompted[file] = item.source
+            claims.setdefault(_place(path), set()).add(file)
         self.shared = {place for place, files in claims.items() if len(files) > 1}
         if self.shared:
             example = sorted(self.shared)[0]

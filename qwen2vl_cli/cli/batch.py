@@ -113,12 +113,11 @@ def batch(
     session = common.backend(common.model_spec(model, device, dtype, attn, quantize), server, no_server, api_key, concurrency)
     fields = ["prompt"] * any(item.prompt for item in items) + sorted({key for item in items for key in item.extra})
     sinks = []
-    if output is not None or not sidecar:
-        sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
     if sidecar:  # alone, the answers of URLs and stdin (no file to sit beside) go to stdout
-        elsewhere = None if sinks else open_output(None, fields, overwrite=False, retry_errors=False, note=env.note)
-        sinks.insert(0, SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite, elsewhere,
-                                    [item.source for item in items], env.note))
+        elsewhere = open_output(None, fields, overwrite=False, retry_errors=False, note=env.note) if output is None else None
+        sinks.append(SidecarSink(sidecar_ext, caption_prefix, caption_suffix, overwrite, elsewhere, items, env.note))
+    if output is not None or not sidecar:  # (after the sidecars' checks: a refused run leaves -o unlocked)
+        sinks.append(open_output(output, fields, overwrite=overwrite, retry_errors=retry_errors, note=env.note))
     on_failure = None if len(sinks) > 1 or not sidecar else lambda source, reason: env.note(f"failed: {source}: {reason}")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: finish writing, then exit 130
     try:
