@@ -31,6 +31,7 @@ IMAGE_MAX_PIXELS = 16384 * PATCH_FACTOR ** 2
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 _PLAIN_PNM_RE = re.compile(rb"P[1-3]\s")
+DIRECTORY = "is a directory, not a file (`qwen2vl batch DIR` captions a folder; `qwen2vl video DIR` reads its frames)"
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
@@ -188,11 +189,11 @@ def open_regular(path: Path, name: str) -> int:
     except PermissionError:
         raise InputError(name, "permission denied") from None
     except IsADirectoryError:
-        raise InputError(name, "is a directory, not a file") from None
+        raise InputError(name, DIRECTORY) from None
     except OSError as exc:
         raise InputError(name, exc.strerror or str(exc)) from None
     mode, size = (info := os.fstat(fd)).st_mode, info.st_size
-    reason = "is a directory, not a file" if stat.S_ISDIR(mode) else next(
+    reason = DIRECTORY if stat.S_ISDIR(mode) else next(
         (f"is {what}, not a regular file" for test, what in _NOT_REGULAR if test(mode)), None)
     if reason is None and not size:
         reason = "empty file (0 bytes)"

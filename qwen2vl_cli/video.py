@@ -252,10 +252,23 @@ def probe(path: str, name: str) -> Probe:
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
         # FFmpeg's own words ("Invalid data found when processing input"), not "[Errno -1094995529] ...: PATH"
         reason = getattr(exc, "strerror", None) or str(exc).split(":")[0].strip() or type(exc).__name__
-        raise InputError(name, f"not a readable video ({reason})") from None
+        raise InputError(name, _an_image(path) or f"not a readable video ({reason})") from None
     if fps <= 0 or frames <= 0 or not width or not height:
-        raise InputError(name, "not a readable video (no frame rate or no frames)")
+        raise InputError(name, _an_image(path) or "not a readable video (no frame rate or no frames)")
     return Probe(fps, frames, width, height)
+
+
+def _an_image(path: str) -> str | None:
+    """Where a file FFmpeg cannot play as a video is an image Pillow knows (its header alone), the reason saying so."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    return ("an image, not a video: give it as one (`qwen2vl describe`, `ask SOURCE`, an image_url part; a directory "
+            "or glob of frames is a video)")
 
 
 def read_video_pyav(ele: dict):

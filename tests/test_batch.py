@@ -557,6 +557,15 @@ def test_a_video_given_as_an_image_is_said_to_be_one(cli, clips, tmp_path):
     assert "a video" not in cli("describe", other).stderr
 
 
+def test_an_image_given_as_a_video_and_a_folder_given_as_an_image_say_where_they_go(cli, clips, tree):
+    image = cli("video", clips / "photo.png", "-n", "2")
+    assert image.exit_code == 3 and "an image, not a video: give it as one (`qwen2vl describe`" in image.stderr
+    folder = cli("describe", tree, "-n", "2")
+    assert folder.exit_code == 3 and "is a directory, not a file (`qwen2vl batch DIR` captions a folder" in folder.stderr
+    noise = cli("video", clips / "broken.mp4", "-n", "2")  # neither: FFmpeg's words
+    assert noise.exit_code == 3 and "not a readable video" in noise.stderr and "an image" not in noise.stderr
+
+
 def test_sidecars_for_a_file_listed_with_several_prompts_are_refused(cli, tree, tmp_path):
     """A sidecar holds one caption: a manifest asking two things of one file would keep only the last answer, so
     the run is refused before it starts, and -o is left as it was (unlocked, unwritten)."""
