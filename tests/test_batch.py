@@ -578,3 +578,18 @@ def test_sidecars_for_a_file_listed_with_several_prompts_are_refused(cli, tree, 
     assert not (tree / "a.txt").exists() and not out.exists() and not list(tmp_path.glob(".*lock"))
     kept = cli("batch", "--manifest", manifest, "-o", out, "-n", "4")  # -o keeps both answers
     assert kept.exit_code == 0 and len(records(out.read_text())) == 2
+
+
+def test_what_was_cut_from_the_clips_is_said_a_few_times_not_once_a_clip(cli, tmp_path):
+    """Frames capped at --max-frames, as `video` says it: the first three on stderr, then how many more;
+    --verbose says each."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    for index in range(5):
+        make_video(folder / f"c{index}.mp4", frames=20, fps=10, width=56, height=56, seed=index, noise=False)
+    result = cli("batch", folder, "-n", "2", "--fps", "10", "--max-frames", "4")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("sampled 4 frames instead of 20 (--max-frames 4)") == 3
+    assert "2 more notes like these on the items' media (--verbose shows each)" in result.stderr
+    every = cli("batch", folder, "-n", "2", "--fps", "10", "--max-frames", "4", "-v")
+    assert every.stderr.count("sampled 4 frames instead of 20") == 5 and "more notes" not in every.stderr

@@ -126,9 +126,11 @@ def weight(request: ChatRequest) -> int:
 
 
 def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Results,
-              on_start: Callable[[int, int], None] = lambda todo, batch: None) -> BatchSummary:
+              on_start: Callable[[int, int], None] = lambda todo, batch: None,
+              on_note: Callable[[str], None] = lambda text: None) -> BatchSummary:
     """Caption every item not done yet, each submitted as a place in the engine frees up and written as soon as
-    it is answered; Ctrl-C stops at once, with every answer so far written."""
+    it is answered; Ctrl-C stops at once, with every answer so far written. `on_note` hears what was reduced to
+    fit of each item's media (a clip's frames capped at --max-frames, a server that reads fewer)."""
     summary = results.summary
     summary.total = len(items)
     states = [results.state(item) for item in items]
@@ -173,6 +175,8 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
                     emit = lambda event, item=item: None if isinstance(event, TextDelta) else answered.put((item, event))  # noqa: E731
                     pending[id(item)] = session.submit(request, emit, prepared=prepared), weight(request)
                     held += pending[id(item)][1]
+                    for note in request.media[0].notes:
+                        on_note(note)
             try:
                 item, event = answered.get(timeout=0.05)
             except queue.Empty:

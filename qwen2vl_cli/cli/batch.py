@@ -130,16 +130,39 @@ def batch(
                     progress.note(session.describe_weights())
                 progress.start(todo, at_once)
 
-            summary = run_batch(items, session, config, results, on_start=started)
+            notes = MediaNotes(progress.note, everyone=verbose)
+            summary = run_batch(items, session, config, results, on_start=started, on_note=notes)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for sink in sinks:
             sink.close()
+    notes.close(env.note)
     env.note(summary.line())
     if summary.interrupted:
         raise typer.Exit(ExitStatus.INTERRUPTED)
     if summary.any_failed:
         raise typer.Exit(ExitStatus.PARTIAL)
+
+
+class MediaNotes:
+    """The items' media notes (frames capped at --max-frames, a server that reads fewer): the first SHOWN on
+    stderr, then a count of the rest at the end (--verbose: every one), not a line per clip of a folder."""
+
+    SHOWN = 3
+
+    def __init__(self, say, everyone: bool = False) -> None:
+        self.say, self.everyone, self.said, self.held_back = say, everyone, 0, 0
+
+    def __call__(self, text: str) -> None:
+        if self.everyone or self.said < self.SHOWN:
+            self.said += 1
+            self.say(text)
+        else:
+            self.held_back += 1
+
+    def close(self, say) -> None:
+        if self.held_back:
+            say(f"{self.held_back} more notes like these on the items' media (--verbose shows each)")
 
 
 def _raise_interrupt(signum, frame):

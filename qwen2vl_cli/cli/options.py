@@ -162,9 +162,10 @@ VideoBackendOpt = Annotated[str, typer.Option(
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", rich_help_panel=OUTPUT_PANEL,
     help="Say on stderr what the model will see (frames, times, resolution, tokens) and which weights answer.")]
-BatchVerboseOpt = Annotated[bool, typer.Option(  # batch's: no per-item notes above its progress bar
+BatchVerboseOpt = Annotated[bool, typer.Option(  # batch's: no per-item facts above its progress bar
     "--verbose", "-v", rich_help_panel=OUTPUT_PANEL,
-    help="Say on stderr which weights answer and where the load's time went.")]
+    help="Say on stderr which weights answer, where the load's time went, and every item's media note (without "
+         "it, the first 3).")]
 
 # ---- generation ----------------------------------------------------------------------------------
 MaxNewTokensOpt = Annotated[int, typer.Option(
