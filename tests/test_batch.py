@@ -593,3 +593,28 @@ def test_what_was_cut_from_the_clips_is_said_a_few_times_not_once_a_clip(cli, tm
     assert "2 more notes like these on the items' media (--verbose shows each)" in result.stderr
     every = cli("batch", folder, "-n", "2", "--fps", "10", "--max-frames", "4", "-v")
     assert every.stderr.count("sampled 4 frames instead of 20") == 5 and "more notes" not in every.stderr
+
+
+def test_a_csv_manifest_is_read_as_a_jsonl_one(cli, tree, tmp_path):
+    """A spreadsheet's export (a BOM, CRLF line ends, a quoted cell with a comma and a line break, an empty prompt
+    cell for the run's prompt) gives the same records as the JSON Lines manifest of the same rows."""
+    rows = [{"source": str(tree / "a.png"), "prompt": "", "id": "7", "note": "red, mostly\nsquare"},
+            {"source": str(tree / "sub" / "b with space é.png"), "prompt": "What colour dominates?", "id": "8",
+             "note": ""}]
+    sheet = tmp_path / "todo.csv"
+    with open(sheet, "w", encoding="utf-8-sig", newline="") as handle:
+        writer = csv.DictWriter(handle, ["source", "prompt", "id", "note"], lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = tmp_path / "todo.jsonl"
+    lines.write_text("".join(json.dumps({k: v for k, v in r.items() if v or k != "prompt"}) + "\n" for r in rows))
+    from_csv = cli("batch", "--manifest", sheet, "-n", "6")
+    assert from_csv.exit_code == 0, from_csv.stderr
+    assert records(from_csv.stdout) == records(cli("batch", "--manifest", lines, "-n", "6").stdout)
+    assert records(from_csv.stdout)[0]["text"] == alone(cli, tree / "a.png", "-n", "6")
+    for text, said in (("path,prompt\na.png,hi\n", "needs a header row with a 'source' column"),
+                       (f"source,id\n{tree / 'a.png'},1,extra\n", "todo.csv line 2: 2 columns in the header"),
+                       ("source,text\nx.png,caption\n", "field 'text' is the result's own")):
+        sheet.write_text(text)
+        refused = cli("batch", "--manifest", sheet)
+        assert refused.exit_code == 3 and said in refused.stderr, refused.stderr

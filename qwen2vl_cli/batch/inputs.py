@@ -143,13 +143,17 @@ def bounded_lines(handle: TextIO, name: str) -> Iterator[str]:
 
 
 def read_manifest(path: str, note: Callable[[str], None] = lambda message: None) -> list[BatchItem]:
-    """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output)."""
-    items = []
+    """One JSON object a line: `source`, optional `prompt`, any other fields (copied to the output); or a CSV
+    file (`.csv`) with a header naming a `source` column, an optional `prompt` (empty: the run's), and others."""
     if path == "-":
         handle = _stdin(None, note, "the manifest", "one JSON object a line (Ctrl-D ends it)")
     else:  # a regular file: a FIFO or /dev/zero named by mistake must not hang or fill memory
-        handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8", errors="surrogateescape")
+        handle = open(open_regular(Path(os.path.expanduser(path)), path), encoding="utf-8-sig", errors="surrogateescape",
+                      newline="")
     with handle:
+        if path != "-" and path.lower().endswith(".csv"):
+            return _csv_manifest(handle, path)
+        items = []
         for number, line in enumerate(bounded_lines(handle, path), 1):
             if not line.strip():
                 continue
@@ -157,19 +161,47 @@ def read_manifest(path: str, note: Callable[[str], None] = lambda message: None)
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path} line {number}", f"not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("source"), str) or not record["source"]:
-                raise InputError(f"{path} line {number}", "needs an object with a 'source' string")
-            prompt = record.pop("prompt", None)
-            if prompt is not None and not isinstance(prompt, str):
-                raise InputError(f"{path} line {number}", "'prompt' must be a string")
-            if prompt is not None and not encodable(prompt):
-                raise InputError(f"{path} line {number}", "'prompt' is not valid UTF-8 text")
-            clash = [name for name in RESERVED_FIELDS if name in record and name != "source"]
-            if clash:  # copied through, they would overwrite the answer
-                raise InputError(f"{path} line {number}", f"field {clash[0]!r} is the result's own; rename it "
-                                                          "(e.g. to 'reference_" + clash[0] + "')")
-            items.append(BatchItem(record.pop("source"), prompt, record))
+            if not isinstance(record, dict):
+                raise InputError(f"{path} line {number}", "needs an object with a 'source' (a path or URL)")
+            items.append(_manifest_item(record, f"{path} line {number}"))
     return items
+
+
+def _csv_manifest(handle: TextIO, path: str) -> list[BatchItem]:
+    import csv
+
+    reader = csv.DictReader(bounded_lines(handle, path))
+    if "source" not in (reader.fieldnames or []):
+        raise InputError(path, "a CSV manifest needs a header row with a 'source' column")
+    items = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # more cells than the header names, or fewer
+                raise InputError(f"{path} line {reader.line_num}", f"{len(reader.fieldnames)} columns in the header, "
+                                                                   "a different number here")
+            if not any(row.values()):
+                continue
+            if not row.get("prompt"):
+                row.pop("prompt", None)  # an empty cell: the run's prompt
+            items.append(_manifest_item(row, f"{path} line {reader.line_num}"))
+    except csv.Error as exc:
+        raise InputError(f"{path} line {reader.line_num}", f"not valid CSV ({exc})") from None
+    return items
+
+
+def _manifest_item(record: dict, where: str) -> BatchItem:
+    """A manifest's record (a JSON object, a CSV row) as an item, checked."""
+    if not isinstance(record.get("source"), str) or not record["source"]:
+        raise InputError(where, "needs a 'source' (a path or URL)")
+    prompt = record.pop("prompt", None)
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(where, "'prompt' must be a string")
+    if prompt is not None and not encodable(prompt):
+        raise InputError(where, "'prompt' is not valid UTF-8 text")
+    clash = [name for name in RESERVED_FIELDS if name in record and name != "source"]
+    if clash:  # copied through, they would overwrite the answer
+        raise InputError(where, f"field {clash[0]!r} is the result's own; rename it (e.g. to 'reference_{clash[0]}')")
+    return BatchItem(record.pop("source"), prompt, record)
 
 
 def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: bool = False,

@@ -25,7 +25,7 @@ def batch(
     inputs: Annotated[list[str] | None, typer.Argument(
         metavar="INPUT", help="Image and video files, directories, quoted globs, URLs, or - for newline-separated paths on stdin.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", callback=utf8_text, show_default=False, help="The prompt for every item (default: \"Describe this image.\", or \"Describe this video.\" for a video; a manifest can set one per item).")] = None,
-    manifest: Annotated[str | None, typer.Option("--manifest", metavar="FILE.jsonl", help="One JSON object a line: source, optional prompt, extra fields copied to the output.")] = None,
+    manifest: Annotated[str | None, typer.Option("--manifest", metavar="FILE.jsonl|FILE.csv", help="One JSON object a line (or a CSV file with a header row): source, optional prompt, extra fields copied to the output.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk directories recursively.")] = False,
     ext: Annotated[str | None, typer.Option("--ext", metavar="LIST", help=f"Extensions that count in directories and globs (default: {', '.join(DEFAULT_EXTENSIONS)}).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", rich_help_panel=OUT_PANEL, help="Write results to FILE (.jsonl or .csv) instead of stdout; rerunning resumes it.")] = None,
