@@ -238,6 +238,7 @@ def test_a_folder_of_clips_holds_few_decoded_at_once():
     windows = list(_windows(items))
     assert [len(w) for w in windows] == [WINDOW_ITEMS, 36 + WINDOW_VIDEOS, WINDOW_VIDEOS, 20 - 2 * WINDOW_VIDEOS]
     assert [item for window in windows for item in window] == items
+    assert [len(w) for w in _windows(items[100:], 3)] == [3] * 6 + [2]  # no more than the workers decoding them
     photo = Media("image", "a.jpg", None, facts={"tokens": 16000})
     clip = Media("video", "b.mp4", None, facts={"tokens": 10 * PHOTO_TOKENS + 1})
     assert weight(ChatRequest("", [photo])) == 1 and weight(ChatRequest("", [clip])) == 11
@@ -618,3 +619,28 @@ def test_a_csv_manifest_is_read_as_a_jsonl_one(cli, tree, tmp_path):
         sheet.write_text(text)
         refused = cli("batch", "--manifest", sheet)
         assert refused.exit_code == 3 and said in refused.stderr, refused.stderr
+
+
+def test_once_stopped_no_more_items_of_the_window_are_decoded(monkeypatch):
+    """Ctrl-C during a window of decodes (64 photos, or long clips): those not started yet are not started (each
+    worker finishes the one in hand), so the run exits after one decode, not the window's."""
+    import queue
+    import threading
+
+    from qwen2vl_cli.batch import runner
+    from qwen2vl_cli.batch.inputs import BatchItem
+
+    stop, calls = threading.Event(), []
+
+    def decode(item, session, config):
+        calls.append(item.source)
+        stop.set()  # Ctrl-C while the first items are decoded
+        time.sleep(0.2)
+        return item, None, "no such file"
+
+    monkeypatch.setattr(runner, "_decode", decode)
+    config = runner.BatchConfig(None, None, runner.ImageOptions(), runner.FetchLimits(), runner.GenerationOptions(),
+                                workers=2)
+    ready = queue.Queue(maxsize=4)
+    runner._produce([BatchItem(f"photo{i}.jpg") for i in range(8)], None, config, ready, stop)  # one window
+    assert 1 <= len(calls) <= 2 and ready.empty()  # nothing handed over once stopped

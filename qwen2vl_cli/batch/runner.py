@@ -23,7 +23,8 @@ DEFAULT_PROMPTS = {"image": "Describe this image.", "video": "Describe this vide
 WINDOW_ITEMS = 64  # items are decoded and sorted by size in windows of this many
 READY_ITEMS = 16  # prepared items waiting for a place in the engine, at most
 # Videos run to ~24k tokens each (--total-pixels), a photo to ~1.2k: a window holds at most WINDOW_VIDEOS of them
-# decoded, the queue READY_VIDEOS prepared, and in flight a video counts as its tokens in PHOTO_TOKENS
+# decoded (no more than the --workers decoding them: the first is answered after one round of decodes), the queue
+# READY_VIDEOS prepared, and in flight a video counts as its tokens in PHOTO_TOKENS
 # (in_flight_limit is in photos), so that a folder of clips holds no more frames in memory than one of photos.
 WINDOW_VIDEOS = 8
 READY_VIDEOS = 4
@@ -201,14 +202,14 @@ def run_batch(items: list[BatchItem], session, config: BatchConfig, results: Res
     return summary
 
 
-def _windows(items: list[BatchItem]) -> Iterator[list[BatchItem]]:
-    """`items` in order, WINDOW_ITEMS at a time, a window ending early at WINDOW_VIDEOS videos."""
+def _windows(items: list[BatchItem], videos_at_most: int = WINDOW_VIDEOS) -> Iterator[list[BatchItem]]:
+    """`items` in order, WINDOW_ITEMS at a time, a window ending early at `videos_at_most` videos."""
     window: list[BatchItem] = []
     videos = 0
     for item in items:
         window.append(item)
         videos += item.kind == "video"
-        if len(window) == WINDOW_ITEMS or videos == WINDOW_VIDEOS:
+        if len(window) == WINDOW_ITEMS or videos == videos_at_most:
             yield window
             window, videos = [], 0
     if window:
@@ -244,10 +245,13 @@ def _produce(todo: list[BatchItem], session, config: BatchConfig, ready: queue.Q
 
     try:
         with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="qwen2vl-decode") as pool:
-            for window in _windows(todo):
+            for window in _windows(todo, min(WINDOW_VIDEOS, config.workers)):
                 if stop.is_set():
                     return
-                decoded = list(pool.map(lambda item: _decode(item, session, config), window))
+                # once stopped (Ctrl-C), the window's decodes not started yet are not started: a window of long
+                # clips would otherwise hold the exit for a round of decodes per worker
+                decoded = list(pool.map(lambda item: (item, None, "stopped") if stop.is_set()
+                                        else _decode(item, session, config), window))
                 failed = [(item, reason) for item, image, reason in decoded if reason]
                 if failed and not hand_over(("failed", failed)):
                     return
