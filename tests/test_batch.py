@@ -575,7 +575,7 @@ def test_sidecars_for_a_file_listed_with_several_prompts_are_refused(cli, tree, 
                         + json.dumps({"source": f"{tree}/./a.png", "prompt": "What shape?"}) + "\n")
     out = tmp_path / "out.jsonl"
     refused = cli("batch", "--manifest", manifest, "--sidecar", "-o", out, "-n", "4")
-    assert refused.exit_code == 2 and "listed with several prompts" in refused.stderr, refused.stderr
+    assert refused.exit_code == 2 and "listed several times (prompts" in refused.stderr, refused.stderr
     assert not (tree / "a.txt").exists() and not out.exists() and not list(tmp_path.glob(".*lock"))
     kept = cli("batch", "--manifest", manifest, "-o", out, "-n", "4")  # -o keeps both answers
     assert kept.exit_code == 0 and len(records(out.read_text())) == 2
@@ -644,3 +644,36 @@ def test_once_stopped_no_more_items_of_the_window_are_decoded(monkeypatch):
     ready = queue.Queue(maxsize=4)
     runner._produce([BatchItem(f"photo{i}.jpg") for i in range(8)], None, config, ready, stop)  # one window
     assert 1 <= len(calls) <= 2 and ready.empty()  # nothing handed over once stopped
+
+
+def test_a_manifest_captions_parts_of_a_video_each_its_own_item(cli, clips, tmp_path):
+    """video_start/video_end (seconds, qwen-vl-utils' names) on a manifest line: that part of the clip, as
+    `qwen2vl video --start --end` sees it; parts of one clip are items of their own, resumed by their part, from
+    a JSONL manifest or a CSV one alike; a part given to an image, or not a number, is refused (exit 3)."""
+    walk = clips / "walk.mp4"  # 2 s
+    parts = [{"source": str(walk), "video_start": 0, "video_end": 1}, {"source": str(walk), "video_start": 1},
+             {"source": str(walk)}]
+    manifest = tmp_path / "parts.jsonl"
+    manifest.write_text("".join(json.dumps(p) + "\n" for p in parts))
+    out = tmp_path / "out.jsonl"
+    result = cli("batch", "--manifest", manifest, "-n", "8", "--nframes", "4", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    by_part = {(r.get("video_start"), r.get("video_end")): r["text"] for r in records(out.read_text())}
+    for (start, end), text in by_part.items():
+        window = [*(["--start", str(start)] if start is not None else []), *(["--end", str(end)] if end is not None else [])]
+        assert text == cli("video", walk, "-n", "8", "--nframes", "4", *window).stdout[:-1], (start, end)
+    assert len(set(by_part.values())) == 3, "three parts, three answers: the test can fail"
+    sheet = tmp_path / "parts.csv"
+    sheet.write_text(f"source,video_start,video_end\n{walk},0,1\n{walk},1.0,\n{walk},,\n")
+    again = cli("batch", "--manifest", sheet, "-n", "8", "--nframes", "4", "-o", out)
+    assert again.exit_code == 0 and "0 done, 3 skipped (already done)" in again.stderr, again.stderr
+    for line, said in (({"source": str(clips / "photo.png"), "video_start": 1}, "are for videos"),
+                       ({"source": str(walk), "video_start": "soon"}, "video_start must be a number of seconds"),
+                       ({"source": str(walk), "video_start": True}, "video_start must be a number of seconds"),
+                       ({"source": str(walk), "video_start": 1, "video_end": 1}, "is not after video_start")):
+        manifest.write_text(json.dumps(line) + "\n")
+        refused = cli("batch", "--manifest", manifest)
+        assert refused.exit_code == 3 and said in refused.stderr, refused.stderr
+    manifest.write_text("".join(json.dumps(p) + "\n" for p in parts))
+    sidecars = cli("batch", "--manifest", manifest, "--sidecar", "-n", "4")
+    assert sidecars.exit_code == 2 and "listed several times" in sidecars.stderr

@@ -21,6 +21,7 @@ DEFAULT_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS  # a phone's folder who
 
 
 RESERVED_FIELDS = ("source", "prompt", "text", "error", "finish_reason")  # a record's own: a manifest sets source/prompt
+SEGMENT_FIELDS = ("video_start", "video_end")  # a manifest's part of a video, in seconds (qwen-vl-utils' names)
 
 
 @dataclass
@@ -37,23 +38,41 @@ class BatchItem:
         return "video" if is_video_file(self.source) else "image"
 
     @property
-    def key(self) -> tuple[str, str | None]:
-        return item_key(self.source, self.prompt)
+    def segment(self) -> tuple:
+        """(video_start, video_end) a manifest set, in seconds; None where it set none."""
+        return segment_of(self.extra)
+
+    @property
+    def key(self) -> tuple:
+        return item_key(self.source, self.prompt, self.segment)
 
 
-def item_key(source: str, prompt: str | None) -> tuple[str, str | None]:
-    """What makes an item one: its file, however it is written (imgs/x.png, ./imgs/x.png, file://...), and
-    its own prompt. Results on record are matched by the same key, so a resume skips exactly what is done."""
+def segment_of(record: dict) -> tuple:
+    """A manifest line's or a result record's (video_start, video_end): numbers, however written (a CSV's "1.5")."""
+    values = []
+    for name in SEGMENT_FIELDS:
+        value = record.get(name)
+        try:
+            values.append(None if value in (None, "") else float(value))
+        except (TypeError, ValueError):
+            values.append(value)  # not a number: only a manifest's check says so, a record keeps it as it is
+    return tuple(values)
+
+
+def item_key(source: str, prompt: str | None, segment: tuple = (None, None)) -> tuple:
+    """What makes an item one: its file, however it is written (imgs/x.png, ./imgs/x.png, file://...), its own
+    prompt, and the part of a video a manifest names. Results on record are matched by the same key, so a resume
+    skips exactly what is done."""
     if is_remote(source) or source == "-" or not source:
-        return source, prompt
+        return source, prompt, segment
     if source.startswith("file://"):
         try:
             path = str(file_url_to_path(source))
         except InputError:
-            return source, prompt
+            return source, prompt, segment
     else:
         path = os.path.expanduser(source)
-    return os.path.realpath(path), prompt
+    return os.path.realpath(path), prompt, segment
 
 
 def parse_extensions(text: str | None) -> tuple[str, ...]:
@@ -201,7 +220,18 @@ def _manifest_item(record: dict, where: str) -> BatchItem:
     clash = [name for name in RESERVED_FIELDS if name in record and name != "source"]
     if clash:  # copied through, they would overwrite the answer
         raise InputError(where, f"field {clash[0]!r} is the result's own; rename it (e.g. to 'reference_{clash[0]}')")
-    return BatchItem(record.pop("source"), prompt, record)
+    item = BatchItem(record.pop("source"), prompt, record)
+    start, end = item.segment
+    if (start, end) != (None, None):
+        if item.kind != "video":
+            raise InputError(where, f"video_start/video_end are for videos; {item.source} is read as an image")
+        for name, value in zip(SEGMENT_FIELDS, (start, end)):
+            if value is not None and (not isinstance(value, float) or not 0 <= value < float("inf")
+                                      or isinstance(record[name], bool)):
+                raise InputError(where, f"{name} must be a number of seconds, at least 0")
+        if None not in (start, end) and end <= start:
+            raise InputError(where, f"video_end {record['video_end']} is not after video_start {record['video_start']}")
+    return item
 
 
 def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: bool = False,
@@ -236,7 +266,9 @@ def collect_items(inputs: list[str], *, manifest: str | None = None, recursive: 
     for item in items:
         if item.key in unique:
             twice = item.source if item.source == unique[item.key].source else f"{unique[item.key].source} and {item.source}"
-            note(f"{twice}: the same file {'with the same prompt ' if item.prompt else ''}listed twice; captioned once")
+            same = " and ".join(what for what, given in (("prompt", item.prompt), ("part", item.segment != (None, None)))
+                                if given)
+            note(f"{twice}: the same file {f'with the same {same} ' if same else ''}listed twice; captioned once")
             continue
         unique[item.key] = item
     return list(unique.values())

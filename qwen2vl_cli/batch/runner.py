@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from ..errors import InputError, UsageError, describe_exception
@@ -220,7 +220,10 @@ def _decode(item: BatchItem, session, config: BatchConfig):
     """(item, Media, None) or (item, None, reason): an image read and sized, or a video sampled and sized."""
     try:
         if item.kind == "video":
-            return item, session.video_media(resolve_video(item.source, config.videos, config.limits)), None
+            start, end = item.segment  # a manifest's part of the clip, else the run's --start/--end
+            options = replace(config.videos, **({"start": start} if start is not None else {}),
+                              **({"end": end} if end is not None else {}))
+            return item, session.video_media(resolve_video(item.source, options, config.limits)), None
         return item, session.image_media(read_image(item.source, config.images, config.limits)), None
     except InputError as exc:
         return item, None, exc.reason

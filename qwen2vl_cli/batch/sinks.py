@@ -20,7 +20,7 @@ from typing import Callable, TextIO
 from ..errors import FULL, InputError, OutputError, UsageError
 from ..render import json_line
 from ..sources import file_url_to_path
-from .inputs import item_key
+from .inputs import item_key, segment_of
 
 BASE_FIELDS = ("source", "text", "error", "finish_reason")  # a new CSV file's first columns
 OWN_FIELDS = BASE_FIELDS[:3]  # what a results file of ours has (one written before finish_reason too)
@@ -113,7 +113,7 @@ class RecordFile:
         return None if key not in self.records else "error" if self.records[key] else "ok"
 
     def _remember(self, record: dict) -> None:
-        self.records[item_key(record["source"], record.get("prompt") or None)] = bool(record.get("error"))
+        self.records[item_key(record["source"], record.get("prompt") or None, segment_of(record))] = bool(record.get("error"))
 
     def close(self) -> None:
         self.handle.close()
@@ -304,8 +304,9 @@ class SidecarSink:
                 continue
             file = os.path.realpath(self._file(item.source))
             if file in prompted:
-                raise UsageError("--sidecar", f"{prompted[file]} is listed with several prompts and a sidecar holds "
-                                              "one caption: write the answers to -o FILE.jsonl instead")
+                raise UsageError("--sidecar", f"{prompted[file]} is listed several times (prompts, parts of a video) "
+                                              "and a sidecar holds one caption: write the answers to -o FILE.jsonl "
+                                              "instead")
             prompted[file] = item.source
             claims.setdefault(_place(path), set()).add(file)
         self.shared = {place for place, files in claims.items() if len(files) > 1}
