@@ -615,7 +615,8 @@ def test_a_csv_manifest_is_read_as_a_jsonl_one(cli, tree, tmp_path):
     assert records(from_csv.stdout)[0]["text"] == alone(cli, tree / "a.png", "-n", "6")
     for text, said in (("path,prompt\na.png,hi\n", "needs a header row with a 'source' column"),
                        (f"source,id\n{tree / 'a.png'},1,extra\n", "todo.csv line 2: 2 columns in the header"),
-                       ("source,text\nx.png,caption\n", "field 'text' is the result's own")):
+                       ("source,text\nx.png,caption\n", "field 'text' is the result's own"),
+                       ('source\n"a.png\n', "not valid CSV (unexpected end of data)")):
         sheet.write_text(text)
         refused = cli("batch", "--manifest", sheet)
         assert refused.exit_code == 3 and said in refused.stderr, refused.stderr

@@ -1,5 +1,5 @@
-"""What a batch run works on: image and video files, directories, globs, stdin lists and JSONL manifests, turned
-into BatchItems; what cannot be an item (symlink loops, unreadable directories, other files) is noted."""
+"""What a batch run works on: image and video files, directories, globs, stdin lists and JSONL or CSV manifests,
+turned into BatchItems; what cannot be an item (symlink loops, unreadable directories, other files) is noted."""
 
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def is_remote(source: str) -> bool:
 
 def walk_directory(root: Path, extensions: tuple[str, ...], recursive: bool,
                    note: Callable[[str], None]) -> Iterable[Path]:
-    """Files below `root` with one of `extensions`, in a stable order; symlink loops and unreadable folders are noted, not fatal.
-    Hidden entries are passed over, as a shell's glob passes them: macOS's `._photo.jpg` (AppleDouble metadata,
+    """Files below `root` with one of `extensions`, in a stable order; symlink loops and unreadable folders are
+    noted, not fatal. Hidden entries are passed over, as a shell's glob passes them: macOS's `._photo.jpg` (AppleDouble metadata,
     not an image), `.thumbnails/`, `.git/` (a file named on the command line is taken, hidden or not)."""
     seen: set[tuple[int, int]] = set()
     stack = [root]
@@ -189,11 +189,11 @@ def read_manifest(path: str, note: Callable[[str], None] = lambda message: None)
 def _csv_manifest(handle: TextIO, path: str) -> list[BatchItem]:
     import csv
 
-    reader = csv.DictReader(bounded_lines(handle, path))
-    if "source" not in (reader.fieldnames or []):
-        raise InputError(path, "a CSV manifest needs a header row with a 'source' column")
+    reader = csv.DictReader(bounded_lines(handle, path), strict=True)
     items = []
     try:
+        if "source" not in (reader.fieldnames or []):
+            raise InputError(path, "a CSV manifest needs a header row with a 'source' column")
         for row in reader:
             if None in row or None in row.values():  # more cells than the header names, or fewer
                 raise InputError(f"{path} line {reader.line_num}", f"{len(reader.fieldnames)} columns in the header, "
